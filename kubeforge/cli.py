@@ -1,0 +1,140 @@
+"""`kubeforge`: run jobs with no cluster, train inside a pod, validate manifests.
+
+Exit codes (the operator reads them): 0 done; 2 the job can never succeed as written (bad spec, bad
+data), so do not retry; anything else may succeed on a retry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from kubeforge.spec import FinetuneJob, Job, JobError, SpecError, checkpoint_uri, export_uri, load_job_file, load_jobs
+
+EXIT_PERMANENT = 2
+DEFAULT_RUN_ROOT = "kubeforge-runs"
+log = logging.getLogger("kubeforge")
+
+
+def _setup_logging(verbose: bool) -> None:
+    rank = os.environ.get("RANK")
+    where = f" rank{rank}" if rank is not None else ""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s")
+    # Library chatter (HTTP requests, weight-loading reports) would drown the training log.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_base_model(job: FinetuneJob, jobs: list[Job], root: str) -> str:
+    """The base model URI of a finetune job: explicit, or the export of the named PretrainJob."""
+    base = job.spec.base_model
+    if base.uri:
+        return base.uri
+    for other in jobs:
+        if other.kind == "PretrainJob" and other.name == base.from_pretrain_job \
+                and other.namespace == job.namespace:
+            return export_uri(checkpoint_uri(other, root))
+    # Not in this file: the pretrain job ran before, under the same root.
+    from kubeforge.spec import job_storage_uri
+
+    return export_uri(job_storage_uri(root, "PretrainJob", job.namespace, base.from_pretrain_job or ""))
+
+
+def _order(jobs: list[Job]) -> list[Job]:
+    """Pretrain jobs before the finetune jobs that name them."""
+    return sorted(jobs, key=lambda j: 0 if j.kind == "PretrainJob" else 1)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kubeforge.trainer.loop import train
+
+    jobs = load_job_file(args.file)
+    results = []
+    for job in _order(jobs):
+        root = checkpoint_uri(job, args.output)
+        base = resolve_base_model(job, jobs, args.output) if isinstance(job, FinetuneJob) else None
+        print(f"==> {job.kind} {job.namespace}/{job.name}: checkpoints in {root}", file=sys.stderr)
+        result = train(job, checkpoint_root=root, base_model_uri=base, progress=not args.no_progress)
+        results.append(result)
+        evals = ", ".join(f"{k} {v:.4f}" for k, v in result["finalEval"].items())
+        print(f"==> {job.kind} {job.name} done at step {result['step']}: {evals}", file=sys.stderr)
+        print(f"    model: {result['exportUri']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """What a pod runs: one job, its URIs given by the operator (or defaulted as `run` does)."""
+    from kubeforge.trainer.loop import train
+
+    text = sys.stdin.read() if args.spec == "-" else open(args.spec, encoding="utf-8").read()
+    jobs = load_jobs(text)
+    if len(jobs) != 1:
+        raise SpecError([f"--spec: expected one job, found {len(jobs)}"])
+    job = jobs[0]
+    root = args.checkpoint_uri or checkpoint_uri(job, DEFAULT_RUN_ROOT)
+    base = args.base_model_uri
+    if isinstance(job, FinetuneJob) and base is None:
+        base = resolve_base_model(job, jobs, DEFAULT_RUN_ROOT)
+    result = train(job, checkpoint_root=root, base_model_uri=base, progress=False)
+    if args.result:
+        with open(args.result, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    for job in load_job_file(args.file):
+        print(f"{job.kind} {job.namespace}/{job.name}: valid")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubeforge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a job or a pipeline of jobs on this machine, no cluster")
+    run.add_argument("file", help="a manifest; several documents run pretrain jobs first")
+    run.add_argument("--output", default=DEFAULT_RUN_ROOT,
+                     help="storage root for jobs without checkpoint.uri (a directory or s3://bucket/prefix)")
+    run.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    run.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    run.set_defaults(handler=cmd_run)
+
+    train = commands.add_parser("train", help="train one job (what the operator's pods run)")
+    train.add_argument("--spec", required=True, help="the job manifest, or - for standard input")
+    train.add_argument("--checkpoint-uri", help="overrides the job's checkpoint location")
+    train.add_argument("--base-model-uri", help="the resolved base model of a FinetuneJob")
+    train.add_argument("--result", help="write the result JSON here")
+    train.set_defaults(handler=cmd_train)
+
+    validate = commands.add_parser("validate", help="check manifests against the job spec")
+    validate.add_argument("file")
+    validate.set_defaults(handler=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    sys.exit(_dispatch(args))
+
+
+def _dispatch(args: argparse.Namespace) -> Any:
+    from kubeforge.storage import StorageError
+
+    try:
+        return args.handler(args)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_PERMANENT
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,378 @@
+"""The one definition of a kubeforge job.
+
+`PretrainJob` and `FinetuneJob` are read from the very YAML that `kubectl apply` takes. The CRD
+schemas, the operator's pods and the trainer's configuration are all derived from these models;
+nothing downstream re-parses raw dicts. Field names are camelCase on the wire (Kubernetes
+convention) and snake_case in Python.
+
+Keep every model expressible as a Kubernetes structural schema: no unions other than `X | None`,
+enums as `Literal`, no free-form maps except where marked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "kubeforge.io"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+STORAGE_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+|file://.+)$"
+
+
+class JobError(ValueError):
+    """The job can never succeed as written (spec, data, hardware request): retrying will not help."""
+
+
+class SpecError(JobError):
+    """A manifest that is not a valid job; each line names the offending field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid job spec:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining: a model built from a transformers config
+
+
+ARCHITECTURES = ("gpt2", "llama")
+
+#: hidden size, layers, heads, MLP width. `tiny` trains in seconds on a CPU.
+SIZE_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (64, 2, 2, 256),
+    "small": (256, 4, 4, 1024),
+    "125m": (768, 12, 12, 3072),
+}
+
+
+class ModelSpec(_Model):
+    """The architecture to pretrain: a size preset, optionally overridden dimension by dimension."""
+
+    architecture: Literal["gpt2", "llama"] = Field("gpt2", description="transformers model family")
+    size: Literal["tiny", "small", "125m"] = Field("tiny", description="dimension preset")
+    hidden_size: int | None = Field(None, ge=8, le=16384, description="overrides the preset")
+    num_layers: int | None = Field(None, ge=1, le=256, description="overrides the preset")
+    num_heads: int | None = Field(None, ge=1, le=256, description="overrides the preset")
+    intermediate_size: int | None = Field(None, ge=8, le=65536, description="MLP width; overrides")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSpec:
+        hidden, _, heads, _ = self.dimensions()
+        if hidden % heads:
+            raise ValueError(f"hiddenSize ({hidden}) must be a multiple of numHeads ({heads})")
+        return self
+
+    def dimensions(self) -> tuple[int, int, int, int]:
+        """(hidden size, layers, heads, MLP width) after overrides."""
+        hidden, layers, heads, mlp = SIZE_PRESETS[self.size]
+        return (
+            self.hidden_size or hidden,
+            self.num_layers or layers,
+            self.num_heads or heads,
+            self.intermediate_size or mlp,
+        )
+
+
+class TokenizerSpec(_Model):
+    """A byte-level BPE tokenizer trained on the training corpus before pretraining starts."""
+
+    vocab_size: int = Field(2048, ge=260, le=262144)
+    min_frequency: int = Field(2, ge=1)
+
+
+class DataSource(_Model):
+    uri: str = Field(..., min_length=1, pattern=STORAGE_URI,
+                     description="a local file or directory, or an s3://bucket/prefix")
+    format: Literal["auto", "txt", "jsonl"] = Field("auto", description="auto: by file extension")
+
+
+class PretrainData(_Model):
+    train: DataSource
+    eval: DataSource | None = Field(None, description="held-out data; when absent, evalFraction of train")
+    eval_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    text_field: str = Field("text", min_length=1, description="the text field of .jsonl records")
+
+
+class TrainingSpec(_Model):
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; or set epochs")
+    epochs: float | None = Field(None, gt=0.0, le=10000)
+    batch_size: int = Field(8, ge=1, le=65536, description="sequences per device per micro-batch")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    sequence_length: int = Field(128, ge=8, le=131072)
+    learning_rate: float = Field(3e-4, gt=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a fraction of the peak")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping; 0 disables it")
+    seed: int = Field(0, ge=0)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU")
+    eval_interval: int = Field(100, ge=1, description="steps between evaluations")
+    eval_batches: int = Field(50, ge=1, description="at most this many batches per evaluation")
+    log_interval: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingSpec:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of maxSteps or epochs")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmupSteps ({self.warmup_steps}) must be below maxSteps ({self.max_steps})")
+        return self
+
+
+class CheckpointSpec(_Model):
+    uri: str | None = Field(None, pattern=STORAGE_URI,
+                            description="s3://bucket/prefix or a directory; default: derived from the job")
+    interval_steps: int = Field(100, ge=1)
+    keep: int = Field(3, ge=1, le=1000, description="complete checkpoints kept; the newest is never deleted")
+
+
+class S3Spec(_Model):
+    """Where S3 is; credentials come from the standard AWS environment variables, in a cluster from a
+    Secret given by name (never by value)."""
+
+    endpoint_url: str | None = Field(None, pattern=r"^https?://", description="e.g. http://minio:9000")
+    region: str | None = None
+    credentials_secret: str | None = Field(
+        None, pattern=DNS_LABEL, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+
+
+class ResourcesSpec(_Model):
+    workers: int = Field(1, ge=1, le=1024)
+    gpus_per_worker: int = Field(1, ge=0, le=16)
+    cpu: str = Field("2", pattern=QUANTITY)
+    memory: str = Field("8Gi", pattern=QUANTITY)
+    allow_cpu_fallback: bool = Field(True, description="run on CPU when no GPU can be had")
+
+
+class MetricsSpec(_Model):
+    port: int = Field(9090, ge=0, le=65535, description="Prometheus endpoint; 0 disables it")
+
+
+class _JobSpec(_Model):
+    training: TrainingSpec
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    metrics: MetricsSpec = MetricsSpec()
+    s3: S3Spec | None = None
+
+
+class PretrainSpec(_JobSpec):
+    model: ModelSpec = ModelSpec()
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    data: PretrainData
+
+
+# ---------------------------------------------------------------------------------------------
+# Finetuning: from a base checkpoint in Hugging Face format
+
+
+class BaseModelSpec(_Model):
+    uri: str | None = Field(None, pattern=STORAGE_URI,
+                            description="a Hugging Face model directory: local path or s3://")
+    from_pretrain_job: str | None = Field(None, pattern=DNS_LABEL,
+                                          description="a PretrainJob in the same namespace")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BaseModelSpec:
+        if (self.uri is None) == (self.from_pretrain_job is None):
+            raise ValueError("set exactly one of uri or fromPretrainJob")
+        return self
+
+
+class LoraSpec(_Model):
+    r: int = Field(8, ge=1, le=1024)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="default: peft's choice for the architecture")
+
+
+class FinetuneData(PretrainData):
+    label_field: str = Field("label", min_length=1, description="sequence-classification label")
+    prompt_field: str = Field("prompt", min_length=1, description="causal-lm instruction")
+    response_field: str = Field("response", min_length=1, description="causal-lm answer")
+
+
+class FinetuneSpec(_JobSpec):
+    base_model: BaseModelSpec
+    task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
+    method: Literal["full", "lora"] = "lora"
+    lora: LoraSpec | None = Field(None, description="only with method: lora; defaults apply if absent")
+    data: FinetuneData
+
+    @model_validator(mode="after")
+    def _lora_only_with_lora(self) -> FinetuneSpec:
+        if self.method != "lora" and self.lora is not None:
+            raise ValueError("lora is only valid with method: lora")
+        return self
+
+    def lora_settings(self) -> LoraSpec:
+        return self.lora or LoraSpec()
+
+
+# ---------------------------------------------------------------------------------------------
+# The objects
+
+
+class ObjectMeta(BaseModel):
+    # Objects read back from a cluster carry uid, resourceVersion, managedFields...: ignore them.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str = Field(..., max_length=63, pattern=DNS_LABEL)
+    namespace: str = Field("default", max_length=63, pattern=DNS_LABEL)
+    uid: str | None = None
+    labels: dict[str, str] = {}
+
+
+class _Job(_Model):
+    api_version: Literal["kubeforge.io/v1alpha1"]
+    metadata: ObjectMeta
+
+    # `kubectl get -o yaml` output carries a status; it is the operator's, not part of the spec.
+    status: dict[str, Any] | None = Field(None, exclude=True)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace
+
+    def spec_hash(self) -> str:
+        """Identifies what is trained; written into every checkpoint manifest."""
+        canonical = json.dumps(self.spec.model_dump(mode="json", by_alias=True), sort_keys=True)  # type: ignore[attr-defined]
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def to_manifest(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class PretrainJob(_Job):
+    kind: Literal["PretrainJob"]
+    spec: PretrainSpec
+
+
+class FinetuneJob(_Job):
+    kind: Literal["FinetuneJob"]
+    spec: FinetuneSpec
+
+
+Job = PretrainJob | FinetuneJob
+JOB_KINDS: dict[str, type[PretrainJob] | type[FinetuneJob]] = {
+    "PretrainJob": PretrainJob,
+    "FinetuneJob": FinetuneJob,
+}
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(document)"
+
+
+def _problem(error: Any) -> str:
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif error["type"] == "literal_error":
+        message = f"must be one of {error['ctx']['expected']}, got {error['input']!r}"
+    return f"{_location(error['loc'])}: {message}"
+
+
+def parse_job(document: Any) -> Job:
+    """Validate one manifest (a dict as YAML gives it) into a job, or raise SpecError."""
+    if not isinstance(document, dict):
+        raise SpecError([f"(document): expected a mapping, got {type(document).__name__}"])
+    kind = document.get("kind")
+    if kind not in JOB_KINDS:
+        raise SpecError([f"kind: must be one of {', '.join(JOB_KINDS)}, got {kind!r}"])
+    try:
+        return JOB_KINDS[kind].model_validate(document)
+    except ValidationError as exc:
+        raise SpecError([_problem(e) for e in exc.errors()]) from None
+
+
+def load_jobs(text: str) -> list[Job]:
+    """Every job in a (multi-document) YAML text, in order; names must be unique per kind."""
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise SpecError([f"(document): not valid YAML: {exc}"]) from None
+    if not documents:
+        raise SpecError(["(document): no job found"])
+    jobs: list[Job] = []
+    problems: list[str] = []
+    for index, document in enumerate(documents):
+        try:
+            jobs.append(parse_job(document))
+        except SpecError as exc:
+            prefix = f"document {index + 1}: " if len(documents) > 1 else ""
+            problems.extend(prefix + p for p in exc.problems)
+    if problems:
+        raise SpecError(problems)
+    _check_unique(jobs)
+    return jobs
+
+
+def _check_unique(jobs: Iterable[Job]) -> None:
+    seen: set[tuple[str, str, str]] = set()
+    for job in jobs:
+        key = (job.kind, job.namespace, job.name)
+        if key in seen:
+            raise SpecError([f"metadata.name: {job.kind} {job.namespace}/{job.name} appears twice"])
+        seen.add(key)
+
+
+def load_job_file(path: str) -> list[Job]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return load_jobs(handle.read())
+    except OSError as exc:
+        raise SpecError([f"{path}: {exc.strerror}"]) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a job's outputs live: the same answer for `kubeforge run`, the operator and the trainer.
+
+EXPORT_DIR = "export"
+
+
+def job_storage_uri(root: str, kind: str, namespace: str, name: str, uid: str | None = None) -> str:
+    """The default checkpoint URI of a job under a storage root (s3://bucket/prefix or a directory).
+
+    A uid suffix keeps a re-created job with the same name from resuming its predecessor."""
+    leaf = f"{name}-{uid[:8]}" if uid else name
+    return f"{root.rstrip('/')}/{namespace}/{kind.lower()}/{leaf}"
+
+
+def checkpoint_uri(job: Job, default_root: str) -> str:
+    return job.spec.checkpoint.uri or job_storage_uri(
+        default_root, job.kind, job.namespace, job.name, job.metadata.uid)
+
+
+def export_uri(checkpoint_root: str) -> str:
+    """Where the final Hugging Face model of a job with this checkpoint URI is exported."""
+    return f"{checkpoint_root.rstrip('/')}/{EXPORT_DIR}"

@@ -1,0 +1,204 @@
+"""One small storage interface for data, checkpoints and exported models: S3 or a local directory.
+
+Keys are '/'-separated paths relative to the storage's root URI. S3 works with any endpoint (AWS,
+MinIO, Ceph, moto); credentials come from the standard AWS environment variables or config, never
+from a job spec.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from kubeforge.spec import S3Spec
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+class Storage(Protocol):
+    uri: str
+
+    def put_file(self, key: str, path: Path) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def get_file(self, key: str, path: Path) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key under prefix (recursively), sorted."""
+        ...
+    def delete(self, keys: list[str]) -> None: ...
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+class LocalStorage:
+    """A directory. Files are written to a temporary name and renamed, so a reader never sees half
+    a file even when the writer is killed."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StorageError(f"key {key!r} escapes {self.root}")
+        return path
+
+    def put_file(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        shutil.copyfile(path, partial)
+        os.replace(partial, target)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        partial.write_bytes(data)
+        os.replace(partial, target)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri}/{key}: not found") from None
+
+    def get_file(self, key: str, path: Path) -> None:
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri}/{key}: not found") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.endswith(".partial")
+        )
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+        # Leave no empty checkpoint directories behind.
+        for parent in sorted({self._path(k).parent for k in keys}, key=lambda p: -len(p.parts)):
+            while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+
+
+class S3Storage:
+    """An s3://bucket/prefix through boto3."""
+
+    def __init__(self, uri: str, s3: S3Spec | None = None):
+        import boto3  # the operator never needs it at import time
+
+        parsed = urlparse(uri)
+        self.uri = uri.rstrip("/")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        s3 = s3 or S3Spec()
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+            region_name=s3.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        )
+
+    def _key(self, key: str) -> str:
+        return join(self.prefix, key)
+
+    def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
+        # botocore's messages name the operation and the error code, never the credentials.
+        return StorageError(f"{what} s3://{self.bucket}/{self._key(key)}: {exc}")
+
+    def put_file(self, key: str, path: Path) -> None:
+        try:
+            self.client.upload_file(str(path), self.bucket, self._key(key))
+        except Exception as exc:
+            raise self._fail("upload to", key, exc) from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except Exception as exc:
+            raise self._fail("write to", key, exc) from None
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except Exception as exc:
+            raise self._fail("read from", key, exc) from None
+
+    def get_file(self, key: str, path: Path) -> None:
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(path))
+        except Exception as exc:
+            raise self._fail("download from", key, exc) from None
+
+    def exists(self, key: str) -> bool:
+        return self._key(key) in {self._key(k) for k in self.list(key)}
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix)
+        keys: list[str] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full
+            ):
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        except Exception as exc:
+            raise self._fail("list", prefix, exc) from None
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        # A prefix names a key or a "directory", not a stem: step-1 must not list step-10.
+        return sorted(
+            k[strip:] for k in keys if not full or k == full or k.startswith(full.rstrip("/") + "/")
+        )
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
+            try:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            except Exception as exc:
+                raise self._fail("delete from", keys[start], exc) from None
+
+
+def open_storage(uri: str, s3: S3Spec | None = None) -> Storage:
+    """The storage rooted at uri: s3://bucket/prefix, file:///dir or a plain path."""
+    if uri.startswith("s3://"):
+        if not urlparse(uri).netloc:
+            raise StorageError(f"{uri}: an s3:// URI needs a bucket")
+        return S3Storage(uri, s3)
+    if uri.startswith("file://"):
+        return LocalStorage(urlparse(uri).path)
+    if "://" in uri:
+        raise StorageError(f"{uri}: only s3:// URIs and local paths are supported")
+    return LocalStorage(uri)
+
+
+def download_tree(storage: Storage, prefix: str, target: Path) -> list[Path]:
+    """Copy every object under prefix into target, keeping relative paths."""
+    files = []
+    for key in storage.list(prefix):
+        relative = key[len(prefix):].lstrip("/") if prefix else key
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage.get_file(key, path)
+        files.append(path)
+    return files

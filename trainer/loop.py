@@ -1,0 +1,342 @@
+"""The training loop: spec in, exported Hugging Face model out, resumable at every checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from kubeforge.spec import FinetuneJob, Job, PretrainJob, S3Spec, TrainingSpec, export_uri
+from kubeforge.storage import StorageError, open_storage
+from kubeforge.trainer import data as datasets
+from kubeforge.trainer import distributed
+from kubeforge.trainer.checkpoint import MANIFEST, Checkpointer, UploadReport, export_model, fetch_verified
+from kubeforge.trainer.metrics import TrainerMetrics
+from kubeforge.trainer.models import build_pretrain_model, load_finetune_model, unwrap_for_export
+from kubeforge.trainer.tokenization import ensure_pad_token, from_json, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def lr_multiplier(training: TrainingSpec, total_steps: int):  # type: ignore[no-untyped-def]
+    """Linear warmup, then cosine or linear decay to minLrRatio of the peak (or constant)."""
+
+    def multiplier(step: int) -> float:
+        if step < training.warmup_steps:
+            return (step + 1) / training.warmup_steps
+        if training.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - training.warmup_steps) / max(1, total_steps - training.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if training.lr_schedule == "cosine" else 1 - progress
+        return training.min_lr_ratio + (1 - training.min_lr_ratio) * decay
+
+    return multiplier
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and norms (parameters with fewer than two dimensions)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path) -> Path:
+    """A local Hugging Face model directory for a base model URI (local directory or S3 prefix).
+
+    A kubeforge export is verified against its manifest; any other model directory is taken as is."""
+    local = Path(uri.removeprefix("file://"))
+    if not uri.startswith("s3://") and local.is_dir():
+        if not (local / "config.json").is_file():
+            raise datasets.DataError(f"baseModel: {uri} has no config.json: not a Hugging Face model directory")
+        return local
+    storage = open_storage(uri, s3)
+    keys = storage.list()
+    if "config.json" not in keys:
+        raise datasets.DataError(f"baseModel: no Hugging Face model (config.json) found at {uri}")
+    target = scratch / "base-model"
+    if MANIFEST in keys:
+        import json
+
+        fetch_verified(storage, "", json.loads(storage.get_bytes(MANIFEST)), target)
+    else:
+        from kubeforge.storage import download_tree
+
+        download_tree(storage, "", target)
+    return target
+
+
+def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], classify: bool,
+             num_labels: int, runtime: distributed.Runtime, dtype: torch.dtype | None) -> dict[str, float]:
+    """Loss and perplexity; accuracy and macro F1 for classification. Summed over every rank."""
+    model.eval()
+    loss_sum = weight = 0.0
+    counts = torch.zeros(3, max(num_labels, 1), dtype=torch.float64)  # true positives, predicted, actual
+    with torch.no_grad(), torch.autocast(runtime.device.type, dtype=dtype, enabled=dtype is not None):
+        for batch in batches:
+            batch = {k: v.to(runtime.device) for k, v in batch.items()}
+            output = model(**batch)
+            if classify:
+                n = float(len(batch["labels"]))
+                predicted = output.logits.argmax(-1).cpu()
+                actual = batch["labels"].cpu()
+                for label in range(num_labels):
+                    counts[0, label] += ((predicted == label) & (actual == label)).sum()
+                    counts[1, label] += (predicted == label).sum()
+                    counts[2, label] += (actual == label).sum()
+            else:
+                n = float((batch["labels"][:, 1:] != datasets.IGNORE_INDEX).sum())
+            loss_sum += float(output.loss) * n
+            weight += n
+    model.train()
+    totals = distributed.all_reduce_sum([loss_sum, weight, *counts.flatten().tolist()], runtime)
+    loss = totals[0] / max(totals[1], 1.0)
+    metrics = {"loss": loss}
+    if classify:
+        tp, predicted, actual = torch.tensor(totals[2:]).view(3, -1)
+        metrics["accuracy"] = float(tp.sum() / actual.sum().clamp(min=1))
+        f1 = 2 * tp / (predicted + actual).clamp(min=1)
+        metrics["f1"] = float(f1[actual > 0].mean())
+    else:
+        metrics["perplexity"] = math.exp(min(loss, 50.0))
+    return metrics
+
+
+def train(job: Job, *, checkpoint_root: str, base_model_uri: str | None = None,
+          progress: bool = False) -> dict[str, Any]:
+    """Run one job to completion (resuming from its newest checkpoint) and return its result."""
+    resources = job.spec.resources
+    runtime = distributed.start(resources.gpus_per_worker, resources.allow_cpu_fallback)
+    try:
+        with tempfile.TemporaryDirectory(prefix="kubeforge-train-") as scratch:
+            return _train(job, runtime, checkpoint_root, base_model_uri, progress, Path(scratch))
+    finally:
+        distributed.stop()
+
+
+def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_model_uri: str | None,
+           progress: bool, scratch: Path) -> dict[str, Any]:
+    spec, training = job.spec, job.spec.training
+    random.seed(training.seed)
+    torch.manual_seed(training.seed)
+
+    metrics = TrainerMetrics(job.name, job.namespace, job.kind, runtime.rank)
+    metrics.serve(spec.metrics.port and spec.metrics.port + runtime.local_rank)
+    storage = open_storage(checkpoint_root, spec.s3)
+
+    def uploaded(report: UploadReport) -> None:
+        metrics.checkpoint_duration.observe(report.seconds)
+        metrics.checkpoint_bytes.inc(report.bytes_written)
+        metrics.last_checkpoint_step.set(report.step)
+
+    checkpointer = Checkpointer(storage, keep=spec.checkpoint.keep, spec_hash=job.spec_hash(),
+                                rank=runtime.rank, on_uploaded=uploaded)
+    resume_from = checkpointer.latest()
+    restored = checkpointer.load(resume_from, scratch / "resume") if resume_from else {}
+    if resume_from:
+        metrics.last_checkpoint_step.set(resume_from.step)
+        if runtime.is_main:
+            log.info("resuming from checkpoint step %d at %s/%s", resume_from.step, storage.uri,
+                     resume_from.prefix)
+
+    # -- tokenizer, data and model -------------------------------------------------------------
+    L = training.sequence_length
+    labels: list[str] | None = None
+    if isinstance(job, PretrainJob):
+        field = spec.data.text_field
+        train_records, eval_records = datasets.load_splits(spec.data, spec.s3, field)
+        train_texts = [str(t) for t in datasets.field_values(train_records, field, "textField", "data.train")]
+        eval_texts = [str(t) for t in datasets.field_values(eval_records, field, "textField", "data.eval")]
+        tokenizer = (from_json(restored["tokenizer.json"].decode()) if restored
+                     else train_tokenizer(train_texts, job.spec.tokenizer))
+        train_set = datasets.pack_texts(train_texts, tokenizer, L, "data.train")
+        eval_set = datasets.pack_texts(eval_texts, tokenizer, L, "data.eval")
+        model = build_pretrain_model(job.spec.model, tokenizer, L)
+    else:
+        assert isinstance(job, FinetuneJob)
+        if base_model_uri is None:
+            raise datasets.DataError("baseModel: no base model URI was resolved for this job")
+        from transformers import AutoTokenizer
+
+        base_dir = fetch_model_dir(base_model_uri, spec.s3, scratch)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        ensure_pad_token(tokenizer)
+        data = job.spec.data
+        if job.spec.task == "sequence-classification":
+            train_records, eval_records = datasets.load_splits(data, spec.s3, data.text_field)
+            label_values = datasets.field_values(train_records, data.label_field, "labelField", "data.train")
+            labels = datasets.label_names(label_values)
+            index = {name: i for i, name in enumerate(labels)}
+
+            def encode(records: list[dict[str, Any]], what: str) -> dict[str, torch.Tensor]:
+                texts = datasets.field_values(records, data.text_field, "textField", what)
+                values = [str(v) for v in datasets.field_values(records, data.label_field, "labelField", what)]
+                unknown = sorted(set(values) - set(index))
+                if unknown:
+                    raise datasets.DataError(f"{what}: labels {unknown} never appear in data.train")
+                return datasets.classification_examples(texts, [index[v] for v in values], tokenizer, L)
+
+            train_set, eval_set = encode(train_records, "data.train"), encode(eval_records, "data.eval")
+        else:
+            train_records, eval_records = datasets.load_splits(data, spec.s3, data.prompt_field)
+
+            def encode(records: list[dict[str, Any]], what: str) -> dict[str, torch.Tensor]:
+                prompts = datasets.field_values(records, data.prompt_field, "promptField", what)
+                answers = datasets.field_values(records, data.response_field, "responseField", what)
+                return datasets.sft_examples([str(p) for p in prompts], [str(a) for a in answers], tokenizer, L)
+
+            train_set, eval_set = encode(train_records, "data.train"), encode(eval_records, "data.eval")
+        model = load_finetune_model(job.spec, base_dir, tokenizer, labels)
+
+    classify = labels is not None
+    batches = datasets.Batches(train_set, training.batch_size, training.seed, runtime.rank, runtime.world_size)
+    eval_batches = datasets.eval_batches(eval_set, training.batch_size, training.eval_batches,
+                                         runtime.rank, runtime.world_size)
+    accumulation = training.gradient_accumulation_steps
+    total_steps = training.max_steps or max(1, math.ceil(training.epochs * batches.per_epoch / accumulation))  # type: ignore[operator]
+    metrics.total_steps.set(total_steps)
+
+    model.to(runtime.device)
+    optimizer = torch.optim.AdamW(param_groups(model, training.weight_decay), lr=training.learning_rate,
+                                  betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(training, total_steps))
+    step = micro_batch = tokens_seen = 0
+    history: list[dict[str, Any]] = []
+    if restored:
+        state = restored["state.pt"]
+        model.load_state_dict(restored["model.pt"])
+        optimizer.load_state_dict(restored["optimizer.pt"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if runtime.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], runtime.device)
+        step, micro_batch, tokens_seen = state["step"], state["micro_batch"], state["tokens_seen"]
+        history = state["eval_history"]
+    resumed_from = step
+    metrics.resumed_from_step.set(resumed_from)
+    wrapped = (DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
+                                       else None) if runtime.distributed else model)
+    dtype = distributed.autocast_dtype(training.precision, runtime.device)
+
+    def run_eval() -> dict[str, float]:
+        result = evaluate(model, eval_batches, classify, len(labels or []), runtime, dtype)
+        history.append({"step": step, **result})
+        metrics.eval_loss.set(result["loss"])
+        for name, value in result.items():
+            metrics.eval_metric(name, value)
+        if runtime.is_main:
+            log.info("eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    def save_checkpoint() -> None:
+        if not runtime.is_main:
+            return
+        trainer_state = {
+            "scheduler": scheduler.state_dict(), "step": step, "micro_batch": micro_batch,
+            "tokens_seen": tokens_seen, "eval_history": history,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda" else None},
+        }
+        files: dict[str, Any] = {"model.pt": model.state_dict(), "optimizer.pt": optimizer.state_dict(),
+                                 "state.pt": trainer_state}
+        if isinstance(job, PretrainJob):
+            files["tokenizer.json"] = tokenizer.backend_tokenizer.to_str().encode()
+        metrics.checkpoint_blocked.observe(checkpointer.save(step, files))
+
+    if step == 0:
+        run_eval()  # the starting point that later evaluations are judged against
+    if runtime.is_main:
+        log.info("training %s/%s %s: steps %d..%d on %s x%d", job.namespace, job.name, job.kind, step,
+                 total_steps, runtime.device.type, runtime.world_size)
+
+    from tqdm import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its shard-writing bars would interleave with ours
+
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and runtime.is_main),
+               desc=job.name, unit="step", dynamic_ncols=True)
+    window_loss = torch.zeros((), device=runtime.device)
+    window_steps = window_tokens = window_samples = 0
+    window_start = time.perf_counter()
+    model.train()
+    while step < total_steps:
+        for k in range(accumulation):
+            batch = {name: t.to(runtime.device, non_blocking=True) for name, t in batches[micro_batch].items()}
+            micro_batch += 1
+            last = k == accumulation - 1
+            sync = wrapped.no_sync() if runtime.distributed and not last else nullcontext()  # type: ignore[operator]
+            with sync, torch.autocast(runtime.device.type, dtype=dtype, enabled=dtype is not None):
+                loss = wrapped(**batch).loss / accumulation
+                loss.backward()
+            window_loss += loss.detach()
+            counted = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            window_tokens += counted
+            window_samples += len(batch["input_ids"])
+        if training.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        metrics.step.set(step)
+        bar.update(1)
+
+        if step % training.log_interval == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            mean_loss = float(window_loss) / window_steps
+            if not math.isfinite(mean_loss):
+                log.error("loss is %s at step %d", mean_loss, step)
+            tokens_seen += window_tokens
+            metrics.loss.set(mean_loss)
+            metrics.learning_rate.set(scheduler.get_last_lr()[0])
+            metrics.tokens_per_second.set(window_tokens / elapsed)
+            metrics.samples_per_second.set(window_samples / elapsed)
+            bar.set_postfix(loss=f"{mean_loss:.3f}")
+            if runtime.is_main and not progress:
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s", step, total_steps, mean_loss,
+                         scheduler.get_last_lr()[0], window_tokens / elapsed)
+            window_loss.zero_()
+            window_steps = window_tokens = window_samples = 0
+            window_start = time.perf_counter()
+        if step % training.eval_interval == 0 or step == total_steps:
+            run_eval()
+        if step % spec.checkpoint.interval_steps == 0 or step == total_steps:
+            save_checkpoint()
+    bar.close()
+
+    # A run resumed from its final checkpoint trains no step: it still evaluates what it exports.
+    final = history[-1] if history and history[-1]["step"] == step else run_eval()
+    checkpointer.close()
+    if runtime.is_main and checkpointer.last_error is not None:
+        # The export below must never stand for a model whose last checkpoint did not commit.
+        raise StorageError(f"the final checkpoint could not be written: {checkpointer.last_error}")
+
+    export = export_uri(checkpoint_root)
+    result: dict[str, Any] = {
+        "job": job.name, "namespace": job.namespace, "kind": job.kind, "step": step,
+        "totalSteps": total_steps, "resumedFromStep": resumed_from, "tokensSeen": tokens_seen,
+        "finalEval": {k: v for k, v in final.items() if k != "step"}, "evalHistory": history,
+        "device": runtime.device.type, "workers": runtime.world_size,
+        "checkpointUri": checkpoint_root, "exportUri": export,
+    }
+    if labels is not None:
+        result["labels"] = labels
+    if runtime.is_main:
+        started = time.perf_counter()
+        export_model(storage, unwrap_for_export(model), tokenizer,
+                     yaml.safe_dump(job.to_manifest(), sort_keys=False), result, job.spec_hash())
+        log.info("exported the model to %s in %.1fs", export, time.perf_counter() - started)
+    return result

@@ -1,0 +1,91 @@
+"""Models: built from a transformers config for pretraining, loaded from a base for finetuning."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+)
+
+from kubeforge.spec import FinetuneSpec, JobError, ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def build_pretrain_model(spec: ModelSpec, tokenizer: Any, sequence_length: int) -> PreTrainedModel:
+    hidden, layers, heads, mlp = spec.dimensions()
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    config: GPT2Config | LlamaConfig
+    if spec.architecture == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_positions=sequence_length, n_embd=hidden, n_layer=layers,
+            n_head=heads, n_inner=mlp, resid_pdrop=spec.dropout, embd_pdrop=spec.dropout,
+            attn_pdrop=spec.dropout, **special,
+        )
+    else:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+            max_position_embeddings=sequence_length, attention_dropout=spec.dropout,
+            tie_word_embeddings=True, **special,
+        )
+    model = AutoModelForCausalLM.from_config(config)
+    log.info("built a %s model with %.2fM parameters", spec.architecture,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
+
+
+def load_finetune_model(spec: FinetuneSpec, base_dir: Path, tokenizer: Any,
+                        labels: list[str] | None) -> PreTrainedModel:
+    """The base model for the task, wrapped with LoRA adapters when the method is lora."""
+    config = AutoConfig.from_pretrained(base_dir)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    model: PreTrainedModel
+    if spec.task == "sequence-classification":
+        assert labels is not None
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+        # The base is usually a causal LM: its classification head is new, by design.
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base_dir, config=config, ignore_mismatched_sizes=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, config=config)
+    if spec.method == "lora":
+        model = _with_lora(model, spec)
+    return model
+
+
+def _with_lora(model: PreTrainedModel, spec: FinetuneSpec) -> Any:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = spec.lora_settings()
+    task = TaskType.SEQ_CLS if spec.task == "sequence-classification" else TaskType.CAUSAL_LM
+    try:
+        adapted = get_peft_model(model, LoraConfig(
+            task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules) if lora.target_modules else None,
+        ))
+    except ValueError as exc:
+        # peft names the modules it could not find; say which field to change.
+        raise JobError(f"lora.targetModules: {exc}") from None
+    trainable, total = adapted.get_nb_trainable_parameters()
+    log.info("LoRA: %d of %d parameters trainable (%.2f%%)", trainable, total, 100 * trainable / total)
+    return adapted
+
+
+def unwrap_for_export(model: Any) -> PreTrainedModel:
+    """A plain transformers model: LoRA adapters merged into the base weights."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
