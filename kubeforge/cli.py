@@ -73,8 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """What a pod runs: one job, its URIs given by the operator (or defaulted as `run` does)."""
     from kubeforge.trainer.loop import train
 
-    text = sys.stdin.read() if args.spec == "-" else open(args.spec, encoding="utf-8").read()
-    jobs = load_jobs(text)
+    jobs = load_jobs(sys.stdin.read()) if args.spec == "-" else load_job_file(args.spec)
     if len(jobs) != 1:
         raise SpecError([f"--spec: expected one job, found {len(jobs)}"])
     job = jobs[0]

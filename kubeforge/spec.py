@@ -26,6 +26,15 @@ API_VERSION = f"{API_GROUP}/v1alpha1"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 STORAGE_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+|file://.+)$"
+HTTP_URL = r"^https?://"
+
+#: What each pattern means, for error messages people can act on.
+PATTERN_MEANINGS = {
+    DNS_LABEL: "a lowercase DNS label (a-z, 0-9 and '-', starting and ending alphanumeric)",
+    QUANTITY: "a Kubernetes quantity such as 2, 500m or 8Gi",
+    STORAGE_URI: "an s3://bucket/prefix URI (bucket of 3-63 characters) or a local path",
+    HTTP_URL: "an http:// or https:// URL",
+}
 
 
 class JobError(ValueError):
@@ -151,7 +160,7 @@ class S3Spec(_Model):
     """Where S3 is; credentials come from the standard AWS environment variables, in a cluster from a
     Secret given by name (never by value)."""
 
-    endpoint_url: str | None = Field(None, pattern=r"^https?://", description="e.g. http://minio:9000")
+    endpoint_url: str | None = Field(None, pattern=HTTP_URL, description="e.g. http://minio:9000")
     region: str | None = None
     credentials_secret: str | None = Field(
         None, pattern=DNS_LABEL, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
@@ -297,6 +306,9 @@ def _problem(error: Any) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown field"
+    elif error["type"] == "string_pattern_mismatch":
+        meaning = PATTERN_MEANINGS.get(error["ctx"]["pattern"], f"match {error['ctx']['pattern']}")
+        message = f"must be {meaning}, got {error['input']!r}"
     elif error["type"] == "literal_error":
         message = f"must be one of {error['ctx']['expected']}, got {error['input']!r}"
     return f"{_location(error['loc'])}: {message}"

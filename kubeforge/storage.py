@@ -7,6 +7,7 @@ from a job spec.
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 from pathlib import Path
@@ -28,10 +29,10 @@ class Storage(Protocol):
     def get_bytes(self, key: str) -> bytes: ...
     def get_file(self, key: str, path: Path) -> None: ...
     def exists(self, key: str) -> bool: ...
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         """Every key under prefix (recursively), sorted."""
         ...
-    def delete(self, keys: list[str]) -> None: ...
+    def delete(self, keys: builtins.list[str]) -> None: ...
 
 
 def join(*parts: str) -> str:
@@ -81,7 +82,7 @@ class LocalStorage:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         base = self._path(prefix) if prefix else self.root
         if base.is_file():
             return [prefix]
@@ -93,7 +94,7 @@ class LocalStorage:
             if p.is_file() and not p.name.endswith(".partial")
         )
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:
         for key in keys:
             self._path(key).unlink(missing_ok=True)
         # Leave no empty checkpoint directories behind.
@@ -154,9 +155,9 @@ class S3Storage:
     def exists(self, key: str) -> bool:
         return self._key(key) in {self._key(k) for k in self.list(key)}
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         full = self._key(prefix)
-        keys: list[str] = []
+        keys: builtins.list[str] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full
@@ -170,7 +171,7 @@ class S3Storage:
             k[strip:] for k in keys if not full or k == full or k.startswith(full.rstrip("/") + "/")
         )
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:
         for start in range(0, len(keys), 1000):
             batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
             try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kubeforge.spec import DataSource, JobError, FinetuneData, PretrainData, S3Spec
+from kubeforge.spec import DataSource, FinetuneData, JobError, PretrainData, S3Spec
 from kubeforge.storage import open_storage
 
 SFT_TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"

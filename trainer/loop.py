@@ -13,16 +13,16 @@ from typing import Any
 
 import torch
 import yaml
-from torch.nn.parallel import DistributedDataParallel
-
-from kubeforge.spec import FinetuneJob, Job, PretrainJob, S3Spec, TrainingSpec, export_uri
-from kubeforge.storage import StorageError, open_storage
 from kubeforge.trainer import data as datasets
 from kubeforge.trainer import distributed
 from kubeforge.trainer.checkpoint import MANIFEST, Checkpointer, UploadReport, export_model, fetch_verified
 from kubeforge.trainer.metrics import TrainerMetrics
 from kubeforge.trainer.models import build_pretrain_model, load_finetune_model, unwrap_for_export
 from kubeforge.trainer.tokenization import ensure_pad_token, from_json, train_tokenizer
+from torch.nn.parallel import DistributedDataParallel
+
+from kubeforge.spec import FinetuneJob, Job, PretrainJob, S3Spec, TrainingSpec, export_uri
+from kubeforge.storage import StorageError, open_storage
 
 log = logging.getLogger(__name__)
 
