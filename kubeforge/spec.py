@@ -49,6 +49,15 @@ class SpecError(JobError):
         super().__init__("invalid job spec:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+def cel(rule: str, message: str) -> dict[str, Any]:
+    """A CEL rule for the CRD schema: the API server enforces what the model validators check."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message}]}
+
+
+#: Fields that define what is trained: changing them under a running job would mix two runs.
+IMMUTABLE = cel("self == oldSelf", "cannot change after the job is created")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -75,13 +84,15 @@ SIZE_PRESETS: dict[str, tuple[int, int, int, int]] = {
 class ModelSpec(_Model):
     """The architecture to pretrain: a size preset, optionally overridden dimension by dimension."""
 
+    model_config = ConfigDict(json_schema_extra=IMMUTABLE)
+
     architecture: Literal["gpt2", "llama"] = Field("gpt2", description="transformers model family")
     size: Literal["tiny", "small", "125m"] = Field("tiny", description="dimension preset")
     hidden_size: int | None = Field(None, ge=8, le=16384, description="overrides the preset")
     num_layers: int | None = Field(None, ge=1, le=256, description="overrides the preset")
     num_heads: int | None = Field(None, ge=1, le=256, description="overrides the preset")
     intermediate_size: int | None = Field(None, ge=8, le=65536, description="MLP width; overrides")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on attention, residuals and embeddings")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelSpec:
@@ -104,41 +115,55 @@ class ModelSpec(_Model):
 class TokenizerSpec(_Model):
     """A byte-level BPE tokenizer trained on the training corpus before pretraining starts."""
 
-    vocab_size: int = Field(2048, ge=260, le=262144)
-    min_frequency: int = Field(2, ge=1)
+    model_config = ConfigDict(json_schema_extra=IMMUTABLE)
+
+    vocab_size: int = Field(2048, ge=260, le=262144, description="tokens in the trained vocabulary")
+    min_frequency: int = Field(2, ge=1, description="a merge must occur this often in the corpus")
 
 
 class DataSource(_Model):
+    """Where data is read from."""
+
     uri: str = Field(..., min_length=1, pattern=STORAGE_URI,
                      description="a local file or directory, or an s3://bucket/prefix")
     format: Literal["auto", "txt", "jsonl"] = Field("auto", description="auto: by file extension")
 
 
 class PretrainData(_Model):
-    train: DataSource
+    """Training and eval data."""
+
+    train: DataSource = Field(..., description="the training data")
     eval: DataSource | None = Field(None, description="held-out data; when absent, evalFraction of train")
-    eval_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    eval_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="held out of train when eval is absent")
     text_field: str = Field("text", min_length=1, description="the text field of .jsonl records")
 
 
 class TrainingSpec(_Model):
+    """Optimisation: length, batch, schedule, precision, evaluation."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "has(self.maxSteps) != has(self.epochs)", "message": "set exactly one of maxSteps or epochs"},
+        {"rule": "!has(self.maxSteps) || !has(self.warmupSteps) || self.warmupSteps < self.maxSteps",
+         "message": "warmupSteps must be below maxSteps"},
+    ]})
+
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; or set epochs")
-    epochs: float | None = Field(None, gt=0.0, le=10000)
+    epochs: float | None = Field(None, gt=0.0, le=10000, description="passes over the data; or set maxSteps")
     batch_size: int = Field(8, ge=1, le=65536, description="sequences per device per micro-batch")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
-    sequence_length: int = Field(128, ge=8, le=131072)
-    learning_rate: float = Field(3e-4, gt=0.0, le=1.0)
-    warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="micro-batches per optimizer step")
+    sequence_length: int = Field(128, ge=8, le=131072, description="tokens per sequence (packed or truncated)")
+    learning_rate: float = Field(3e-4, gt=0.0, le=1.0, description="peak AdamW learning rate")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to the peak learning rate")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a fraction of the peak")
-    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW decay (not on biases and norms)")
     max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping; 0 disables it")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seeds initialisation, shuffling and dropout")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU")
     eval_interval: int = Field(100, ge=1, description="steps between evaluations")
     eval_batches: int = Field(50, ge=1, description="at most this many batches per evaluation")
-    log_interval: int = Field(10, ge=1)
+    log_interval: int = Field(10, ge=1, description="steps between log lines and loss metrics")
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingSpec:
@@ -150,9 +175,11 @@ class TrainingSpec(_Model):
 
 
 class CheckpointSpec(_Model):
+    """Where and how often checkpoints are written, and how many are kept."""
+
     uri: str | None = Field(None, pattern=STORAGE_URI,
                             description="s3://bucket/prefix or a directory; default: derived from the job")
-    interval_steps: int = Field(100, ge=1)
+    interval_steps: int = Field(100, ge=1, description="steps between checkpoints (one is always written at the end)")
     keep: int = Field(3, ge=1, le=1000, description="complete checkpoints kept; the newest is never deleted")
 
 
@@ -161,20 +188,24 @@ class S3Spec(_Model):
     Secret given by name (never by value)."""
 
     endpoint_url: str | None = Field(None, pattern=HTTP_URL, description="e.g. http://minio:9000")
-    region: str | None = None
+    region: str | None = Field(None, description="default: AWS_DEFAULT_REGION, else us-east-1")
     credentials_secret: str | None = Field(
         None, pattern=DNS_LABEL, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
 
 
 class ResourcesSpec(_Model):
-    workers: int = Field(1, ge=1, le=1024)
-    gpus_per_worker: int = Field(1, ge=0, le=16)
-    cpu: str = Field("2", pattern=QUANTITY)
-    memory: str = Field("8Gi", pattern=QUANTITY)
+    """Pods, GPUs and the CPU fallback."""
+
+    workers: int = Field(1, ge=1, le=1024, description="pods training together (one torch process each)")
+    gpus_per_worker: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per pod")
+    cpu: str = Field("2", pattern=QUANTITY, description="CPU request per pod")
+    memory: str = Field("8Gi", pattern=QUANTITY, description="memory request and limit per pod")
     allow_cpu_fallback: bool = Field(True, description="run on CPU when no GPU can be had")
 
 
 class MetricsSpec(_Model):
+    """The trainer's Prometheus endpoint."""
+
     port: int = Field(9090, ge=0, le=65535, description="Prometheus endpoint; 0 disables it")
 
 
@@ -185,11 +216,26 @@ class _JobSpec(_Model):
     metrics: MetricsSpec = MetricsSpec()
     s3: S3Spec | None = None
 
+    # How the operator runs the job, as in a batch/v1 Job. None of it changes what is trained.
+    suspend: bool = Field(False, description="true deletes the pods and keeps the checkpoints; false resumes")
+    backoff_limit: int = Field(3, ge=0, le=1000, description="gang restarts before the job is marked Failed")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="the job fails when running longer")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="delete the finished job (and its pods) this many seconds after it ends")
+    clean_pod_policy: Literal["All", "Running", "None"] = Field(
+        "All", description="which pods to delete when the job finishes")
+
 
 class PretrainSpec(_JobSpec):
+    """What a PretrainJob trains and how."""
+
     model: ModelSpec = ModelSpec()
     tokenizer: TokenizerSpec = TokenizerSpec()
     data: PretrainData
+
+
+RUN_POLICY_FIELDS = {"suspend", "backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished",
+                     "clean_pod_policy", "resources", "metrics"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +243,13 @@ class PretrainSpec(_JobSpec):
 
 
 class BaseModelSpec(_Model):
+    """The model a finetune starts from: exactly one of uri or fromPretrainJob."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        *IMMUTABLE["x-kubernetes-validations"],
+        {"rule": "has(self.uri) != has(self.fromPretrainJob)", "message": "set exactly one of uri or fromPretrainJob"},
+    ]})
+
     uri: str | None = Field(None, pattern=STORAGE_URI,
                             description="a Hugging Face model directory: local path or s3://")
     from_pretrain_job: str | None = Field(None, pattern=DNS_LABEL,
@@ -210,23 +263,34 @@ class BaseModelSpec(_Model):
 
 
 class LoraSpec(_Model):
-    r: int = Field(8, ge=1, le=1024)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """LoRA adapters (peft)."""
+
+    r: int = Field(8, ge=1, le=1024, description="rank of the adapter matrices")
+    alpha: int = Field(16, ge=1, description="adapter scaling (alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
     target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, min_length=1, description="default: peft's choice for the architecture")
 
 
 class FinetuneData(PretrainData):
+    """Training and eval data, with the fields each task reads."""
+
     label_field: str = Field("label", min_length=1, description="sequence-classification label")
     prompt_field: str = Field("prompt", min_length=1, description="causal-lm instruction")
     response_field: str = Field("response", min_length=1, description="causal-lm answer")
 
 
 class FinetuneSpec(_JobSpec):
-    base_model: BaseModelSpec
-    task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
-    method: Literal["full", "lora"] = "lora"
+    """What a FinetuneJob trains and how."""
+
+    model_config = ConfigDict(json_schema_extra=cel(
+        "self.method == 'lora' || !has(self.lora)", "lora is only valid with method: lora"))
+
+    base_model: BaseModelSpec = Field(..., description="the model to start from")
+    task: Literal["causal-lm", "sequence-classification"] = Field("causal-lm", json_schema_extra=IMMUTABLE,
+                                                                  description="causal-lm: prompt/response SFT")
+    method: Literal["full", "lora"] = Field("lora", json_schema_extra=IMMUTABLE,
+                                                description="full: every weight; lora: adapters only")
     lora: LoraSpec | None = Field(None, description="only with method: lora; defaults apply if absent")
     data: FinetuneData
 
@@ -271,19 +335,23 @@ class _Job(_Model):
 
     def spec_hash(self) -> str:
         """Identifies what is trained; written into every checkpoint manifest."""
-        canonical = json.dumps(self.spec.model_dump(mode="json", by_alias=True), sort_keys=True)  # type: ignore[attr-defined]
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        trained = self.spec.model_dump(mode="json", by_alias=True, exclude=RUN_POLICY_FIELDS)  # type: ignore[attr-defined]
+        return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_manifest(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class PretrainJob(_Job):
+    """Pretrains a language model from a transformers config on a text corpus."""
+
     kind: Literal["PretrainJob"]
     spec: PretrainSpec
 
 
 class FinetuneJob(_Job):
+    """Finetunes a base model (fully or with LoRA) for causal-LM SFT or sequence classification."""
+
     kind: Literal["FinetuneJob"]
     spec: FinetuneSpec
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from kubeforge.trainer.checkpoint import CHECKPOINTS, Checkpointer, step_prefix
 
 from kubeforge.storage import LocalStorage, StorageError
+from kubeforge.trainer.checkpoint import CHECKPOINTS, Checkpointer, step_prefix
 
 
 def state(value: float) -> dict[str, object]:

@@ -1,0 +1,184 @@
+"""The CRDs in crds/ are generated from the spec models, and the API server would reject what they reject.
+
+Nothing here trusts the emulator: the schema is checked with a JSON Schema validator (OpenAPI v3.0 is
+Draft 4 for the keywords used) and the CEL rules with a CEL interpreter, after applying the schema's
+defaults as the API server does.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import celpy
+import pytest
+import yaml
+from conftest import EXAMPLES, ROOT, example
+from jsonschema import Draft4Validator
+from test_spec import DELETE, with_change
+
+from kubeforge.crds import KINDS, render
+
+CRD_DIR = ROOT / "crds"
+PRETRAIN = example("pretrain-tiny.yaml")[0]
+FINETUNE = example("finetune-lora-classify.yaml")[0]
+
+
+def crd_file(kind: str) -> Path:
+    return CRD_DIR / f"{kind.lower()}s.kubeforge.io.yaml"
+
+
+def schema_of(kind: str) -> dict[str, Any]:
+    document = yaml.safe_load(crd_file(kind).read_text())
+    return document["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def with_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Apply the schema's defaults the way the API server does before validating."""
+    if not isinstance(value, dict) or "properties" not in schema:
+        return value
+    out = dict(value)
+    for name, sub in schema["properties"].items():
+        if name not in out and "default" in sub:
+            out[name] = copy.deepcopy(sub["default"])
+        if name in out:
+            out[name] = with_defaults(sub, out[name])
+    return out
+
+
+def cel_violations(schema: dict[str, Any], value: Any, old: Any = None, path: str = "") -> list[str]:
+    """The messages of every CEL rule that fails on value (transition rules only when old is given)."""
+    failed = []
+    environment = celpy.Environment()
+    for rule in schema.get("x-kubernetes-validations", []):
+        transition = "oldSelf" in rule["rule"]
+        if transition and old is None:
+            continue
+        activation = {"self": celpy.json_to_cel(value)}
+        if transition:
+            activation["oldSelf"] = celpy.json_to_cel(old)
+        if not environment.program(environment.compile(rule["rule"])).evaluate(activation):
+            failed.append(f"{path or '.'}: {rule['message']}")
+    for name, sub in schema.get("properties", {}).items():
+        if isinstance(value, dict) and name in value:
+            previous = old.get(name) if isinstance(old, dict) else None
+            if old is not None and previous is None:
+                continue  # transition rules apply only where the old object had the field
+            failed += cel_violations(sub, value[name], previous if old is not None else None, f"{path}.{name}")
+    return failed
+
+
+def admit(job: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """What the API server would say about creating (or updating from old) this object."""
+    schema = schema_of(job["kind"])
+    defaulted = with_defaults(schema, job)
+    problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in Draft4Validator(schema).iter_errors(defaulted)]
+    if problems:
+        return problems  # as on the API server, CEL rules run only on objects of the right shape
+    old_defaulted = with_defaults(schema, old) if old is not None else None
+    return cel_violations(schema, defaulted, old_defaulted)
+
+
+def test_crds_match_the_spec_models() -> None:
+    for kind in KINDS:
+        assert crd_file(kind).read_text() == render(kind), (
+            f"{crd_file(kind)} is stale: run `kubeforge crds` and commit the result")
+
+
+def test_schemas_are_structural() -> None:
+    def walk(node: dict[str, Any], path: str) -> None:
+        assert not {"anyOf", "oneOf", "$ref", "title", "additionalProperties"} & set(node) or (
+            set(node) & {"additionalProperties"} and node.get("type") == "object"), path
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
+        for name, sub in node.get("properties", {}).items():
+            walk(sub, f"{path}.{name}")
+        if "items" in node:
+            walk(node["items"], f"{path}[]")
+
+    for kind in KINDS:
+        walk(schema_of(kind), kind)
+
+
+def test_names_columns_and_status_subresource() -> None:
+    for kind, (_, short) in KINDS.items():
+        crd = yaml.safe_load(crd_file(kind).read_text())
+        version = crd["spec"]["versions"][0]
+        assert crd["spec"]["names"]["shortNames"] == [short]
+        assert crd["spec"]["names"]["categories"] == ["kubeforge"]
+        assert version["subresources"] == {"status": {}}
+        assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Step", "Loss", "Restarts",
+                                                                            "Age"]
+    spec = schema_of("PretrainJob")["properties"]["spec"]["properties"]
+    assert spec["training"]["properties"]["precision"]["enum"] == ["auto", "bf16", "fp32"]
+    assert spec["checkpoint"]["default"] == {"intervalSteps": 100, "keep": 3}
+
+
+def test_every_field_is_explained() -> None:
+    """`kubectl explain ptj.spec.training.learningRate` has something to say for every field."""
+    def undocumented(node: dict[str, Any], path: str) -> list[str]:
+        missing = [] if node.get("description") else [path]
+        for name, sub in node.get("properties", {}).items():
+            missing += undocumented(sub, f"{path}.{name}")
+        return missing
+
+    for kind in KINDS:
+        assert undocumented(schema_of(kind)["properties"]["spec"], f"{kind}.spec") == []
+
+
+def test_every_example_is_admitted() -> None:
+    for manifest in sorted(EXAMPLES.glob("*.yaml")):
+        for document in yaml.safe_load_all(manifest.read_text()):
+            assert admit(document) == [], manifest
+
+
+REJECTED_BY_SCHEMA = [
+    (PRETRAIN, "spec.training.precision", "fp16"),
+    (PRETRAIN, "spec.training.learningRate", 0),
+    (PRETRAIN, "spec.training.batchSize", 0),
+    (PRETRAIN, "spec.training.maxSteps", "many"),
+    (PRETRAIN, "spec.model.architecture", "mamba"),
+    (PRETRAIN, "spec.data.train", DELETE),
+    (PRETRAIN, "spec.resources.memory", "8 gigs"),
+    (PRETRAIN, "spec.checkpoint.uri", "gs://elsewhere/x"),
+    (FINETUNE, "spec.lora.targetModules", []),
+    (FINETUNE, "spec.lora.dropout", 1.0),
+    (FINETUNE, "spec.task", "translation"),
+]
+
+
+@pytest.mark.parametrize(("job", "path", "value"), REJECTED_BY_SCHEMA,
+                         ids=[f"{r[1]}={r[2]!r}" for r in REJECTED_BY_SCHEMA])
+def test_schema_rejects_bad_fields(job: dict[str, Any], path: str, value: Any) -> None:
+    problems = admit(with_change(job, path, value))
+    assert any(p.startswith(path.removeprefix("spec.").split(".")[0]) or path.split(".")[-1] in p
+               for p in problems), problems
+
+
+REJECTED_BY_CEL = [
+    (PRETRAIN, "spec.training.epochs", 2, ".spec.training: set exactly one of maxSteps or epochs"),
+    (PRETRAIN, "spec.training.maxSteps", DELETE, ".spec.training: set exactly one of maxSteps or epochs"),
+    (PRETRAIN, "spec.training.warmupSteps", 300, ".spec.training: warmupSteps must be below maxSteps"),
+    (FINETUNE, "spec.baseModel", {}, ".spec.baseModel: set exactly one of uri or fromPretrainJob"),
+    (FINETUNE, "spec.baseModel", {"uri": "s3://models/m", "fromPretrainJob": "x"},
+     ".spec.baseModel: set exactly one of uri or fromPretrainJob"),
+    (FINETUNE, "spec.method", "full", ".spec: lora is only valid with method: lora"),
+]
+
+
+@pytest.mark.parametrize(("job", "path", "value", "message"), REJECTED_BY_CEL,
+                         ids=[f"{r[1]}={r[2]!r}" for r in REJECTED_BY_CEL])
+def test_cel_rules_reject_what_the_models_reject(job: dict[str, Any], path: str, value: Any, message: str) -> None:
+    assert message in admit(with_change(job, path, value))
+
+
+def test_what_is_trained_cannot_change_but_run_policy_can() -> None:
+    assert ".spec.model: cannot change after the job is created" in admit(
+        with_change(PRETRAIN, "spec.model.size", "small"), old=PRETRAIN)
+    assert ".spec.baseModel: cannot change after the job is created" in admit(
+        with_change(FINETUNE, "spec.baseModel.fromPretrainJob", "other"), old=FINETUNE)
+    full = with_change(with_change(FINETUNE, "spec.lora", DELETE), "spec.method", "full")
+    assert ".spec.method: cannot change after the job is created" in admit(full, old=FINETUNE)
+    assert admit(with_change(PRETRAIN, "spec.suspend", True), old=PRETRAIN) == []
+    assert admit(with_change(PRETRAIN, "spec.training.maxSteps", 600), old=PRETRAIN) == []
