@@ -69,28 +69,87 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+SUMMARY_FIELDS = ("step", "totalSteps", "resumedFromStep", "trainLoss", "finalEval", "exportUri", "checkpointUri")
+
+
+def _read_train_spec(args: argparse.Namespace) -> Job:
+    if args.spec_env:
+        if args.spec_env not in os.environ:
+            raise SpecError([f"--spec-env: the environment has no {args.spec_env}"])
+        jobs = load_jobs(os.environ[args.spec_env])
+    elif args.spec == "-":
+        jobs = load_jobs(sys.stdin.read())
+    else:
+        jobs = load_job_file(args.spec)
+    if len(jobs) != 1:
+        raise SpecError([f"--spec: expected one job, found {len(jobs)}"])
+    return jobs[0]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """What a pod runs: one job, its URIs given by the operator (or defaulted as `run` does)."""
     from kubeforge.trainer.loop import train
 
-    jobs = load_jobs(sys.stdin.read()) if args.spec == "-" else load_job_file(args.spec)
-    if len(jobs) != 1:
-        raise SpecError([f"--spec: expected one job, found {len(jobs)}"])
-    job = jobs[0]
+    job = _read_train_spec(args)
     root = args.checkpoint_uri or checkpoint_uri(job, DEFAULT_RUN_ROOT)
     base = args.base_model_uri
     if isinstance(job, FinetuneJob) and base is None:
-        base = resolve_base_model(job, jobs, DEFAULT_RUN_ROOT)
+        base = resolve_base_model(job, [job], DEFAULT_RUN_ROOT)
     result = train(job, checkpoint_root=root, base_model_uri=base, progress=False)
     if args.result:
         with open(args.result, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
+    if args.termination_log:
+        # Kubernetes keeps at most 4 KiB of it in the pod's status: the operator reads the outcome there.
+        _write_termination_log(args.termination_log, {k: result[k] for k in SUMMARY_FIELDS})
     return 0
+
+
+def _write_termination_log(path: str, summary: dict[str, Any]) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(summary, separators=(",", ":"))[:4000])
+    except OSError as exc:
+        log.warning("cannot write the termination log %s: %s", path, exc)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     for job in load_job_file(args.file):
         print(f"{job.kind} {job.namespace}/{job.name}: valid")
+    return 0
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kubeforge.crds import write
+
+    for path in write(Path(args.output)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    """Run the Kopf operator with settings from the environment (the Helm chart sets them)."""
+    import kopf
+    from kubernetes import client, config
+    from prometheus_client import start_http_server
+
+    from kubeforge.operator.main import create_registry
+    from kubeforge.operator.metrics import OperatorMetrics
+    from kubeforge.operator.settings import OperatorSettings
+
+    settings = OperatorSettings.from_env()
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    metrics = OperatorMetrics()
+    start_http_server(settings.metrics_port, registry=metrics.registry)
+    registry = create_registry(settings, client.ApiClient(), metrics)
+    kopf.run(registry=registry, clusterwide=not settings.namespaces, namespaces=list(settings.namespaces),
+             standalone=args.standalone, peering_name="kubeforge",
+             liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz")
     return 0
 
 
@@ -108,15 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     train = commands.add_parser("train", help="train one job (what the operator's pods run)")
-    train.add_argument("--spec", required=True, help="the job manifest, or - for standard input")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec", help="the job manifest, or - for standard input")
+    source.add_argument("--spec-env", help="the name of an environment variable holding the manifest")
     train.add_argument("--checkpoint-uri", help="overrides the job's checkpoint location")
     train.add_argument("--base-model-uri", help="the resolved base model of a FinetuneJob")
     train.add_argument("--result", help="write the result JSON here")
+    train.add_argument("--termination-log", help="write a short JSON summary (or the error) here on exit")
     train.set_defaults(handler=cmd_train)
 
     validate = commands.add_parser("validate", help="check manifests against the job spec")
     validate.add_argument("file")
     validate.set_defaults(handler=cmd_validate)
+
+    operator = commands.add_parser("operator", help="run the operator (watches PretrainJobs and FinetuneJobs)")
+    operator.add_argument("--standalone", action="store_true",
+                          help="no peering with other replicas (only with a single replica)")
+    operator.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port")
+    operator.set_defaults(handler=cmd_operator)
+
+    crds = commands.add_parser("crds", help="write the CRDs generated from the job spec")
+    crds.add_argument("--output", default="crds", help="directory (default: crds)")
+    crds.set_defaults(handler=cmd_crds)
     return parser
 
 
@@ -129,11 +201,19 @@ def main(argv: list[str] | None = None) -> None:
 def _dispatch(args: argparse.Namespace) -> Any:
     from kubeforge.storage import StorageError
 
+    code, message = 0, ""
     try:
-        return args.handler(args)
+        code = args.handler(args)
     except JobError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_PERMANENT
+        code, message = EXIT_PERMANENT, str(exc)
     except StorageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        code, message = 1, str(exc)
+    except Exception as exc:
+        # Anything unforeseen may be transient: retryable, with its cause stated and the trace logged.
+        log.exception("unexpected failure")
+        code, message = 1, f"{type(exc).__name__}: {exc}"
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        if getattr(args, "termination_log", None):
+            _write_termination_log(args.termination_log, {"error": message, "permanent": code == EXIT_PERMANENT})
+    return code

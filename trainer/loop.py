@@ -13,16 +13,16 @@ from typing import Any
 
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from kubeforge.spec import FinetuneJob, Job, PretrainJob, S3Spec, TrainingSpec, export_uri
+from kubeforge.storage import StorageError, open_storage
 from kubeforge.trainer import data as datasets
 from kubeforge.trainer import distributed
 from kubeforge.trainer.checkpoint import MANIFEST, Checkpointer, UploadReport, export_model, fetch_verified
 from kubeforge.trainer.metrics import TrainerMetrics
 from kubeforge.trainer.models import build_pretrain_model, load_finetune_model, unwrap_for_export
 from kubeforge.trainer.tokenization import ensure_pad_token, from_json, train_tokenizer
-from torch.nn.parallel import DistributedDataParallel
-
-from kubeforge.spec import FinetuneJob, Job, PretrainJob, S3Spec, TrainingSpec, export_uri
-from kubeforge.storage import StorageError, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +270,7 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
     window_loss = torch.zeros((), device=runtime.device)
     window_steps = window_tokens = window_samples = 0
     window_start = time.perf_counter()
+    train_loss: float | None = None
     model.train()
     while step < total_steps:
         for k in range(accumulation):
@@ -296,7 +297,7 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
 
         if step % training.log_interval == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_start
-            mean_loss = float(window_loss) / window_steps
+            mean_loss = train_loss = float(window_loss) / window_steps
             if not math.isfinite(mean_loss):
                 log.error("loss is %s at step %d", mean_loss, step)
             tokens_seen += window_tokens
@@ -328,6 +329,7 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
     result: dict[str, Any] = {
         "job": job.name, "namespace": job.namespace, "kind": job.kind, "step": step,
         "totalSteps": total_steps, "resumedFromStep": resumed_from, "tokensSeen": tokens_seen,
+        "trainLoss": train_loss,
         "finalEval": {k: v for k, v in final.items() if k != "step"}, "evalHistory": history,
         "device": runtime.device.type, "workers": runtime.world_size,
         "checkpointUri": checkpoint_root, "exportUri": export,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -56,6 +57,8 @@ class TrainerMetrics:
         self._eval.labels(**self._labels, metric=name).set(value)
 
     def serve(self, port: int) -> None:
+        """Serve /metrics on the pod's IP (POD_IP, from the downward API) or on every address."""
         if port:
-            start_http_server(port, addr="0.0.0.0", registry=self.registry)
-            log.info("metrics on :%d/metrics", port)
+            address = os.environ.get("POD_IP") or "0.0.0.0"
+            start_http_server(port, addr=address, registry=self.registry)
+            log.info("metrics on %s:%d/metrics", address, port)

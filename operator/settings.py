@@ -1,0 +1,39 @@
+"""The operator's configuration, from its environment (the Helm chart sets these variables)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    trainer_image: str = "ghcr.io/kubeforge/trainer:0.1.0"
+    trainer_cpu_image: str = "ghcr.io/kubeforge/trainer-cpu:0.1.0"
+    #: Where jobs without spec.checkpoint.uri keep checkpoints: s3://bucket/prefix.
+    storage_root: str = "s3://kubeforge/jobs"
+    s3_endpoint: str | None = None
+    #: Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, for jobs that name none themselves.
+    s3_credentials_secret: str | None = None
+    #: Seconds between reconciliations of each job (progress reaches status this often).
+    resync_seconds: float = 5.0
+    metrics_port: int = 8080
+    namespaces: tuple[str, ...] = ()
+    image_pull_policy: str = "IfNotPresent"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorSettings:
+        defaults = cls()
+        namespaces = tuple(n.strip() for n in env.get("KUBEFORGE_NAMESPACES", "").split(",") if n.strip())
+        return cls(
+            trainer_image=env.get("KUBEFORGE_TRAINER_IMAGE", defaults.trainer_image),
+            trainer_cpu_image=env.get("KUBEFORGE_TRAINER_CPU_IMAGE", defaults.trainer_cpu_image),
+            storage_root=env.get("KUBEFORGE_STORAGE_ROOT", defaults.storage_root),
+            s3_endpoint=env.get("KUBEFORGE_S3_ENDPOINT") or None,
+            s3_credentials_secret=env.get("KUBEFORGE_S3_CREDENTIALS_SECRET") or None,
+            resync_seconds=float(env.get("KUBEFORGE_RESYNC_SECONDS", defaults.resync_seconds)),
+            metrics_port=int(env.get("KUBEFORGE_METRICS_PORT", defaults.metrics_port)),
+            namespaces=namespaces,
+            image_pull_policy=env.get("KUBEFORGE_IMAGE_PULL_POLICY", defaults.image_pull_policy),
+        )
