@@ -96,6 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if isinstance(job, FinetuneJob) and base is None:
         base = resolve_base_model(job, [job], DEFAULT_RUN_ROOT)
     result = train(job, checkpoint_root=root, base_model_uri=base, progress=False)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 speaks for the job
     if args.result:
         with open(args.result, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)

@@ -54,10 +54,14 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         # Both a field's own rules and its type's rules apply; keep each once.
         unique = {(v["rule"], v["message"]): v for v in validations}
         out["x-kubernetes-validations"] = list(unique.values())
-    if "exclusiveMinimum" in schema:
-        out.update(minimum=schema["exclusiveMinimum"], exclusiveMinimum=True)
-    if "exclusiveMaximum" in schema:
-        out.update(maximum=schema["exclusiveMaximum"], exclusiveMaximum=True)
+    # JSON Schema's numeric exclusive bounds become OpenAPI v3.0's minimum + boolean flag; an
+    # option merged from anyOf above is already converted.
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        value = schema.get(bound)
+        if value is True:
+            out.update({limit: schema[limit], bound: True})
+        elif value is not None:
+            out.update({limit: value, bound: True})
     if "const" in schema:
         out["enum"] = [schema["const"]]
     default = _without_nulls(schema.get("default"))

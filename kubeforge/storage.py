@@ -28,7 +28,6 @@ class Storage(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def get_file(self, key: str, path: Path) -> None: ...
-    def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> builtins.list[str]:
         """Every key under prefix (recursively), sorted."""
         ...
@@ -78,9 +77,6 @@ class LocalStorage:
             shutil.copyfile(self._path(key), path)
         except FileNotFoundError:
             raise StorageError(f"{self.uri}/{key}: not found") from None
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         base = self._path(prefix) if prefix else self.root
@@ -151,9 +147,6 @@ class S3Storage:
             self.client.download_file(self.bucket, self._key(key), str(path))
         except Exception as exc:
             raise self._fail("download from", key, exc) from None
-
-    def exists(self, key: str) -> bool:
-        return self._key(key) in {self._key(k) for k in self.list(key)}
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         full = self._key(prefix)

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+pytest_plugins = ["k8s.cluster"]  # the cluster (emulator or real) and kubelet fixtures
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 KUBEFORGE = [sys.executable, "-m", "kubeforge"]

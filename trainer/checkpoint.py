@@ -130,12 +130,14 @@ class Checkpointer:
 
     def __init__(self, storage: Storage, *, keep: int, spec_hash: str, rank: int,
                  on_uploaded: Callable[[UploadReport], None] | None = None,
+                 on_failed: Callable[[BaseException], None] | None = None,
                  background: bool = True):
         self.storage = storage
         self.keep = keep
         self.spec_hash = spec_hash
         self.rank = rank
         self.on_uploaded = on_uploaded
+        self.on_failed = on_failed
         self.background = background
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._pending: Future[UploadReport] | None = None
@@ -231,9 +233,12 @@ class Checkpointer:
             return
         try:
             self._pending.result()
+            self.last_error = None  # a later commit supersedes an earlier failure
         except Exception as exc:
             self.last_error = exc
             log.error("checkpoint upload failed: %s", exc)
+            if self.on_failed:
+                self.on_failed(exc)
         self._pending = None
 
     def close(self) -> None:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -166,6 +165,8 @@ class Batches:
     rank: int
     world_size: int
 
+    _order: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False)
+
     def __post_init__(self) -> None:
         rows = len(next(iter(self.tensors.values())))
         self.per_epoch = rows // (self.batch_size * self.world_size)
@@ -176,9 +177,11 @@ class Batches:
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         epoch, position = divmod(index, self.per_epoch)
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        rows = len(next(iter(self.tensors.values())))
-        order = torch.randperm(rows, generator=generator)
+        if self._order is None or self._order[0] != epoch:  # one shuffle per epoch, not per batch
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            rows = len(next(iter(self.tensors.values())))
+            self._order = (epoch, torch.randperm(rows, generator=generator))
+        order = self._order[1]
         start = (position * self.world_size + self.rank) * self.batch_size
         chosen = order[start : start + self.batch_size]
         return {name: tensor[chosen] for name, tensor in self.tensors.items()}
@@ -193,7 +196,3 @@ def eval_batches(tensors: dict[str, torch.Tensor], batch_size: int, limit: int, 
         chosen = slice(index * batch_size, (index + 1) * batch_size)
         batches.append({name: tensor[chosen] for name, tensor in tensors.items()})
     return batches
-
-
-def scratch_dir(prefix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"kubeforge-{prefix}-"))

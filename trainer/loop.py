@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -16,7 +17,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from kubeforge.spec import FinetuneJob, Job, PretrainJob, S3Spec, TrainingSpec, export_uri
-from kubeforge.storage import StorageError, open_storage
+from kubeforge.storage import StorageError, download_tree, open_storage
 from kubeforge.trainer import data as datasets
 from kubeforge.trainer import distributed
 from kubeforge.trainer.checkpoint import MANIFEST, Checkpointer, UploadReport, export_model, fetch_verified
@@ -66,12 +67,8 @@ def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path) -> Path:
         raise datasets.DataError(f"baseModel: no Hugging Face model (config.json) found at {uri}")
     target = scratch / "base-model"
     if MANIFEST in keys:
-        import json
-
         fetch_verified(storage, "", json.loads(storage.get_bytes(MANIFEST)), target)
     else:
-        from kubeforge.storage import download_tree
-
         download_tree(storage, "", target)
     return target
 
@@ -140,7 +137,8 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
         metrics.last_checkpoint_step.set(report.step)
 
     checkpointer = Checkpointer(storage, keep=spec.checkpoint.keep, spec_hash=job.spec_hash(),
-                                rank=runtime.rank, on_uploaded=uploaded)
+                                rank=runtime.rank, on_uploaded=uploaded,
+                                on_failed=lambda _: metrics.checkpoint_failures.inc())
     resume_from = checkpointer.latest()
     restored = checkpointer.load(resume_from, scratch / "resume") if resume_from else {}
     if resume_from:

@@ -1,0 +1,192 @@
+"""Training throughput: kubeforge's loop against Hugging Face `transformers.Trainer`, side by side.
+
+Both train the same GPT-2 (built by kubeforge.trainer.models from the same spec and seed) on the same
+packed tensors (examples/data/shakespeare/train.txt, the tokenizer trained by
+kubeforge.trainer.tokenization) with the same hyperparameters: batch size, sequence length, AdamW
+(betas 0.9/0.95, weight decay), warmup then cosine decay to 10% of the peak, gradient clipping, fp32
+on CPU, no evaluation and no checkpoint inside the measured window.
+
+Timing: each trainer stamps time.perf_counter() after every optimizer step that ends a logging
+interval (ours through its "step N/M" log record, caught by a logging handler; HF through a
+TrainerCallback.on_step_end). Tokens/s is counted from the end of the first logging interval to the
+end of the last step, so setup (tokenizer training, packing, model build, the step-0 evaluation),
+the first steps' warm-up and the teardown (final evaluation, checkpoint and export) are all outside
+the window, identically for both.
+
+    .venv/bin/python bench/throughput.py [--steps 60] [--repeats 3] [--size small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubeforge.spec import PretrainJob, parse_job
+from kubeforge.trainer import data as datasets
+from kubeforge.trainer.loop import train
+from kubeforge.trainer.models import build_pretrain_model
+from kubeforge.trainer.tokenization import train_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = ROOT / "examples" / "data" / "shakespeare"
+LOG_INTERVAL = 10
+
+
+def make_job(args: argparse.Namespace) -> PretrainJob:
+    """The benchmark's hyperparameters, as a PretrainJob: they are read from it for HF as well."""
+    never = args.steps + 1  # no evaluation or checkpoint before the final step
+    job = parse_job({
+        "apiVersion": "kubeforge.io/v1alpha1",
+        "kind": "PretrainJob",
+        "metadata": {"name": "bench-throughput"},
+        "spec": {
+            "model": {"architecture": "gpt2", "size": args.size},
+            "tokenizer": {"vocabSize": 2048},
+            "data": {"train": {"uri": str(SHAKESPEARE / "train.txt")},
+                     "eval": {"uri": str(SHAKESPEARE / "eval.txt")}},
+            "training": {"maxSteps": args.steps, "batchSize": args.batch_size,
+                         "sequenceLength": args.sequence_length, "learningRate": 1e-3,
+                         "warmupSteps": LOG_INTERVAL, "lrSchedule": "cosine", "minLrRatio": 0.1,
+                         "weightDecay": 0.01, "maxGradNorm": 1.0, "seed": 0, "precision": "fp32",
+                         "evalInterval": never, "evalBatches": 1, "logInterval": LOG_INTERVAL},
+            "checkpoint": {"intervalSteps": never, "keep": 1},
+            "resources": {"gpusPerWorker": 0},
+            "metrics": {"port": 0},
+        },
+    })
+    assert isinstance(job, PretrainJob)
+    return job
+
+
+def tokens_per_second(stamps: dict[int, float], job: PretrainJob) -> float:
+    """Tokens trained per second between the first logging step and the last step."""
+    training = job.spec.training
+    first, last = LOG_INTERVAL, training.max_steps
+    assert last is not None and first in stamps and last in stamps, sorted(stamps)
+    tokens = (last - first) * training.batch_size * training.sequence_length
+    return tokens / (stamps[last] - stamps[first])
+
+
+class StepStamps(logging.Handler):
+    """Catches the trainer's "step N/M loss ..." records: the step, its time and its loss."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.stamps: dict[int, float] = {}
+        self.loss = float("nan")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("step ") and isinstance(record.args, tuple):
+            self.stamps[int(record.args[0])] = time.perf_counter()
+            self.loss = float(record.args[2])
+
+
+def run_ours(job: PretrainJob) -> tuple[float, float]:
+    logger = logging.getLogger("kubeforge.trainer.loop")
+    handler = StepStamps()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-ours-") as root:
+            train(job, checkpoint_root=root)
+    finally:
+        logger.removeHandler(handler)
+    return tokens_per_second(handler.stamps, job), handler.loss
+
+
+class Packed(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors["input_ids"])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: tensor[index] for name, tensor in self.tensors.items()}
+
+
+def run_hf(job: PretrainJob, tokenizer: Any, packed: dict[str, torch.Tensor]) -> tuple[float, float]:
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    stamps: dict[int, float] = {}
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step % LOG_INTERVAL == 0 or state.global_step == state.max_steps:
+                stamps[state.global_step] = time.perf_counter()
+
+    training = job.spec.training
+    torch.manual_seed(training.seed)  # as our loop does before building: the same initial weights
+    model = build_pretrain_model(job.spec.model, tokenizer, training.sequence_length)
+    with tempfile.TemporaryDirectory(prefix="bench-hf-") as output:
+        arguments = TrainingArguments(
+            output_dir=output, use_cpu=True, seed=training.seed, max_steps=training.max_steps,
+            per_device_train_batch_size=training.batch_size, learning_rate=training.learning_rate,
+            warmup_steps=training.warmup_steps, lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr_rate": training.min_lr_ratio},
+            weight_decay=training.weight_decay, max_grad_norm=training.max_grad_norm,
+            adam_beta1=0.9, adam_beta2=0.95, eval_strategy="no", save_strategy="no",
+            report_to="none", dataloader_num_workers=0, logging_steps=training.log_interval,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=arguments, train_dataset=Packed(packed), callbacks=[Stamp()])
+        trainer.remove_callback(PrinterCallback)  # it prints every log line
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return tokens_per_second(stamps, job), losses[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each trainer, alternating (default 3)")
+    parser.add_argument("--size", choices=("tiny", "small", "125m"), default="small")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--sequence-length", type=int, default=128)
+    args = parser.parse_args()
+    if args.steps < 2 * LOG_INTERVAL or args.repeats < 1:
+        parser.error(f"--steps must be at least {2 * LOG_INTERVAL} and --repeats at least 1")
+
+    job = make_job(args)
+    training = job.spec.training
+    train_records, _ = datasets.load_splits(job.spec.data, None, "text")
+    texts = [str(r["text"]) for r in train_records]
+    tokenizer = train_tokenizer(texts, job.spec.tokenizer)  # what our loop trains from the same texts
+    packed = datasets.pack_texts(texts, tokenizer, training.sequence_length, "data.train")
+    model = build_pretrain_model(job.spec.model, tokenizer, training.sequence_length)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"gpt2 size={args.size}: {parameters / 1e6:.2f}M parameters, {len(packed['input_ids'])} "
+          f"sequences of {training.sequence_length} tokens, batch {training.batch_size}, "
+          f"{args.steps} steps/run, {torch.get_num_threads()} torch threads", flush=True)
+
+    results: dict[str, list[float]] = {"ours": [], "hf": []}
+    losses: dict[str, list[float]] = {"ours": [], "hf": []}
+    for repeat in range(args.repeats):
+        for name, run in (("ours", lambda: run_ours(job)), ("hf", lambda: run_hf(job, tokenizer, packed))):
+            rate, loss = run()
+            results[name].append(rate)
+            losses[name].append(loss)
+            print(f"repeat {repeat + 1}/{args.repeats} {name}: {rate:,.0f} tokens/s "
+                  f"(train loss at step {args.steps}: {loss:.3f})", flush=True)
+
+    ours, hf = statistics.median(results["ours"]), statistics.median(results["hf"])
+    print()
+    print("| trainer | runs (tokens/s) | median tokens/s | final train loss |")
+    print("|---|---|---|---|")
+    for label, name, median in (("kubeforge `train()`", "ours", ours),
+                                ("HF `transformers.Trainer`", "hf", hf)):
+        runs = ", ".join(f"{r:,.0f}" for r in results[name])
+        print(f"| {label} | {runs} | {median:,.0f} | {statistics.median(losses[name]):.3f} |")
+    print()
+    print(f"ratio ours/HF: {ours / hf:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Data-parallel training as a multi-worker pod runs it: torchrun, two CPU processes, gloo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import ROOT, free_port, tiny_pretrain, write_manifest
+
+from kubeforge.trainer.data import Batches
+
+BIN = Path(sys.executable).parent
+
+
+def test_two_workers_train_and_only_rank_0_writes(tmp_path: Path) -> None:
+    job = tiny_pretrain("tiny-ddp", maxSteps=20, batchSize=4, sequenceLength=32, warmupSteps=2,
+                        evalInterval=10, evalBatches=2, logInterval=5)
+    # keep is above the number of checkpoints, so retention cannot hide a second writer's directories.
+    job["spec"]["checkpoint"] = {"intervalSteps": 5, "keep": 10}
+    job["spec"]["resources"]["workers"] = 2
+    manifest = write_manifest(tmp_path / "job.yaml", job)
+    checkpoints, result_file = tmp_path / "out", tmp_path / "result.json"
+
+    command = [
+        str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "static",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "--no-python", str(BIN / "kubeforge"), "train", "--spec", str(manifest),
+        "--checkpoint-uri", str(checkpoints), "--result", str(result_file),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    log = process.stdout + process.stderr
+    assert process.returncode == 0, log
+
+    # Both workers ran and logged, each under its own rank.
+    assert re.search(r"INFO rank0 ", log) and re.search(r"INFO rank1 ", log), log
+    assert "steps 0..20 on cpu x2" in log
+
+    # One writer: every checkpoint commit and the export are rank 0's.
+    commits = re.findall(r"INFO (rank\d) kubeforge\.trainer\.checkpoint: checkpoint step (\d+) committed", log)
+    assert commits == [("rank0", "5"), ("rank0", "10"), ("rank0", "15"), ("rank0", "20")], log
+    exports = re.findall(r"INFO (rank\d) \S+: exported the model", log)
+    assert exports == ["rank0"], log
+
+    directories = sorted(p.name for p in (checkpoints / "checkpoints").iterdir())
+    assert directories == ["step-00000005", "step-00000010", "step-00000015", "step-00000020"]
+    for name in directories:
+        directory = checkpoints / "checkpoints" / name
+        committed = json.loads((directory / "manifest.json").read_text())
+        assert committed["rank"] == 0
+        assert committed["step"] == int(name.removeprefix("step-"))
+        listed = {entry["name"]: entry for entry in committed["files"]}
+        assert set(listed) == {p.name for p in directory.iterdir()} - {"manifest.json"}
+        for file_name, entry in listed.items():
+            body = (directory / file_name).read_bytes()
+            assert (entry["size"], entry["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+    assert (checkpoints / "export" / "manifest.json").is_file()
+    assert (checkpoints / "export" / "config.json").is_file()
+
+    result = json.loads(result_file.read_text())
+    assert (result["workers"], result["step"], result["device"]) == (2, 20, "cpu")
+
+
+def rows_of(batch: dict[str, torch.Tensor]) -> set[int]:
+    return {int(row[0]) for row in batch["input_ids"]}
+
+
+def test_ranks_get_disjoint_deterministic_shards() -> None:
+    rows = torch.arange(40 * 3).view(40, 3)  # row i starts with 3 * i: every row is identifiable
+    tensors = {"input_ids": rows, "labels": rows}
+    rank0, rank1 = (Batches(tensors, batch_size=4, seed=7, rank=r, world_size=2) for r in (0, 1))
+    assert rank0.per_epoch == rank1.per_epoch == 5
+
+    for epoch in range(2):
+        seen: list[int] = []
+        for index in range(epoch * 5, (epoch + 1) * 5):
+            a, b = rows_of(rank0[index]), rows_of(rank1[index])
+            assert len(a) == len(b) == 4
+            assert not a & b, f"micro-batch {index}: both ranks train on rows {sorted(a & b)}"
+            seen += [*a, *b]
+        # One epoch across both ranks visits 40 distinct rows: no row is trained twice, none skipped.
+        assert sorted(seen) == [3 * i for i in range(40)]
+
+    # A micro-batch is a function of its index (what makes resuming exact), on a fresh instance too.
+    again = Batches(tensors, batch_size=4, seed=7, rank=1, world_size=2)
+    for index in (0, 3, 7, 12):
+        assert torch.equal(again[index]["input_ids"], rank1[index]["input_ids"])
+        assert torch.equal(again[index]["labels"], rank1[index]["labels"])
+    # ...and each epoch is reshuffled rather than replayed.
+    assert [rows_of(rank0[i]) for i in range(5)] != [rows_of(rank0[i]) for i in range(5, 10)]
