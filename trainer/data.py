@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -41,8 +42,12 @@ def read_source(source: DataSource, s3: S3Spec | None, field: str) -> list[dict[
     local = Path(source.uri.removeprefix("file://"))
     if not source.uri.startswith("s3://") and local.is_file():
         return _parse(local.name, local.read_bytes(), source, field)
-    storage = open_storage(source.uri, s3)
-    keys = [k for k in storage.list() if _format_of(k, source)]
+    # List the last path segment under its parent: it may name one object or a "directory".
+    parent, leaf = source.uri.rstrip("/"), ""
+    if source.uri.startswith("s3://") and urlparse(source.uri).path.strip("/"):
+        parent, _, leaf = source.uri.rstrip("/").rpartition("/")
+    storage = open_storage(parent, s3)
+    keys = [k for k in storage.list(leaf) if _format_of(k, source)]
     if not keys:
         raise DataError(f"{source.uri}: no .txt or .jsonl files found")
     records: list[dict[str, Any]] = []
