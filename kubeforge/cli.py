@@ -11,9 +11,21 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
-from kubeforge.spec import FinetuneJob, Job, JobError, SpecError, checkpoint_uri, export_uri, load_job_file, load_jobs
+from kubeforge.spec import (
+    FinetuneJob,
+    Job,
+    JobError,
+    SpecError,
+    checkpoint_uri,
+    export_uri,
+    job_storage_uri,
+    load_job_file,
+    load_jobs,
+)
+from kubeforge.storage import StorageError
 
 EXIT_PERMANENT = 2
 DEFAULT_RUN_ROOT = "kubeforge-runs"
@@ -40,8 +52,6 @@ def resolve_base_model(job: FinetuneJob, jobs: list[Job], root: str) -> str:
                 and other.namespace == job.namespace:
             return export_uri(checkpoint_uri(other, root))
     # Not in this file: the pretrain job ran before, under the same root.
-    from kubeforge.spec import job_storage_uri
-
     return export_uri(job_storage_uri(root, "PretrainJob", job.namespace, base.from_pretrain_job or ""))
 
 
@@ -122,8 +132,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from kubeforge.crds import write
 
     for path in write(Path(args.output)):
@@ -201,8 +209,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> Any:
-    from kubeforge.storage import StorageError
-
     code, message = 0, ""
     try:
         code = args.handler(args)

@@ -69,7 +69,7 @@ def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _parse(text: str) -> datetime:
+def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
@@ -163,7 +163,7 @@ def reconcile(seen: Observed, now: datetime) -> Plan:
         return decision.plan
 
     if spec.active_deadline_seconds and status.get("startTime"):
-        elapsed = now - _parse(status["startTime"])
+        elapsed = now - parse_time(status["startTime"])
         if elapsed >= timedelta(seconds=spec.active_deadline_seconds):
             decision.plan.delete_pods = [p["metadata"]["name"] for p in live]
             return decision.phase(FAILED, "DeadlineExceeded",
@@ -315,6 +315,6 @@ def _after_finish(decision: _Decision) -> Plan:
                                      if p.get("status", {}).get("phase") not in FINISHED]
     finished = decision.status.get("completionTime")
     if spec.ttl_seconds_after_finished is not None and finished:
-        decision.plan.delete_job = decision.now >= _parse(finished) + timedelta(
+        decision.plan.delete_job = decision.now >= parse_time(finished) + timedelta(
             seconds=spec.ttl_seconds_after_finished)
     return decision.plan

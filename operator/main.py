@@ -18,7 +18,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubeforge.operator import builders
-from kubeforge.operator.lifecycle import FAILED, RESTARTING, SUCCEEDED, Observed, Plan, reconcile
+from kubeforge.operator.lifecycle import FAILED, RESTARTING, SUCCEEDED, Observed, Plan, parse_time, reconcile
 from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.progress import scrape
 from kubeforge.operator.settings import OperatorSettings
@@ -104,7 +104,7 @@ def _age(body: dict[str, Any]) -> float | None:
     created = body["metadata"].get("creationTimestamp")
     if not created:
         return None
-    return (datetime.now(UTC) - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
+    return (datetime.now(UTC) - parse_time(created)).total_seconds()
 
 
 class Operator:
