@@ -54,6 +54,8 @@ class Observed:
     base_job: dict[str, Any] | None = None
     progress: Progress | None = None
     generation: int | None = None
+    #: The cluster's policy (KUBEFORGE_ALLOW_CPU_FALLBACK): False makes every job wait for GPUs.
+    cpu_fallback_allowed: bool = True
 
 
 @dataclass
@@ -232,8 +234,10 @@ def _launch(decision: _Decision, attempt: int, base_uri: str | None) -> Plan:
     resources = job.spec.resources
     cpu_fallback = False
     if resources.gpus_per_worker and not decision.seen.gpu_nodes:
-        if not resources.allow_cpu_fallback:
-            message = (f"no node has allocatable nvidia.com/gpu and resources.allowCpuFallback is false: "
+        if not resources.allow_cpu_fallback or not decision.seen.cpu_fallback_allowed:
+            refused_by = ("resources.allowCpuFallback is false" if not resources.allow_cpu_fallback
+                          else "the operator does not allow CPU fallback (KUBEFORGE_ALLOW_CPU_FALLBACK=false)")
+            message = (f"no node has allocatable nvidia.com/gpu and {refused_by}: "
                        f"waiting for {resources.gpus_per_worker} GPU(s) per worker")
             decision.condition("WaitingForGPU", True, "NoGPUNodes", message)
             return decision.phase(PENDING, "WaitingForGPU", message)

@@ -138,7 +138,8 @@ class Operator:
         progress = scrape(ip, job.spec.metrics.port) if ip and job.spec.metrics.port else None
         seen = Observed(job=job, status=status, pods=pods, gpu_nodes=self.cluster.gpu_nodes(),
                         checkpoint_uri=checkpoint_uri(job, self.settings.storage_root), base_job=base_job,
-                        progress=progress, generation=body["metadata"].get("generation"))
+                        progress=progress, generation=body["metadata"].get("generation"),
+                        cpu_fallback_allowed=self.settings.allow_cpu_fallback)
         plan = reconcile(seen, datetime.now(UTC))
         self._act(job, body, pods, plan)
         changed = {k: v for k, v in plan.status.items() if status.get(k) != v}

@@ -21,6 +21,9 @@ class OperatorSettings:
     metrics_port: int = 8080
     namespaces: tuple[str, ...] = ()
     image_pull_policy: str = "IfNotPresent"
+    #: The cluster's CPU fallback policy: False makes jobs wait for GPUs even when their spec allows
+    #: fallback (a job's own allowCpuFallback: false always wins).
+    allow_cpu_fallback: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorSettings:
@@ -36,4 +39,15 @@ class OperatorSettings:
             metrics_port=int(env.get("KUBEFORGE_METRICS_PORT", defaults.metrics_port)),
             namespaces=namespaces,
             image_pull_policy=env.get("KUBEFORGE_IMAGE_PULL_POLICY", defaults.image_pull_policy),
+            allow_cpu_fallback=_flag(env.get("KUBEFORGE_ALLOW_CPU_FALLBACK"), defaults.allow_cpu_fallback),
         )
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or not value.strip():
+        return default
+    if value.strip().lower() in ("true", "1", "yes"):
+        return True
+    if value.strip().lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
