@@ -118,6 +118,9 @@ class Operator:
         started = time.perf_counter()
         try:
             self._reconcile(body, patch)
+        except Exception:
+            self.metrics.reconcile_errors.labels(kind).inc()
+            raise
         finally:
             self.metrics.reconcile_seconds.labels(kind).observe(time.perf_counter() - started)
 
