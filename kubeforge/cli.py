@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,10 @@ DEFAULT_RUN_ROOT = "kubeforge-runs"
 log = logging.getLogger("kubeforge")
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, level: str = "info") -> None:
     rank = os.environ.get("RANK")
     where = f" rank{rank}" if rank is not None else ""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if verbose else getattr(logging, level.upper()),
                         format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s")
     # Library chatter (HTTP requests, weight-loading reports) would drown the training log.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "transformers", "httpx"):
@@ -158,14 +159,29 @@ def cmd_operator(args: argparse.Namespace) -> int:
     start_http_server(settings.metrics_port, registry=metrics.registry)
     registry = create_registry(settings, client.ApiClient(), metrics)
     kopf.run(registry=registry, clusterwide=not settings.namespaces, namespaces=list(settings.namespaces),
-             standalone=args.standalone, peering_name="kubeforge",
-             liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz")
+             standalone=args.standalone, peering_name=None if args.standalone else PEERING_NAME,
+             priority=args.peering_priority, liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz")
     return 0
+
+
+PEERING_NAME = "kubeforge"
+
+
+def peering_priority(text: str) -> int:
+    """An integer, or `random`: Kopf pauses every replica when two share the highest priority, so the
+    replicas of one Deployment each draw their own and the others stand by until the highest goes."""
+    if text == "random":
+        return random.SystemRandom().randint(1, 2**31 - 1)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'random', got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubeforge", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (as --log-level debug)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a job or a pipeline of jobs on this machine, no cluster")
@@ -194,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--standalone", action="store_true",
                           help="no peering with other replicas (only with a single replica)")
     operator.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port")
+    operator.add_argument("--peering-priority", type=peering_priority, default=0,
+                          help="Kopf peering priority: the highest live one works, the others stand by; "
+                               "'random' for replicas of one Deployment (default: 0)")
     operator.set_defaults(handler=cmd_operator)
 
     crds = commands.add_parser("crds", help="write the CRDs generated from the job spec")
@@ -204,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.log_level)
     sys.exit(_dispatch(args))
 
 
