@@ -226,6 +226,11 @@ class Checkpointer:
         if doomed:
             self.storage.delete(doomed)
 
+    def uploads_pending(self) -> int:
+        """Snapshots whose upload is still running (0 or 1: a save waits for the previous upload)."""
+        pending = self._pending
+        return int(pending is not None and not pending.done())
+
     def wait(self) -> None:
         """Block until the pending upload is done; an upload failure is logged, not raised, so the
         loop keeps training and the next checkpoint tries again."""

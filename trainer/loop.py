@@ -21,6 +21,7 @@ from kubeforge.storage import StorageError, download_tree, open_storage
 from kubeforge.trainer import data as datasets
 from kubeforge.trainer import distributed
 from kubeforge.trainer.checkpoint import MANIFEST, Checkpointer, UploadReport, export_model, fetch_verified
+from kubeforge.trainer.flops import model_flops_utilization, peak_flops, training_flops_per_token
 from kubeforge.trainer.metrics import TrainerMetrics
 from kubeforge.trainer.models import build_pretrain_model, load_finetune_model, unwrap_for_export
 from kubeforge.trainer.tokenization import ensure_pad_token, from_json, train_tokenizer
@@ -139,6 +140,7 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
     checkpointer = Checkpointer(storage, keep=spec.checkpoint.keep, spec_hash=job.spec_hash(),
                                 rank=runtime.rank, on_uploaded=uploaded,
                                 on_failed=lambda _: metrics.checkpoint_failures.inc())
+    metrics.count_uploads_pending(checkpointer.uploads_pending)
     resume_from = checkpointer.latest()
     restored = checkpointer.load(resume_from, scratch / "resume") if resume_from else {}
     if resume_from:
@@ -226,6 +228,14 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
     wrapped = (DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
                                        else None) if runtime.distributed else model)
     dtype = distributed.autocast_dtype(training.precision, runtime.device)
+    config = getattr(model, "config", None)
+    flops_per_token = training_flops_per_token(sum(p.numel() for p in model.parameters()),
+                                               getattr(config, "num_hidden_layers", 0),
+                                               getattr(config, "hidden_size", 0), L)
+    peak = None  # MFU and GPU memory exist only on a GPU, and MFU only on one in the table of peaks
+    if runtime.device.type == "cuda":
+        peak = peak_flops(torch.cuda.get_device_name(runtime.device), bf16=dtype == torch.bfloat16)
+        metrics.gpu_memory_total.set(torch.cuda.get_device_properties(runtime.device).total_memory)
 
     def run_eval() -> dict[str, float]:
         result = evaluate(model, eval_batches, classify, len(labels or []), runtime, dtype)
@@ -272,7 +282,9 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
     model.train()
     while step < total_steps:
         for k in range(accumulation):
+            fetch_started = time.perf_counter()
             batch = {name: t.to(runtime.device, non_blocking=True) for name, t in batches[micro_batch].items()}
+            metrics.data_wait.inc(time.perf_counter() - fetch_started)
             micro_batch += 1
             last = k == accumulation - 1
             sync = wrapped.no_sync() if runtime.distributed and not last else nullcontext()  # type: ignore[operator]
@@ -282,6 +294,7 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
             window_loss += loss.detach()
             counted = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             window_tokens += counted
+            metrics.tokens.inc(counted)
             window_samples += len(batch["input_ids"])
         if training.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
@@ -291,6 +304,7 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
         step += 1
         window_steps += 1
         metrics.step.set(step)
+        metrics.last_step_time.set(time.time())
         bar.update(1)
 
         if step % training.log_interval == 0 or step == total_steps:
@@ -301,12 +315,18 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
             tokens_seen += window_tokens
             metrics.loss.set(mean_loss)
             metrics.learning_rate.set(scheduler.get_last_lr()[0])
-            metrics.tokens_per_second.set(window_tokens / elapsed)
+            tokens_per_second = window_tokens / elapsed
+            metrics.tokens_per_second.set(tokens_per_second)
             metrics.samples_per_second.set(window_samples / elapsed)
+            if peak:
+                metrics.mfu.set(model_flops_utilization(tokens_per_second, flops_per_token, peak))
+            if runtime.device.type == "cuda":
+                metrics.gpu_memory_allocated.set(torch.cuda.memory_allocated(runtime.device))
+                metrics.gpu_memory_reserved.set(torch.cuda.memory_reserved(runtime.device))
             bar.set_postfix(loss=f"{mean_loss:.3f}")
             if runtime.is_main and not progress:
                 log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s", step, total_steps, mean_loss,
-                         scheduler.get_last_lr()[0], window_tokens / elapsed)
+                         scheduler.get_last_lr()[0], tokens_per_second)
             window_loss.zero_()
             window_steps = window_tokens = window_samples = 0
             window_start = time.perf_counter()
