@@ -1,8 +1,8 @@
 """The operator's own Prometheus metrics (documented in docs/metrics.md).
 
-Per-job series carry `namespace`, `job_name` and `kind`: the job's own namespace, which differs from
-the operator pod's, so the operator is scraped with honor_labels (as kube-state-metrics is). The
-label is `job_name`, not `job`, because Prometheus sets `job` on every target itself.
+Per-job series carry `job_namespace`, `job_name` and `kind`. Not `namespace`: service discovery sets
+that to the operator pod's own namespace, and without honor_labels (which annotation-based scraping
+cannot set) the job's would be renamed `exported_namespace`. Not `job`: Prometheus sets it on every target.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 KINDS = ("PretrainJob", "FinetuneJob")
 KIND_PHASE = ("kind", "phase")
-JOB_PHASE = ("namespace", "job_name", "kind", "phase")
+JOB_PHASE = ("job_namespace", "job_name", "kind", "phase")
 
 # The `_created` timestamp series prometheus_client adds to every counter are not part of our
 # documented metrics, and nothing reads them.
