@@ -133,10 +133,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
-    from kubeforge.crds import write
+    from kubeforge.crds import write, write_reference
 
     for path in write(Path(args.output)):
         print(f"wrote {path}")
+    if args.reference:
+        print(f"wrote {write_reference(Path(args.reference))}")
     return 0
 
 
@@ -217,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     crds = commands.add_parser("crds", help="write the CRDs generated from the job spec")
     crds.add_argument("--output", default="crds", help="directory (default: crds)")
+    crds.add_argument("--reference", default="docs/crd-reference.md",
+                      help="also write the field reference here (default: docs/crd-reference.md; '' for none)")
     crds.set_defaults(handler=cmd_crds)
     return parser
 

@@ -6,6 +6,7 @@ fields, CEL rules for cross-field checks and immutability) before the operator e
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,83 @@ def write(directory: Path) -> list[Path]:
         path.write_text(render(kind))
         written.append(path)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference documentation: every field of every kind, from the same schemas as the CRDs.
+
+REFERENCE_HEADER = """# CRD reference
+
+Generated from kubeforge/spec.py by `kubeforge crds`: do not edit. Every field of `spec`, with its
+type, default and constraints, as the API server enforces them (`kubectl explain ptj.spec` says the
+same). Rules that span fields are listed under the object they apply to.
+"""
+
+
+def _type_of(node: dict[str, Any]) -> str:
+    if node.get("type") == "array":
+        return f"[]{_type_of(node.get('items', {}))}"
+    if node.get("type") == "object" and "additionalProperties" in node:
+        return f"map[string]{_type_of(node['additionalProperties'])}"
+    return str(node.get("type", "any"))
+
+
+def _constraints(node: dict[str, Any]) -> str:
+    parts = []
+    if "enum" in node:
+        parts.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
+    for bound, sign, strict in (("minimum", ">=", "exclusiveMinimum"), ("maximum", "<=", "exclusiveMaximum")):
+        if bound in node:
+            parts.append(f"{sign.rstrip('=') if node.get(strict) else sign} {node[bound]}")
+    for keyword, label in (("minLength", "length >="), ("maxLength", "length <="), ("minItems", "items >="),
+                           ("maxItems", "items <=")):
+        if keyword in node:
+            parts.append(f"{label} {node[keyword]}")
+    if "pattern" in node:
+        parts.append(f"pattern `{node['pattern']}`")
+    if any(rule["rule"] == "self == oldSelf" for rule in node.get("x-kubernetes-validations", [])):
+        parts.append("immutable")
+    return "; ".join(parts)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _rows(node: dict[str, Any], path: str, required: bool, out: list[str], rules: list[str]) -> None:
+    default = node.get("default")
+    shown = "" if default is None or isinstance(default, dict) else f"`{json.dumps(default)}`"
+    out.append(f"| `{path}` | {_type_of(node)} | {'yes' if required else ''} | {shown} | "
+               f"{_cell(_constraints(node))} | {_cell(node.get('description', ''))} |")
+    for rule in node.get("x-kubernetes-validations", []):
+        if rule["rule"] != "self == oldSelf":
+            rules.append(f"- `{path}`: {rule['message']} (`{rule['rule']}`)")
+    for name, sub in node.get("properties", {}).items():
+        _rows(sub, f"{path}.{name}", name in node.get("required", []), out, rules)
+    if "items" in node and "properties" in node["items"]:
+        for name, sub in node["items"]["properties"].items():
+            _rows(sub, f"{path}[].{name}", name in node["items"].get("required", []), out, rules)
+
+
+def reference() -> str:
+    sections = [REFERENCE_HEADER]
+    for kind, (_, short_name) in KINDS.items():
+        schema = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        rows: list[str] = []
+        rules: list[str] = []
+        _rows(schema["properties"]["spec"], "spec", True, rows, rules)
+        sections.append(f"## {kind}\n\n`apiVersion: {API_GROUP}/{VERSION}`, short name `{short_name}`. "
+                        f"{schema['description']}\n\n"
+                        "| field | type | required | default | constraints | description |\n"
+                        "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+        if rules:
+            sections.append(f"Rules across fields of a {kind}:\n\n" + "\n".join(rules) + "\n")
+    sections.append("`status` is the operator's to write, and not checked by the schema: phase, reason, conditions, "
+                    "progress (`stepProgress`, `loss`, `evalMetrics`) and, once a job succeeds, `exportUri`.\n")
+    return "\n".join(sections)
+
+
+def write_reference(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(reference())
+    return path
