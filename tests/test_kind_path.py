@@ -111,3 +111,10 @@ def test_the_setup_job_uploads_the_data_the_kubectl_examples_read(s3_env: dict[s
     assert read
     for uri in read:
         assert uri.startswith(f"s3://{bucket}/") and uri.removeprefix(f"s3://{bucket}/") in keys, uri
+
+
+def test_the_readme_tells_how_to_run_it() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Try it on kind", 1)[1].split("\n## ", 1)[0]
+    assert "hack/kind-e2e.sh" in section and "kind delete cluster --name kubeforge" in section
+    assert 'CLUSTER="${KIND_CLUSTER:-kubeforge}"' in SCRIPT.read_text()
