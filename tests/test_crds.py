@@ -8,6 +8,7 @@ defaults as the API server does.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ def crd_file(kind: str) -> Path:
     return CRD_DIR / f"{kind.lower()}s.kubeforge.io.yaml"
 
 
+@functools.cache  # the API server emulator admits every write with it
 def schema_of(kind: str) -> dict[str, Any]:
     document = yaml.safe_load(crd_file(kind).read_text())
     return document["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
@@ -47,10 +49,15 @@ def with_defaults(schema: dict[str, Any], value: Any) -> Any:
     return out
 
 
+@functools.cache  # parsing dominates; the API server emulator evaluates the same rules on every write
+def cel_program(rule: str) -> Any:
+    environment = celpy.Environment()
+    return environment.program(environment.compile(rule))
+
+
 def cel_violations(schema: dict[str, Any], value: Any, old: Any = None, path: str = "") -> list[str]:
     """The messages of every CEL rule that fails on value (transition rules only when old is given)."""
     failed = []
-    environment = celpy.Environment()
     for rule in schema.get("x-kubernetes-validations", []):
         transition = "oldSelf" in rule["rule"]
         if transition and old is None:
@@ -58,7 +65,7 @@ def cel_violations(schema: dict[str, Any], value: Any, old: Any = None, path: st
         activation = {"self": celpy.json_to_cel(value)}
         if transition:
             activation["oldSelf"] = celpy.json_to_cel(old)
-        if not environment.program(environment.compile(rule["rule"])).evaluate(activation):
+        if not cel_program(rule["rule"]).evaluate(activation):
             failed.append(f"{path or '.'}: {rule['message']}")
     for name, sub in schema.get("properties", {}).items():
         if isinstance(value, dict) and name in value:

@@ -666,17 +666,20 @@ class Emulator(kmock.KubernetesEmulator):
     Construct with `Emulator()` (our CRDs from crds/ installed, namespaces default/kube-system),
     serve with `serve()`. Knobs (attributes, set before serving): `gc_delay` (seconds before the
     garbage collector acts on a deletion), `bookmark_interval`, `history_limit` (changes kept for
-    watches to resume from; older resourceVersions get 410 Expired).
+    watches to resume from; older resourceVersions get 410 Expired), `keep_alive` (reuse connections,
+    as a real API server does: only for clients in another process than Kopf's tests).
     """
 
     gc_delay: float = 0.05
     bookmark_interval: float = 5.0
     history_limit: int = 100_000
+    keep_alive: bool = False
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         # Requests the stock emulator has no reaction for (PUT, subresource POSTs, deletecollection).
-        self.fallback[re.compile(r"/apis?/.+")] << self._dispatch
+        self._api_reaction = self.fallback[re.compile(r"/apis?/.+")] << self._dispatch
+        self._builtin_reactions = len(self._payloads)
         self._rv = 1000
         self._kinds: dict[kmock.resource, Kind] = {}
         self._admitted_kinds: set[str] = set()  # custom kinds validated by tests/test_crds.py::admit
@@ -1434,15 +1437,21 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         response = await super().__call__(raw_request)
-        # One request per connection: no idle keep-alive handler task outlives its request. (Kopf, when
-        # it stops, cancels every task created while it ran; a cancelled server task behind a pooled
-        # connection would leave the next request on that connection hanging.)
-        response.force_close()
+        # One request per connection unless `keep_alive`: no idle keep-alive handler task outlives its
+        # request. (Kopf in the same process, when it stops, cancels every task created while it ran; a
+        # cancelled server task behind a pooled connection would leave the next request on it hanging.)
+        if not self.keep_alive:
+            response.force_close()
         return response
 
     # The stock emulator changes its store before dispatching, even for requests a scripted reaction
     # answers; here the store changes only when the emulator itself serves the request.
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        # kmock picks a reaction by replaying every request served so far through each reaction's
+        # filters: O(requests) per request, quadratic under a benchmark. While a test has scripted no
+        # reaction of its own (`emulator[...] << 500`), every API request goes to `_dispatch` anyway.
+        if len(self._payloads) == self._builtin_reactions and parse_api_path(request.url.path) is not None:
+            return await self._api_reaction(request)
         return await super(kmock.KubernetesEmulator, self)._handle(request)
 
     async def _serve_list(self, request: kmock.Request) -> Any:
