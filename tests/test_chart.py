@@ -330,6 +330,34 @@ def test_the_container_runs_the_operator_command(chart: helm.Chart) -> None:
     assert (alone.standalone, alone.log_level) == (True, "debug")
 
 
+
+@pytest.mark.parametrize(("peering", "expected"), [
+    (True, {"standalone": False, "peering_name": PEERING_NAME}),
+    # A peering name makes peering mandatory in Kopf: with --standalone it would pause for good.
+    (False, {"standalone": True, "peering_name": None}),
+])
+def test_the_operator_starts_kopf_as_the_chart_asks(chart: helm.Chart, monkeypatch: pytest.MonkeyPatch,
+                                                    peering: bool, expected: dict[str, Any]) -> None:
+    import kopf
+    import prometheus_client
+    from kubernetes import config
+
+    import kubeforge.operator.main
+
+    started: dict[str, Any] = {}
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setattr(config, "load_incluster_config", lambda: None)
+    monkeypatch.setattr(prometheus_client, "start_http_server", lambda *args, **kwargs: None)
+    monkeypatch.setattr(kubeforge.operator.main, "create_registry", lambda *args: "registry")
+    deployment = only(render(chart, {"peering": {"enabled": peering}, "watchNamespaces": ["team-a"]}), "Deployment")
+    for name, value in container_env([deployment]).items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert args.handler(args) == 0
+    assert {k: started[k] for k in expected} == expected
+    assert (started["clusterwide"], started["namespaces"]) == (False, ["team-a"])
+    assert started["liveness_endpoint"] == "http://0.0.0.0:8081/healthz"
+
 def test_the_probes_and_ports_match_the_operator(chart: helm.Chart) -> None:
     objects = render(chart)
     container = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
