@@ -145,10 +145,10 @@ def cmd_crds(args: argparse.Namespace) -> int:
 def cmd_operator(args: argparse.Namespace) -> int:
     """Run the Kopf operator with settings from the environment (the Helm chart sets them)."""
     import kopf
-    from kubernetes import client, config
+    from kubernetes import config
     from prometheus_client import start_http_server
 
-    from kubeforge.operator.main import create_registry
+    from kubeforge.operator.main import api_client, create_registry
     from kubeforge.operator.metrics import OperatorMetrics
     from kubeforge.operator.settings import OperatorSettings
 
@@ -159,7 +159,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         config.load_kube_config()
     metrics = OperatorMetrics()
     start_http_server(settings.metrics_port, registry=metrics.registry)
-    registry = create_registry(settings, client.ApiClient(), metrics)
+    registry = create_registry(settings, api_client(), metrics)
     kopf.run(registry=registry, clusterwide=not settings.namespaces, namespaces=list(settings.namespaces),
              standalone=args.standalone, peering_name=None if args.standalone else PEERING_NAME,
              priority=args.peering_priority, liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz")

@@ -7,6 +7,7 @@ missing (409 is success), deletions tolerate 404, and status is recomputed from 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -27,11 +28,16 @@ from kubeforge.spec import API_GROUP, Job, SpecError, checkpoint_uri, parse_job
 VERSION = "v1alpha1"
 PLURALS = {"PretrainJob": "pretrainjobs", "FinetuneJob": "finetunejobs"}
 GPU = "nvidia.com/gpu"
+#: Threads that run the (sync) handlers; the API client keeps as many connections alive.
+WORKERS = 16
 log = logging.getLogger(__name__)
 
 
 class Cluster:
-    """The few API calls the operator makes, each tolerant of replays."""
+    """The few API calls the operator makes, each tolerant of replays.
+
+    Bodies go out and come back as plain JSON (`_preload_content=False`): the client's model classes
+    would only be converted back to dicts, and cost more than the request itself."""
 
     def __init__(self, api: client.ApiClient, node_cache_seconds: float):
         self.api = api
@@ -41,21 +47,25 @@ class Cluster:
         self._node_cache_seconds = node_cache_seconds
 
     def pods(self, job: Job) -> list[dict[str, Any]]:
-        found = self.core.list_namespaced_pod(job.namespace, label_selector=builders.label_selector(job))
-        return [self.api.sanitize_for_serialization(p) for p in found.items]
+        found = self.core.list_namespaced_pod(job.namespace, label_selector=builders.label_selector(job),
+                                              _preload_content=False)
+        return list(json.loads(found.data)["items"])
 
     def gpu_nodes(self) -> bool:
         """Whether any node has allocatable GPUs (cached briefly: every job asks)."""
         now = time.monotonic()
         if self._gpu_nodes is None or now - self._gpu_nodes[0] > self._node_cache_seconds:
-            nodes = self.core.list_node().items
-            available = any(int((n.status.allocatable or {}).get(GPU, "0")) > 0 for n in nodes)
+            nodes = json.loads(self.core.list_node(_preload_content=False).data)["items"]
+            allocatable = [(node.get("status") or {}).get("allocatable") or {} for node in nodes]
+            available = any(int(resources.get(GPU, "0")) > 0 for resources in allocatable)
             self._gpu_nodes = (now, available)
         return self._gpu_nodes[1]
 
     def pretrain_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.custom.get_namespaced_custom_object(API_GROUP, VERSION, namespace, "pretrainjobs", name)
+            found = self.custom.get_namespaced_custom_object(API_GROUP, VERSION, namespace, "pretrainjobs", name,
+                                                             _preload_content=False)
+            return dict(json.loads(found.data))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -66,9 +76,9 @@ class Cluster:
         namespace = body["metadata"]["namespace"]
         try:
             if body["kind"] == "Pod":
-                self.core.create_namespaced_pod(namespace, body)
+                self.core.create_namespaced_pod(namespace, body, _preload_content=False)
             else:
-                self.core.create_namespaced_service(namespace, body)
+                self.core.create_namespaced_service(namespace, body, _preload_content=False)
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -77,7 +87,7 @@ class Cluster:
 
     def delete_pod(self, namespace: str, name: str) -> None:
         try:
-            self.core.delete_namespaced_pod(name, namespace)
+            self.core.delete_namespaced_pod(name, namespace, _preload_content=False)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -85,10 +95,38 @@ class Cluster:
     def delete_job(self, job: Job) -> None:
         try:
             self.custom.delete_namespaced_custom_object(API_GROUP, VERSION, job.namespace, PLURALS[job.kind],
-                                                        job.name, propagation_policy="Background")
+                                                        job.name, propagation_policy="Background",
+                                                        _preload_content=False)
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+class CachedView:
+    """What the operator's watches have seen (Kopf indexes): pods by job, PretrainJobs by name.
+
+    Answers the questions `Cluster` answers, without a request. It may lag the API server by a watch
+    event, so the operator reads status from it but acts only on a fresh `Cluster` read."""
+
+    def __init__(self, job_pods: kopf.Index[tuple[str, str, str], dict[str, Any]],
+                 pretrain_jobs: kopf.Index[tuple[str, str], dict[str, Any]]):
+        self.job_pods = job_pods
+        self.pretrain_jobs = pretrain_jobs
+
+    def pods(self, job: Job) -> list[dict[str, Any]]:
+        return list(self.job_pods.get((job.namespace, builders.KIND_SHORT[job.kind], job.name), []))
+
+    def pretrain_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return next(iter(self.pretrain_jobs.get((namespace, name), [])), None)
+
+
+def _pod_entry(body: kopf.Body) -> dict[str, Any]:
+    """The parts of a pod the lifecycle reads (the index keeps one per pod, not its whole body)."""
+    metadata = body["metadata"]
+    return {"metadata": {"name": metadata["name"], "labels": dict(metadata.get("labels") or {}),
+                         "annotations": dict(metadata.get("annotations") or {}),
+                         "deletionTimestamp": metadata.get("deletionTimestamp")},
+            "status": copy.deepcopy(dict(body.get("status") or {}))}
 
 
 def _rank0_ip(pods: list[dict[str, Any]], attempt: int) -> str | None:
@@ -113,18 +151,18 @@ class Operator:
         self.cluster = cluster
         self.metrics = metrics
 
-    def reconcile(self, body: dict[str, Any], patch: kopf.Patch) -> None:
+    def reconcile(self, body: dict[str, Any], patch: kopf.Patch, cached: CachedView | None = None) -> None:
         kind = body["kind"]
         started = time.perf_counter()
         try:
-            self._reconcile(body, patch)
+            self._reconcile(body, patch, cached)
         except Exception:
             self.metrics.reconcile_errors.labels(kind).inc()
             raise
         finally:
             self.metrics.reconcile_seconds.labels(kind).observe(time.perf_counter() - started)
 
-    def _reconcile(self, body: dict[str, Any], patch: kopf.Patch) -> None:
+    def _reconcile(self, body: dict[str, Any], patch: kopf.Patch, cached: CachedView | None) -> None:
         status = dict(body.get("status") or {})
         try:
             job = parse_job(body)
@@ -132,23 +170,31 @@ class Operator:
             # The API server accepted it (an older CRD, or a check only the model makes): refuse here.
             self._invalid(body, patch, status, exc)
             return
-        pods = self.cluster.pods(job)
+        pods, plan = self._plan(job, body, status, cached or self.cluster)
+        if cached is not None and (plan.launch or plan.delete_pods or plan.delete_job or plan.events):
+            # The cache may be an event behind (a pod just created, a phase just changed): whatever
+            # creates, deletes or announces something is decided again on what the API server says now.
+            pods, plan = self._plan(job, body, status, self.cluster)
+        self._act(job, body, pods, plan)
+        changed = {k: v for k, v in plan.status.items() if status.get(k) != v}
+        for key, value in changed.items():
+            patch.status[key] = value
+        self._count(job, status, plan)
+
+    def _plan(self, job: Job, body: dict[str, Any], status: dict[str, Any],
+              source: Cluster | CachedView) -> tuple[list[dict[str, Any]], Plan]:
+        pods = source.pods(job)
         attempt = int(status.get("restarts", 0))
         base_job = None
         if job.kind == "FinetuneJob" and job.spec.base_model.from_pretrain_job:  # type: ignore[union-attr]
-            base_job = self.cluster.pretrain_job(job.namespace, job.spec.base_model.from_pretrain_job)  # type: ignore[union-attr]
+            base_job = source.pretrain_job(job.namespace, job.spec.base_model.from_pretrain_job)  # type: ignore[union-attr]
         ip = _rank0_ip(pods, attempt)
         progress = scrape(ip, job.spec.metrics.port) if ip and job.spec.metrics.port else None
         seen = Observed(job=job, status=status, pods=pods, gpu_nodes=self.cluster.gpu_nodes(),
                         checkpoint_uri=checkpoint_uri(job, self.settings.storage_root), base_job=base_job,
                         progress=progress, generation=body["metadata"].get("generation"),
                         cpu_fallback_allowed=self.settings.allow_cpu_fallback)
-        plan = reconcile(seen, datetime.now(UTC))
-        self._act(job, body, pods, plan)
-        changed = {k: v for k, v in plan.status.items() if status.get(k) != v}
-        for key, value in changed.items():
-            patch.status[key] = value
-        self._count(job, status, plan)
+        return pods, reconcile(seen, datetime.now(UTC))
 
     def _act(self, job: Job, body: dict[str, Any], pods: list[dict[str, Any]], plan: Plan) -> None:
         for name in plan.delete_pods:
@@ -182,14 +228,25 @@ class Operator:
 
     def _invalid(self, body: dict[str, Any], patch: kopf.Patch, status: dict[str, Any], exc: SpecError) -> None:
         message = "; ".join(exc.problems)
+        generation = body["metadata"].get("generation")
         if status.get("phase") != FAILED or status.get("message") != message:
             patch.status["phase"] = FAILED
             patch.status["reason"] = "InvalidSpec"
             patch.status["message"] = message
             kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+        if status.get("observedGeneration") != generation:
+            patch.status["observedGeneration"] = generation
 
     def forget(self, body: dict[str, Any]) -> None:
         self.metrics.forget(body["kind"], body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+def api_client() -> client.ApiClient:
+    """A client for the loaded kubeconfig or in-cluster config, with a connection for every handler
+    thread (the default pool, 5 per CPU, makes busy threads open and drop a connection per request)."""
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = WORKERS
+    return client.ApiClient(configuration)
 
 
 def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: OperatorMetrics,
@@ -206,16 +263,34 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
 
-    for plural in PLURALS.values():
-        # A timer per job: reconciles on appearance, then every resync interval, so progress and pod
-        # failures reach status without watching every pod event.
-        @kopf.timer(API_GROUP, VERSION, plural, interval=settings.resync_seconds, registry=registry)
-        def reconcile_job(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-            operator.reconcile(copy.deepcopy(dict(body)), patch)
+    # Every pod of every job, and every PretrainJob (for FinetuneJobs that name one), as the watches
+    # report them: a resync that finds nothing to do makes no request.
+    @kopf.index("pods", labels={builders.LABEL_JOB: kopf.PRESENT, builders.LABEL_KIND: kopf.PRESENT},
+                id="job_pods", registry=registry)
+    def job_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]): _pod_entry(body)}
 
-        @kopf.on.update(API_GROUP, VERSION, plural, field="spec", registry=registry)
-        def spec_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-            operator.reconcile(copy.deepcopy(dict(body)), patch)
+    @kopf.index(API_GROUP, VERSION, "pretrainjobs", id="pretrain_jobs", registry=registry)
+    def pretrain_jobs(namespace: str, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): {"status": copy.deepcopy(dict(status))}}
+
+    for plural in PLURALS.values():
+        # A job is reconciled as soon as it appears or its spec changes (its generation is ahead of
+        # status.observedGeneration), and by a timer every resync interval, which brings progress and
+        # pod failures to status and retries a reconciliation that failed.
+        @kopf.on.event(API_GROUP, VERSION, plural, registry=registry)
+        def job_event(type: str | None, body: kopf.Body, patch: kopf.Patch, job_pods: kopf.Index[Any, Any],
+                      pretrain_jobs: kopf.Index[Any, Any], **_: Any) -> None:
+            if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
+                return
+            if body["metadata"].get("generation") != (body.get("status") or {}).get("observedGeneration"):
+                operator.reconcile(copy.deepcopy(dict(body)), patch, CachedView(job_pods, pretrain_jobs))
+
+        @kopf.timer(API_GROUP, VERSION, plural, interval=settings.resync_seconds,
+                    initial_delay=settings.resync_seconds, registry=registry)
+        def reconcile_job(body: kopf.Body, patch: kopf.Patch, job_pods: kopf.Index[Any, Any],
+                          pretrain_jobs: kopf.Index[Any, Any], **_: Any) -> None:
+            operator.reconcile(copy.deepcopy(dict(body)), patch, CachedView(job_pods, pretrain_jobs))
 
         @kopf.on.delete(API_GROUP, VERSION, plural, optional=True, registry=registry)
         def deleted(body: kopf.Body, **_: Any) -> None:
@@ -230,4 +305,4 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubeforge.io")
     settings.persistence.finalizer = "kubeforge.io/operator"
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = WORKERS

@@ -223,9 +223,9 @@ OPERATOR_PERMISSIONS: dict[tuple[str, str, str], set[str]] = {
     # Kopf writes the status the handlers return through the status subresource.
     ("namespace", "kubeforge.io", "pretrainjobs/status"): {"patch"},
     ("namespace", "kubeforge.io", "finetunejobs/status"): {"patch"},
-    # operator/main.py Cluster.pods (list by label selector), Cluster.create (pods), Cluster.delete_pod.
-    # The operator does not watch pods: it reconciles on a timer (add watch here if it starts to).
-    ("namespace", "", "pods"): {"list", "create", "delete"},
+    # operator/main.py: the job_pods index (Kopf lists and watches pods), Cluster.pods (a fresh list by
+    # label selector before acting), Cluster.create (pods), Cluster.delete_pod.
+    ("namespace", "", "pods"): {"list", "watch", "create", "delete"},
     # operator/main.py Cluster.create: each job's headless Service (the c10d rendezvous).
     ("namespace", "", "services"): {"create"},
     # kopf.event in operator/main.py, and Kopf's own warnings posted as events.

@@ -50,7 +50,7 @@ app.kubernetes.io/component: operator
   verbs: [patch]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, create, delete]
+  verbs: [list, watch, create, delete]
 - apiGroups: [""]
   resources: [services]
   verbs: [create]
