@@ -16,6 +16,7 @@ import boto3
 import pytest
 from conftest import ROOT, example, free_port, tiny_pretrain
 from k8s.cluster import running_operator
+from test_chart import OPERATOR_PERMISSIONS
 
 from kubeforge.operator.main import create_registry
 from kubeforge.operator.metrics import OperatorMetrics
@@ -51,10 +52,45 @@ async def world(cluster: Any, kubelet: Any, s3_env: dict[str, str], settings: Op
 
 @asynccontextmanager
 async def operator(cluster: Any, settings: OperatorSettings) -> AsyncIterator[OperatorMetrics]:
+    """The operator, in this test's loop; on the emulator, its requests are checked against the RBAC
+    the Helm chart grants it once it stops."""
     metrics = OperatorMetrics()
     registry = create_registry(settings, cluster.api_client(), metrics, login=cluster.login)
     async with running_operator(registry):
         yield metrics
+    if cluster.emulator is not None:
+        assert not_granted(cluster.emulator) == set()
+
+
+# The operator's two clients: Kopf's own, and the kubernetes client of operator/main.py.
+OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")
+VERBS = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+
+
+def not_granted(emulator: Any) -> set[str]:
+    """Requests the operator made that the chart's RBAC (test_chart.OPERATOR_PERMISSIONS) would refuse."""
+    refused = set()
+    for request in emulator:
+        if not request.headers.get("User-Agent", "").startswith(OPERATOR_AGENTS):
+            continue
+        parts = request.url.path.strip("/").split("/")
+        group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:]) if len(parts) > 3 else ("", [])
+        if not rest:
+            continue  # discovery (/api/v1, /apis/GROUP/VERSION): open to every authenticated user
+        scope = "cluster"
+        if rest[0] == "namespaces" and len(rest) > 2:
+            scope, rest = "namespace", rest[2:]
+        resource, name, subresource = rest[0], rest[1] if len(rest) > 1 else None, rest[2:]
+        if resource in {"pods", "services", "events", "pretrainjobs", "finetunejobs"}:
+            scope = "namespace"  # a namespaced resource listed or watched across all namespaces
+        if request.method.value.upper() == "GET":
+            verb = "get" if name else "watch" if request.params.get("watch") in ("true", "1") else "list"
+        else:
+            verb = VERBS[request.method.value.upper()]
+        key = (scope, group, "/".join([resource, *subresource]))
+        if verb not in OPERATOR_PERMISSIONS.get(key, set()):
+            refused.add(f"{verb} {key}")
+    return refused
 
 
 def pretrain(data: dict[str, str], name: str, steps: int, **spec: Any) -> dict[str, Any]:
