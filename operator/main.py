@@ -229,13 +229,17 @@ class Operator:
     def _invalid(self, body: dict[str, Any], patch: kopf.Patch, status: dict[str, Any], exc: SpecError) -> None:
         message = "; ".join(exc.problems)
         generation = body["metadata"].get("generation")
+        kind, metadata = body["kind"], body["metadata"]
         if status.get("phase") != FAILED or status.get("message") != message:
             patch.status["phase"] = FAILED
             patch.status["reason"] = "InvalidSpec"
             patch.status["message"] = message
             kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+            if status.get("phase") != FAILED:
+                self.metrics.failed.labels(kind, "InvalidSpec").inc()
         if status.get("observedGeneration") != generation:
             patch.status["observedGeneration"] = generation
+        self.metrics.record_phase(kind, metadata["namespace"], metadata["name"], FAILED)
 
     def forget(self, body: dict[str, Any]) -> None:
         self.metrics.forget(body["kind"], body["metadata"]["namespace"], body["metadata"]["name"])
@@ -275,19 +279,10 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
         return {(namespace, name): {"status": copy.deepcopy(dict(status))}}
 
     for plural in PLURALS.values():
-        # A job is reconciled as soon as it appears or its spec changes (its generation is ahead of
-        # status.observedGeneration), and by a timer every resync interval, which brings progress and
-        # pod failures to status and retries a reconciliation that failed.
-        @kopf.on.event(API_GROUP, VERSION, plural, registry=registry)
-        def job_event(type: str | None, body: kopf.Body, patch: kopf.Patch, job_pods: kopf.Index[Any, Any],
-                      pretrain_jobs: kopf.Index[Any, Any], **_: Any) -> None:
-            if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
-                return
-            if body["metadata"].get("generation") != (body.get("status") or {}).get("observedGeneration"):
-                operator.reconcile(copy.deepcopy(dict(body)), patch, CachedView(job_pods, pretrain_jobs))
-
-        @kopf.timer(API_GROUP, VERSION, plural, interval=settings.resync_seconds,
-                    initial_delay=settings.resync_seconds, registry=registry)
+        # One timer per job, and nothing else, reconciles it: its first tick comes as soon as the job
+        # appears and its ticks never overlap, so no two reconciliations of a job race on a status the
+        # other has not written yet. A spec change (suspend, say) takes effect within a resync interval.
+        @kopf.timer(API_GROUP, VERSION, plural, interval=settings.resync_seconds, registry=registry)
         def reconcile_job(body: kopf.Body, patch: kopf.Patch, job_pods: kopf.Index[Any, Any],
                           pretrain_jobs: kopf.Index[Any, Any], **_: Any) -> None:
             operator.reconcile(copy.deepcopy(dict(body)), patch, CachedView(job_pods, pretrain_jobs))
