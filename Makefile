@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# mypy sees the package as it is installed (kubeforge.operator, kubeforge.trainer) through a tree of
+# links: operator/ and trainer/ are mapped by setuptools, which mypy cannot follow.
+TYPECHECK := build/typecheck
 
 .PHONY: run test lint
 
@@ -18,7 +21,11 @@ run: $(BIN)/kubeforge
 
 lint: $(BIN)/kubeforge
 	$(BIN)/ruff check .
-	$(BIN)/mypy
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/kubeforge
+	ln -s $(CURDIR)/kubeforge/*.py $(TYPECHECK)/kubeforge/
+	ln -s $(CURDIR)/operator $(TYPECHECK)/kubeforge/operator
+	ln -s $(CURDIR)/trainer $(TYPECHECK)/kubeforge/trainer
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml
 
 test: lint
 	$(BIN)/pytest

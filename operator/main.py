@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kubernetes import client
@@ -49,13 +49,13 @@ class Cluster:
     def pods(self, job: Job) -> list[dict[str, Any]]:
         found = self.core.list_namespaced_pod(job.namespace, label_selector=builders.label_selector(job),
                                               _preload_content=False)
-        return list(json.loads(found.data)["items"])
+        return list(_json(found)["items"])
 
     def gpu_nodes(self) -> bool:
         """Whether any node has allocatable GPUs (cached briefly: every job asks)."""
         now = time.monotonic()
         if self._gpu_nodes is None or now - self._gpu_nodes[0] > self._node_cache_seconds:
-            nodes = json.loads(self.core.list_node(_preload_content=False).data)["items"]
+            nodes = _json(self.core.list_node(_preload_content=False))["items"]
             allocatable = [(node.get("status") or {}).get("allocatable") or {} for node in nodes]
             available = any(int(resources.get(GPU, "0")) > 0 for resources in allocatable)
             self._gpu_nodes = (now, available)
@@ -65,7 +65,7 @@ class Cluster:
         try:
             found = self.custom.get_namespaced_custom_object(API_GROUP, VERSION, namespace, "pretrainjobs", name,
                                                              _preload_content=False)
-            return dict(json.loads(found.data))
+            return dict(_json(found))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -74,11 +74,12 @@ class Cluster:
     def create(self, body: dict[str, Any]) -> bool:
         """Create if missing; False when it already existed."""
         namespace = body["metadata"]["namespace"]
+        manifest: Any = body  # the client sends a dict as it is; its stubs only know its model classes
         try:
             if body["kind"] == "Pod":
-                self.core.create_namespaced_pod(namespace, body, _preload_content=False)
+                self.core.create_namespaced_pod(namespace, manifest, _preload_content=False)
             else:
-                self.core.create_namespaced_service(namespace, body, _preload_content=False)
+                self.core.create_namespaced_service(namespace, manifest, _preload_content=False)
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -100,6 +101,11 @@ class Cluster:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+def _json(response: Any) -> Any:
+    """The body of a `_preload_content=False` response (typed by the client as its model class)."""
+    return json.loads(response.data)
 
 
 class CachedView:
@@ -210,7 +216,7 @@ class Operator:
             if attempt == 0 and any(created) and age is not None:
                 self.metrics.pods_created_seconds.labels(job.kind).observe(age)
         for kind, reason, message in plan.events:
-            kopf.event(body, type=kind, reason=reason, message=message)
+            kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message)
         if plan.delete_job:
             self.cluster.delete_job(job)
 
@@ -234,7 +240,7 @@ class Operator:
             patch.status["phase"] = FAILED
             patch.status["reason"] = "InvalidSpec"
             patch.status["message"] = message
-            kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+            kopf.event(cast(kopf.Body, body), type="Warning", reason="InvalidSpec", message=message)
             if status.get("phase") != FAILED:
                 self.metrics.failed.labels(kind, "InvalidSpec").inc()
         if status.get("observedGeneration") != generation:
@@ -271,11 +277,11 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
     # report them: a resync that finds nothing to do makes no request.
     @kopf.index("pods", labels={builders.LABEL_JOB: kopf.PRESENT, builders.LABEL_KIND: kopf.PRESENT},
                 id="job_pods", registry=registry)
-    def job_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    def job_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]): _pod_entry(body)}
 
     @kopf.index(API_GROUP, VERSION, "pretrainjobs", id="pretrain_jobs", registry=registry)
-    def pretrain_jobs(namespace: str, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+    def pretrain_jobs(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): {"status": copy.deepcopy(dict(status))}}
 
     for plural in PLURALS.values():
@@ -283,9 +289,9 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
         # appears and its ticks never overlap, so no two reconciliations of a job race on a status the
         # other has not written yet. A spec change (suspend, say) takes effect within a resync interval.
         @kopf.timer(API_GROUP, VERSION, plural, interval=settings.resync_seconds, registry=registry)
-        def reconcile_job(body: kopf.Body, patch: kopf.Patch, job_pods: kopf.Index[Any, Any],
-                          pretrain_jobs: kopf.Index[Any, Any], **_: Any) -> None:
-            operator.reconcile(copy.deepcopy(dict(body)), patch, CachedView(job_pods, pretrain_jobs))
+        def reconcile_job(body: kopf.Body, patch: kopf.Patch, **indexes: Any) -> None:
+            cached = CachedView(indexes["job_pods"], indexes["pretrain_jobs"])  # Kopf passes indexes by id
+            operator.reconcile(copy.deepcopy(dict(body)), patch, cached)
 
         @kopf.on.delete(API_GROUP, VERSION, plural, optional=True, registry=registry)
         def deleted(body: kopf.Body, **_: Any) -> None:

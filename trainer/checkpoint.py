@@ -67,7 +67,7 @@ def write_committed(storage: Storage, prefix: str, files: dict[str, Any], manife
     """Write files (objects for torch.save, bytes, or local Paths) under prefix, then the manifest.
 
     Returns the bytes written."""
-    entries = []
+    entries: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kubeforge-ckpt-") as scratch:
         for name, payload in files.items():
             path = Path(scratch) / name

@@ -10,7 +10,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -25,6 +25,9 @@ from kubeforge.trainer.flops import model_flops_utilization, peak_flops, trainin
 from kubeforge.trainer.metrics import TrainerMetrics
 from kubeforge.trainer.models import build_pretrain_model, load_finetune_model, unwrap_for_export
 from kubeforge.trainer.tokenization import ensure_pad_token, from_json, train_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +160,8 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
         train_records, eval_records = datasets.load_splits(spec.data, spec.s3, field)
         train_texts = [str(t) for t in datasets.field_values(train_records, field, "textField", "data.train")]
         eval_texts = [str(t) for t in datasets.field_values(eval_records, field, "textField", "data.eval")]
-        tokenizer = (from_json(restored["tokenizer.json"].decode()) if restored
-                     else train_tokenizer(train_texts, job.spec.tokenizer))
+        tokenizer: PreTrainedTokenizerBase = (from_json(restored["tokenizer.json"].decode()) if restored
+                                              else train_tokenizer(train_texts, job.spec.tokenizer))
         train_set = datasets.pack_texts(train_texts, tokenizer, L, "data.train")
         eval_set = datasets.pack_texts(eval_texts, tokenizer, L, "data.eval")
         model = build_pretrain_model(job.spec.model, tokenizer, L)
@@ -206,7 +209,7 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
     total_steps = training.max_steps or max(1, math.ceil(training.epochs * batches.per_epoch / accumulation))  # type: ignore[operator]
     metrics.total_steps.set(total_steps)
 
-    model.to(runtime.device)
+    model.to(runtime.device)  # type: ignore[arg-type]  # transformers types .to through a decorator
     optimizer = torch.optim.AdamW(param_groups(model, training.weight_decay), lr=training.learning_rate,
                                   betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(training, total_steps))
@@ -314,7 +317,7 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
                 log.error("loss is %s at step %d", mean_loss, step)
             tokens_seen += window_tokens
             metrics.loss.set(mean_loss)
-            metrics.learning_rate.set(scheduler.get_last_lr()[0])
+            metrics.learning_rate.set(float(scheduler.get_last_lr()[0]))
             tokens_per_second = window_tokens / elapsed
             metrics.tokens_per_second.set(tokens_per_second)
             metrics.samples_per_second.set(window_samples / elapsed)
