@@ -40,7 +40,6 @@ class Cluster:
     would only be converted back to dicts, and cost more than the request itself."""
 
     def __init__(self, api: client.ApiClient, node_cache_seconds: float):
-        self.api = api
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self._gpu_nodes: tuple[float, bool] | None = None
