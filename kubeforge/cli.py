@@ -148,7 +148,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     from kubernetes import config
     from prometheus_client import start_http_server
 
-    from kubeforge.operator.main import api_client, create_registry
+    from kubeforge.operator.handlers import api_client, create_registry
     from kubeforge.operator.metrics import OperatorMetrics
     from kubeforge.operator.settings import OperatorSettings
 

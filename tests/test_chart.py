@@ -210,25 +210,25 @@ def test_the_validation_catches_a_misspelled_field(chart: helm.Chart) -> None:
 # when the operator watches every namespace, and by a Role in each watched namespace otherwise.
 #   (scope, apiGroup, resource): verbs
 OPERATOR_PERMISSIONS: dict[tuple[str, str, str], set[str]] = {
-    # operator/main.py Cluster.gpu_nodes: list_node, whether any node has allocatable nvidia.com/gpu.
+    # operator/cluster.py Cluster.gpu_nodes: list_node, whether any node has allocatable nvidia.com/gpu.
     ("cluster", "", "nodes"): {"list"},
     # Kopf's resource observer (kopf/_core/reactor/observation.py): lists and watches the CRDs to
     # notice when the resources it serves are installed or removed.
     ("cluster", "apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
     # Kopf: lists and watches the jobs; patches them (finalizer kubeforge.io/operator, progress
-    # annotations). operator/main.py Cluster.delete_job: ttlSecondsAfterFinished.
+    # annotations). operator/cluster.py Cluster.delete_job: ttlSecondsAfterFinished.
     ("namespace", "kubeforge.io", "pretrainjobs"): {"list", "watch", "patch", "delete", "get"},
     ("namespace", "kubeforge.io", "finetunejobs"): {"list", "watch", "patch", "delete"},
-    # operator/main.py Cluster.pretrain_job (get above): a FinetuneJob's baseModel.fromPretrainJob.
+    # operator/cluster.py Cluster.pretrain_job (get above): a FinetuneJob's baseModel.fromPretrainJob.
     # Kopf writes the status the handlers return through the status subresource.
     ("namespace", "kubeforge.io", "pretrainjobs/status"): {"patch"},
     ("namespace", "kubeforge.io", "finetunejobs/status"): {"patch"},
-    # operator/main.py: the job_pods index (Kopf lists and watches pods), Cluster.pods (a fresh list by
-    # label selector before acting), Cluster.create (pods), Cluster.delete_pod.
+    # operator/handlers.py: the job_pods index (Kopf lists and watches pods); operator/cluster.py:
+    # Cluster.pods (a fresh list by label selector before acting), Cluster.create (pods), Cluster.delete_pod.
     ("namespace", "", "pods"): {"list", "watch", "create", "delete"},
-    # operator/main.py Cluster.create: each job's headless Service (the c10d rendezvous).
+    # operator/cluster.py Cluster.create: each job's headless Service (the c10d rendezvous).
     ("namespace", "", "services"): {"create"},
-    # kopf.event in operator/main.py, and Kopf's own warnings posted as events.
+    # kopf.event in operator/reconciler.py, and Kopf's own warnings posted as events.
     ("namespace", "", "events"): {"create"},
 }
 # Kopf peering (kubeforge/cli.py PEERING_NAME): keep-alives are patches of the peering object's status.
@@ -342,13 +342,13 @@ def test_the_operator_starts_kopf_as_the_chart_asks(chart: helm.Chart, monkeypat
     import prometheus_client
     from kubernetes import config
 
-    import kubeforge.operator.main
+    import kubeforge.operator.handlers
 
     started: dict[str, Any] = {}
     monkeypatch.setattr(kopf, "run", lambda **kwargs: started.update(kwargs))
     monkeypatch.setattr(config, "load_incluster_config", lambda: None)
     monkeypatch.setattr(prometheus_client, "start_http_server", lambda *args, **kwargs: None)
-    monkeypatch.setattr(kubeforge.operator.main, "create_registry", lambda *args: "registry")
+    monkeypatch.setattr(kubeforge.operator.handlers, "create_registry", lambda *args: "registry")
     deployment = only(render(chart, {"peering": {"enabled": peering}, "watchNamespaces": ["team-a"]}), "Deployment")
     for name, value in container_env([deployment]).items():
         monkeypatch.setenv(name, value)

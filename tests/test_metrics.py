@@ -19,8 +19,8 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubeforge.operator.main import Operator
 from kubeforge.operator.metrics import OperatorMetrics
+from kubeforge.operator.reconciler import Operator
 from kubeforge.operator.settings import OperatorSettings
 from kubeforge.storage import LocalStorage
 from kubeforge.trainer.checkpoint import Checkpointer

@@ -18,7 +18,7 @@ from conftest import ROOT, example, free_port, tiny_pretrain
 from k8s.cluster import running_operator
 from test_chart import OPERATOR_PERMISSIONS
 
-from kubeforge.operator.main import create_registry
+from kubeforge.operator.handlers import create_registry
 from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.settings import OperatorSettings
 
@@ -62,7 +62,7 @@ async def operator(cluster: Any, settings: OperatorSettings) -> AsyncIterator[Op
         assert not_granted(cluster.emulator) == set()
 
 
-# The operator's two clients: Kopf's own, and the kubernetes client of operator/main.py.
+# The operator's two clients: Kopf's own, and the kubernetes client of operator/cluster.py.
 OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")
 VERBS = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
 

@@ -11,9 +11,10 @@ import pytest
 from conftest import tiny_pretrain
 
 from kubeforge.operator import builders
+from kubeforge.operator.cluster import CachedView
 from kubeforge.operator.lifecycle import LaunchPlan
-from kubeforge.operator.main import CachedView, Operator
 from kubeforge.operator.metrics import OperatorMetrics
+from kubeforge.operator.reconciler import Operator
 from kubeforge.operator.settings import OperatorSettings
 from kubeforge.spec import parse_job
 

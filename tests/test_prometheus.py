@@ -23,7 +23,7 @@ from k8s.cluster import running_operator
 from prometheus_client import start_http_server
 from prometheus_server import Prometheus
 
-from kubeforge.operator.main import create_registry
+from kubeforge.operator.handlers import create_registry
 from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.settings import OperatorSettings
 

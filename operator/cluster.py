@@ -1,0 +1,101 @@
+"""The API server as the operator sees it: fresh reads and replay-tolerant writes (`Cluster`), and
+what the watches have already seen (`CachedView`).
+
+Every reconciliation may run twice or concurrently with another: children are created only if
+missing (409 is success), deletions tolerate 404, and a missing object reads as None.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubeforge.operator import builders
+from kubeforge.spec import API_GROUP, Job
+
+VERSION = "v1alpha1"
+PLURALS = {"PretrainJob": "pretrainjobs", "FinetuneJob": "finetunejobs"}
+GPU = "nvidia.com/gpu"
+NOT_FOUND, CONFLICT = 404, 409
+
+
+def call_kubeapi(method: Callable[..., Any], *args: Any, tolerate: int | None = None, **kwargs: Any) -> Any:
+    """`method(*args, **kwargs)`'s body as JSON, or None when the API server answered `tolerate`.
+
+    A replayed reconciliation expects them: 404 for a read or a delete (nothing there), 409 for a
+    create (already there). Bodies come back as plain JSON (`_preload_content=False`): the client's
+    model classes would only be converted back to dicts, and cost more than the request itself."""
+    try:
+        response = method(*args, _preload_content=False, **kwargs)
+    except ApiException as exc:
+        if tolerate is not None and exc.status == tolerate:
+            return None
+        raise
+    return json.loads(response.data)
+
+
+class Cluster:
+    """The few API calls the operator makes, each tolerant of replays."""
+
+    def __init__(self, api: client.ApiClient, node_cache_seconds: float):
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self._gpu_nodes: tuple[float, bool] | None = None
+        self._node_cache_seconds = node_cache_seconds
+
+    def pods(self, job: Job) -> list[dict[str, Any]]:
+        found = call_kubeapi(self.core.list_namespaced_pod, job.namespace,
+                             label_selector=builders.label_selector(job))
+        return list(found["items"])
+
+    def gpu_nodes(self) -> bool:
+        """Whether any node has allocatable GPUs (cached briefly: every job asks)."""
+        now = time.monotonic()
+        if self._gpu_nodes is None or now - self._gpu_nodes[0] > self._node_cache_seconds:
+            nodes = call_kubeapi(self.core.list_node)["items"]
+            allocatable = [(node.get("status") or {}).get("allocatable") or {} for node in nodes]
+            available = any(int(resources.get(GPU, "0")) > 0 for resources in allocatable)
+            self._gpu_nodes = (now, available)
+        return self._gpu_nodes[1]
+
+    def pretrain_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = call_kubeapi(self.custom.get_namespaced_custom_object, API_GROUP, VERSION, namespace,
+                             PLURALS["PretrainJob"], name, tolerate=NOT_FOUND)
+        return dict(found) if found is not None else None
+
+    def create(self, body: dict[str, Any]) -> bool:
+        """Create if missing; False when it already existed."""
+        create = self.core.create_namespaced_pod if body["kind"] == "Pod" else self.core.create_namespaced_service
+        # The client sends a dict as it is; its stubs only know its model classes.
+        return call_kubeapi(create, body["metadata"]["namespace"], body, tolerate=CONFLICT) is not None
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        call_kubeapi(self.core.delete_namespaced_pod, name, namespace, tolerate=NOT_FOUND)
+
+    def delete_job(self, job: Job) -> None:
+        call_kubeapi(self.custom.delete_namespaced_custom_object, API_GROUP, VERSION, job.namespace,
+                     PLURALS[job.kind], job.name, propagation_policy="Background", tolerate=NOT_FOUND)
+
+
+class CachedView:
+    """What the operator's watches have seen (Kopf indexes): pods by job, PretrainJobs by name.
+
+    Answers the questions `Cluster` answers, without a request. It may lag the API server by a watch
+    event, so the operator reads status from it but acts only on a fresh `Cluster` read."""
+
+    def __init__(self, job_pods: kopf.Index[tuple[str, str, str], dict[str, Any]],
+                 pretrain_jobs: kopf.Index[tuple[str, str], dict[str, Any]]):
+        self.job_pods = job_pods
+        self.pretrain_jobs = pretrain_jobs
+
+    def pods(self, job: Job) -> list[dict[str, Any]]:
+        return list(self.job_pods.get((job.namespace, builders.KIND_SHORT[job.kind], job.name), []))
+
+    def pretrain_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return next(iter(self.pretrain_jobs.get((namespace, name), [])), None)

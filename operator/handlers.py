@@ -1,0 +1,88 @@
+"""The Kopf wiring: which events reach the reconciler, the watch indexes it reads, Kopf's settings."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+from kubernetes import client
+
+from kubeforge.operator import builders
+from kubeforge.operator.cluster import PLURALS, VERSION, CachedView, Cluster
+from kubeforge.operator.metrics import OperatorMetrics
+from kubeforge.operator.reconciler import Operator
+from kubeforge.operator.settings import OperatorSettings
+from kubeforge.spec import API_GROUP
+
+#: Threads that run the (sync) handlers; the API client keeps as many connections alive.
+WORKERS = 16
+
+
+def _pod_entry(body: kopf.Body) -> dict[str, Any]:
+    """The parts of a pod the lifecycle reads (the index keeps one per pod, not its whole body)."""
+    metadata = body["metadata"]
+    return {"metadata": {"name": metadata["name"], "labels": dict(metadata.get("labels") or {}),
+                         "annotations": dict(metadata.get("annotations") or {}),
+                         "deletionTimestamp": metadata.get("deletionTimestamp")},
+            "status": copy.deepcopy(dict(body.get("status") or {}))}
+
+
+def api_client() -> client.ApiClient:
+    """A client for the loaded kubeconfig or in-cluster config, with a connection for every handler
+    thread (the default pool, 5 per CPU, makes busy threads open and drop a connection per request)."""
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = WORKERS
+    return client.ApiClient(configuration)
+
+
+def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: OperatorMetrics,
+                    login: Callable[..., kopf.ConnectionInfo | None] = kopf.login_via_client
+                    ) -> kopf.OperatorRegistry:
+    """The handlers, bound to one settings/API/metrics set (tests build one per operator).
+
+    `login` gives Kopf its credentials: by default the same in-cluster or kubeconfig ones as `api`."""
+    registry = kopf.OperatorRegistry()
+    operator = Operator(settings, Cluster(api, node_cache_seconds=settings.resync_seconds), metrics)
+    kopf.on.login(registry=registry)(login)
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings)
+
+    # Every pod of every job, and every PretrainJob (for FinetuneJobs that name one), as the watches
+    # report them: a resync that finds nothing to do makes no request.
+    @kopf.index("pods", labels={builders.LABEL_JOB: kopf.PRESENT, builders.LABEL_KIND: kopf.PRESENT},
+                id="job_pods", registry=registry)
+    def job_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]): _pod_entry(body)}
+
+    @kopf.index(API_GROUP, VERSION, "pretrainjobs", id="pretrain_jobs", registry=registry)
+    def pretrain_jobs(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): {"status": copy.deepcopy(dict(status))}}
+
+    for plural in PLURALS.values():
+        # One timer per job, and nothing else, reconciles it: its first tick comes as soon as the job
+        # appears and its ticks never overlap, so no two reconciliations of a job race on a status the
+        # other has not written yet. A spec change (suspend, say) takes effect within a resync interval.
+        @kopf.timer(API_GROUP, VERSION, plural, interval=settings.resync_seconds, registry=registry)
+        def reconcile_job(body: kopf.Body, patch: kopf.Patch, **indexes: Any) -> None:
+            cached = CachedView(indexes["job_pods"], indexes["pretrain_jobs"])  # Kopf passes indexes by id
+            operator.reconcile(copy.deepcopy(dict(body)), patch, cached)
+
+        @kopf.on.delete(API_GROUP, VERSION, plural, optional=True, registry=registry)
+        def deleted(body: kopf.Body, **_: Any) -> None:
+            operator.forget(copy.deepcopy(dict(body)))
+
+    return registry
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Kopf settings: progress in annotations (status is ours), events for warnings and up."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubeforge.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubeforge.io")
+    settings.persistence.finalizer = "kubeforge.io/operator"
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = WORKERS
