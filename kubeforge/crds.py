@@ -12,13 +12,7 @@ from typing import Any
 
 import yaml
 
-from kubeforge.spec import API_GROUP, FinetuneJob, PretrainJob
-
-VERSION = "v1alpha1"
-KINDS: dict[str, tuple[type[PretrainJob] | type[FinetuneJob], str]] = {
-    "PretrainJob": (PretrainJob, "ptj"),
-    "FinetuneJob": (FinetuneJob, "ftj"),
-}
+from kubeforge.spec import KINDS
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -79,29 +73,28 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
 
 
 def crd(kind: str) -> dict[str, Any]:
-    model, short_name = KINDS[kind]
-    json_schema = model.model_json_schema(by_alias=True, mode="validation")
+    names = KINDS[kind]
+    json_schema = names.model.model_json_schema(by_alias=True, mode="validation")
     defs = json_schema.get("$defs", {})
     spec_schema = structural(json_schema["properties"]["spec"], defs)
-    plural = kind.lower() + "s"
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{API_GROUP}", "labels": {"app.kubernetes.io/part-of": "kubeforge"}},
+        "metadata": {"name": f"{names.plural}.{names.group}", "labels": {"app.kubernetes.io/part-of": "kubeforge"}},
         "spec": {
-            "group": API_GROUP,
+            "group": names.group,
             "scope": "Namespaced",
-            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
-                      "shortNames": [short_name], "categories": ["kubeforge"]},
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": names.plural, "singular": kind.lower(),
+                      "shortNames": [names.short_name], "categories": [names.category]},
             "versions": [{
-                "name": VERSION,
+                "name": names.version,
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},
                 "additionalPrinterColumns": PRINTER_COLUMNS,
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
-                    "description": (model.__doc__ or kind).strip().splitlines()[0],
+                    "description": (names.model.__doc__ or kind).strip().splitlines()[0],
                     "required": ["spec"],
                     "properties": {
                         "apiVersion": {"type": "string"},
@@ -125,8 +118,8 @@ def render(kind: str) -> str:
 def write(directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for kind in KINDS:
-        path = directory / f"{kind.lower()}s.{API_GROUP}.yaml"
+    for kind, names in KINDS.items():
+        path = directory / f"{names.plural}.{names.group}.yaml"
         path.write_text(render(kind))
         written.append(path)
     return written
@@ -190,12 +183,12 @@ def _rows(node: dict[str, Any], path: str, required: bool, out: list[str], rules
 
 def reference() -> str:
     sections = [REFERENCE_HEADER]
-    for kind, (_, short_name) in KINDS.items():
+    for kind, names in KINDS.items():
         schema = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
         rows: list[str] = []
         rules: list[str] = []
         _rows(schema["properties"]["spec"], "spec", True, rows, rules)
-        sections.append(f"## {kind}\n\n`apiVersion: {API_GROUP}/{VERSION}`, short name `{short_name}`. "
+        sections.append(f"## {kind}\n\n`apiVersion: {names.api_version}`, short name `{names.short_name}`. "
                         f"{schema['description']}\n\n"
                         "| field | type | required | default | constraints | description |\n"
                         "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")

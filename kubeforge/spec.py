@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -21,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "kubeforge.io"
-API_VERSION = f"{API_GROUP}/v1alpha1"
+VERSION = "v1alpha1"
+API_VERSION = f"{API_GROUP}/{VERSION}"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
@@ -357,10 +359,32 @@ class FinetuneJob(_Job):
 
 
 Job = PretrainJob | FinetuneJob
-JOB_KINDS: dict[str, type[PretrainJob] | type[FinetuneJob]] = {
-    "PretrainJob": PretrainJob,
-    "FinetuneJob": FinetuneJob,
-}
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """How the API server knows one kind of job (its CRD's names), and the model that reads it."""
+
+    kind: str
+    model: type[PretrainJob] | type[FinetuneJob]
+    group: str
+    version: str
+    plural: str
+    short_name: str
+    #: `kubectl get kubeforge` lists every kind in it.
+    category: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}"
+
+
+#: The two kinds: the CRDs, the pods' labels and the operator's watches all read their names here.
+KINDS: dict[str, JobKind] = {kind.kind: kind for kind in (
+    #       kind           model        group      version  plural          short  category
+    JobKind("PretrainJob", PretrainJob, API_GROUP, VERSION, "pretrainjobs", "ptj", "kubeforge"),
+    JobKind("FinetuneJob", FinetuneJob, API_GROUP, VERSION, "finetunejobs", "ftj", "kubeforge"),
+)}
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -387,10 +411,10 @@ def parse_job(document: Any) -> Job:
     if not isinstance(document, dict):
         raise SpecError([f"(document): expected a mapping, got {type(document).__name__}"])
     kind = document.get("kind")
-    if kind not in JOB_KINDS:
-        raise SpecError([f"kind: must be one of {', '.join(JOB_KINDS)}, got {kind!r}"])
+    if kind not in KINDS:
+        raise SpecError([f"kind: must be one of {', '.join(KINDS)}, got {kind!r}"])
     try:
-        return JOB_KINDS[kind].model_validate(document)
+        return KINDS[kind].model.model_validate(document)
     except ValidationError as exc:
         raise SpecError([_problem(e) for e in exc.errors()]) from None
 

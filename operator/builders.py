@@ -13,9 +13,8 @@ from typing import Any
 import yaml
 
 from kubeforge.operator.settings import OperatorSettings
-from kubeforge.spec import API_VERSION, Job
+from kubeforge.spec import KINDS, Job
 
-KIND_SHORT = {"PretrainJob": "ptj", "FinetuneJob": "ftj"}
 C10D_PORT = 29500
 TERMINATION_LOG = "/dev/termination-log"
 TRAINER_UID = 10001
@@ -40,7 +39,7 @@ class LaunchPlan:
 
 def group_name(job: Job) -> str:
     """The job's headless Service, and the stem of its pod names."""
-    return f"{job.name}-{KIND_SHORT[job.kind]}"
+    return f"{job.name}-{KINDS[job.kind].short_name}"
 
 
 def pod_name(job: Job, rank: int, attempt: int) -> str:
@@ -48,7 +47,7 @@ def pod_name(job: Job, rank: int, attempt: int) -> str:
 
 
 def selector(job: Job) -> dict[str, str]:
-    return {LABEL_JOB: job.name, LABEL_KIND: KIND_SHORT[job.kind]}
+    return {LABEL_JOB: job.name, LABEL_KIND: KINDS[job.kind].short_name}
 
 
 def label_selector(job: Job) -> str:
@@ -58,7 +57,7 @@ def label_selector(job: Job) -> str:
 def owner_reference(job: Job) -> dict[str, Any]:
     if not job.metadata.uid:
         raise ValueError(f"{job.kind} {job.namespace}/{job.name} has no uid: read it from the API server")
-    return {"apiVersion": API_VERSION, "kind": job.kind, "name": job.name, "uid": job.metadata.uid,
+    return {"apiVersion": KINDS[job.kind].api_version, "kind": job.kind, "name": job.name, "uid": job.metadata.uid,
             "controller": True, "blockOwnerDeletion": True}
 
 

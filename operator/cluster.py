@@ -17,10 +17,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubeforge.operator import builders
-from kubeforge.spec import API_GROUP, Job
+from kubeforge.spec import KINDS, Job
 
-VERSION = "v1alpha1"
-PLURALS = {"PretrainJob": "pretrainjobs", "FinetuneJob": "finetunejobs"}
 GPU = "nvidia.com/gpu"
 NOT_FOUND, CONFLICT = 404, 409
 
@@ -65,8 +63,9 @@ class Cluster:
         return self._gpu_nodes[1]
 
     def pretrain_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        found = call_kubeapi(self.custom.get_namespaced_custom_object, API_GROUP, VERSION, namespace,
-                             PLURALS["PretrainJob"], name, tolerate=NOT_FOUND)
+        pretrain = KINDS["PretrainJob"]
+        found = call_kubeapi(self.custom.get_namespaced_custom_object, pretrain.group, pretrain.version, namespace,
+                             pretrain.plural, name, tolerate=NOT_FOUND)
         return dict(found) if found is not None else None
 
     def create(self, body: dict[str, Any]) -> bool:
@@ -79,8 +78,9 @@ class Cluster:
         call_kubeapi(self.core.delete_namespaced_pod, name, namespace, tolerate=NOT_FOUND)
 
     def delete_job(self, job: Job) -> None:
-        call_kubeapi(self.custom.delete_namespaced_custom_object, API_GROUP, VERSION, job.namespace,
-                     PLURALS[job.kind], job.name, propagation_policy="Background", tolerate=NOT_FOUND)
+        kind = KINDS[job.kind]
+        call_kubeapi(self.custom.delete_namespaced_custom_object, kind.group, kind.version, job.namespace,
+                     kind.plural, job.name, propagation_policy="Background", tolerate=NOT_FOUND)
 
 
 class CachedView:
@@ -95,7 +95,7 @@ class CachedView:
         self.pretrain_jobs = pretrain_jobs
 
     def pods(self, job: Job) -> list[dict[str, Any]]:
-        return list(self.job_pods.get((job.namespace, builders.KIND_SHORT[job.kind], job.name), []))
+        return list(self.job_pods.get((job.namespace, KINDS[job.kind].short_name, job.name), []))
 
     def pretrain_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return next(iter(self.pretrain_jobs.get((namespace, name), [])), None)

@@ -11,11 +11,11 @@ import kopf
 from kubernetes import client
 
 from kubeforge.operator import builders
-from kubeforge.operator.cluster import PLURALS, VERSION, CachedView, Cluster
+from kubeforge.operator.cluster import CachedView, Cluster
 from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.reconciler import Operator
 from kubeforge.operator.settings import OperatorSettings
-from kubeforge.spec import API_GROUP
+from kubeforge.spec import KINDS
 
 #: Threads that run the (sync) handlers; the API client keeps as many connections alive.
 WORKERS = 16
@@ -59,20 +59,22 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
     def job_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]): _pod_entry(body)}
 
-    @kopf.index(API_GROUP, VERSION, "pretrainjobs", id="pretrain_jobs", registry=registry)
+    pretrain = KINDS["PretrainJob"]
+
+    @kopf.index(pretrain.group, pretrain.version, pretrain.plural, id="pretrain_jobs", registry=registry)
     def pretrain_jobs(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): {"status": copy.deepcopy(dict(status))}}
 
-    for plural in PLURALS.values():
+    for kind in KINDS.values():
         # One timer per job, and nothing else, reconciles it: its first tick comes as soon as the job
         # appears and its ticks never overlap, so no two reconciliations of a job race on a status the
         # other has not written yet. A spec change (suspend, say) takes effect within a resync interval.
-        @kopf.timer(API_GROUP, VERSION, plural, interval=settings.resync_seconds, registry=registry)
+        @kopf.timer(kind.group, kind.version, kind.plural, interval=settings.resync_seconds, registry=registry)
         def reconcile_job(body: kopf.Body, patch: kopf.Patch, **indexes: Any) -> None:
             cached = CachedView(indexes["job_pods"], indexes["pretrain_jobs"])  # Kopf passes indexes by id
             operator.reconcile(copy.deepcopy(dict(body)), patch, cached)
 
-        @kopf.on.delete(API_GROUP, VERSION, plural, optional=True, registry=registry)
+        @kopf.on.delete(kind.group, kind.version, kind.plural, optional=True, registry=registry)
         def deleted(body: kopf.Body, **_: Any) -> None:
             operator.forget(copy.deepcopy(dict(body)))
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-KINDS = ("PretrainJob", "FinetuneJob")
+from kubeforge.spec import KINDS
+
 KIND_PHASE = ("kind", "phase")
 JOB_PHASE = ("job_namespace", "job_name", "kind", "phase")
 

@@ -19,7 +19,8 @@ from conftest import EXAMPLES, ROOT, example
 from jsonschema import Draft4Validator
 from test_spec import DELETE, with_change
 
-from kubeforge.crds import KINDS, render
+from kubeforge.crds import render
+from kubeforge.spec import KINDS
 
 CRD_DIR = ROOT / "crds"
 PRETRAIN = example("pretrain-tiny.yaml")[0]
@@ -109,10 +110,10 @@ def test_schemas_are_structural() -> None:
 
 
 def test_names_columns_and_status_subresource() -> None:
-    for kind, (_, short) in KINDS.items():
+    for kind, names in KINDS.items():
         crd = yaml.safe_load(crd_file(kind).read_text())
         version = crd["spec"]["versions"][0]
-        assert crd["spec"]["names"]["shortNames"] == [short]
+        assert crd["spec"]["names"]["shortNames"] == [names.short_name]
         assert crd["spec"]["names"]["categories"] == ["kubeforge"]
         assert version["subresources"] == {"status": {}}
         assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Step", "Loss", "Restarts",
