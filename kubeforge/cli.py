@@ -26,9 +26,9 @@ from kubeforge.spec import (
     load_job_file,
     load_jobs,
 )
+from kubeforge.status import EXIT_PERMANENT, TrainerError, TrainerSummary, termination_message
 from kubeforge.storage import StorageError
 
-EXIT_PERMANENT = 2
 DEFAULT_RUN_ROOT = "kubeforge-runs"
 log = logging.getLogger("kubeforge")
 
@@ -80,9 +80,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-SUMMARY_FIELDS = ("step", "totalSteps", "resumedFromStep", "trainLoss", "finalEval", "exportUri", "checkpointUri")
-
-
 def _read_train_spec(args: argparse.Namespace) -> Job:
     if args.spec_env:
         if args.spec_env not in os.environ:
@@ -114,14 +111,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             json.dump(result, handle, indent=2)
     if args.termination_log:
         # Kubernetes keeps at most 4 KiB of it in the pod's status: the operator reads the outcome there.
-        _write_termination_log(args.termination_log, {k: result[k] for k in SUMMARY_FIELDS})
+        _write_termination_log(args.termination_log, TrainerSummary.model_validate(result))
     return 0
 
 
-def _write_termination_log(path: str, summary: dict[str, Any]) -> None:
+def _write_termination_log(path: str, outcome: TrainerSummary | TrainerError) -> None:
     try:
         with open(path, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(summary, separators=(",", ":"))[:4000])
+            handle.write(termination_message(outcome)[:4000])
     except OSError as exc:
         log.warning("cannot write the termination log %s: %s", path, exc)
 
@@ -246,5 +243,5 @@ def _dispatch(args: argparse.Namespace) -> Any:
     if message:
         print(f"error: {message}", file=sys.stderr)
         if getattr(args, "termination_log", None):
-            _write_termination_log(args.termination_log, {"error": message, "permanent": code == EXIT_PERMANENT})
+            _write_termination_log(args.termination_log, TrainerError(error=message, permanent=code == EXIT_PERMANENT))
     return code

@@ -1,4 +1,4 @@
-"""CustomResourceDefinitions generated from the spec models: `kubeforge crds` writes crds/.
+"""CustomResourceDefinitions generated from the spec and status models: `kubeforge crds` writes crds/.
 
 The API server then rejects what the models reject (types, enums, bounds, patterns, required
 fields, CEL rules for cross-field checks and immutability) before the operator ever sees it.
@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from kubeforge.spec import KINDS
+from kubeforge.status import JobStatus
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -33,8 +34,10 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
-def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
-    """Pydantic's JSON Schema as an OpenAPI v3 structural schema: refs inlined, `X | None` as X."""
+def structural(schema: dict[str, Any], defs: dict[str, Any], defaults: bool = True) -> dict[str, Any]:
+    """Pydantic's JSON Schema as an OpenAPI v3 structural schema: refs inlined, `X | None` as X.
+
+    `defaults=False` leaves the model's defaults out: the API server would otherwise fill them in."""
     if "$ref" in schema:
         target = defs[schema["$ref"].rsplit("/", 1)[-1]]
         schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
@@ -42,7 +45,7 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         options = [o for o in schema["anyOf"] if o.get("type") != "null"]
         if len(options) != 1:
             raise ValueError(f"a structural schema cannot express anyOf {schema['anyOf']}")
-        schema = {**structural(options[0], defs), **{k: v for k, v in schema.items() if k != "anyOf"}}
+        schema = {**structural(options[0], defs, defaults), **{k: v for k, v in schema.items() if k != "anyOf"}}
     out: dict[str, Any] = {k: v for k, v in schema.items() if k in KEPT}
     validations = schema.get("x-kubernetes-validations", []) + out.pop("x-kubernetes-validations", [])
     if validations:
@@ -60,16 +63,26 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "const" in schema:
         out["enum"] = [schema["const"]]
     default = _without_nulls(schema.get("default"))
-    if default is not None and default != {}:
+    if defaults and default is not None and default != {}:
         out["default"] = default
     if "properties" in schema:
         out["type"] = "object"
-        out["properties"] = {name: structural(sub, defs) for name, sub in schema["properties"].items()}
+        out["properties"] = {name: structural(sub, defs, defaults) for name, sub in schema["properties"].items()}
     elif schema.get("type") == "object" and "additionalProperties" in schema and schema["additionalProperties"]:
-        out["additionalProperties"] = structural(schema["additionalProperties"], defs)
+        out["additionalProperties"] = structural(schema["additionalProperties"], defs, defaults)
     if "items" in schema:
-        out["items"] = structural(schema["items"], defs)
+        out["items"] = structural(schema["items"], defs, defaults)
     return out
+
+
+def status_schema() -> dict[str, Any]:
+    """The schema of every kind's status, from `JobStatus`.
+
+    No defaults: status holds what the operator wrote and nothing else. Unknown fields are kept, not
+    pruned: they are the operator's or Kopf's, and the API server need not know them to store them."""
+    json_schema = JobStatus.model_json_schema(by_alias=True, mode="validation")
+    schema = structural(json_schema, json_schema.get("$defs", {}), defaults=False)
+    return {**schema, "x-kubernetes-preserve-unknown-fields": True}
 
 
 def crd(kind: str) -> dict[str, Any]:
@@ -101,8 +114,7 @@ def crd(kind: str) -> dict[str, Any]:
                         "kind": {"type": "string"},
                         "metadata": {"type": "object"},
                         "spec": spec_schema,
-                        # Written by the operator only; Kopf keeps its own bookkeeping here too.
-                        "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                        "status": status_schema(),
                     },
                 }},
             }],
@@ -111,7 +123,7 @@ def crd(kind: str) -> dict[str, Any]:
 
 
 def render(kind: str) -> str:
-    header = "# Generated from kubeforge/spec.py by `kubeforge crds`: do not edit.\n"
+    header = "# Generated from kubeforge/spec.py and kubeforge/status.py by `kubeforge crds`: do not edit.\n"
     return header + yaml.safe_dump(crd(kind), sort_keys=False, width=120)
 
 
@@ -130,10 +142,12 @@ def write(directory: Path) -> list[Path]:
 
 REFERENCE_HEADER = """# CRD reference
 
-Generated from kubeforge/spec.py by `kubeforge crds`: do not edit. Every field of `spec`, with its
-type, default and constraints, as the API server enforces them (`kubectl explain ptj.spec` says the
-same). Rules that span fields are listed under the object they apply to.
+Generated from kubeforge/spec.py and kubeforge/status.py by `kubeforge crds`: do not edit. Every
+field of `spec`, with its type, default and constraints, as the API server enforces them (`kubectl
+explain ptj.spec` says the same). Rules that span fields are listed under the object they apply to.
+What each field of `status` means is at the end.
 """
+TABLE_HEADER = "| field | type | required | default | constraints | description |\n|---|---|---|---|---|---|\n"
 
 
 def _type_of(node: dict[str, Any]) -> str:
@@ -189,13 +203,14 @@ def reference() -> str:
         rules: list[str] = []
         _rows(schema["properties"]["spec"], "spec", True, rows, rules)
         sections.append(f"## {kind}\n\n`apiVersion: {names.api_version}`, short name `{names.short_name}`. "
-                        f"{schema['description']}\n\n"
-                        "| field | type | required | default | constraints | description |\n"
-                        "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+                        f"{schema['description']}\n\n" + TABLE_HEADER + "\n".join(rows) + "\n")
         if rules:
             sections.append(f"Rules across fields of a {kind}:\n\n" + "\n".join(rules) + "\n")
-    sections.append("`status` is the operator's to write, and not checked by the schema: phase, reason, conditions, "
-                    "progress (`stepProgress`, `loss`, `evalMetrics`) and, once a job succeeds, `exportUri`.\n")
+    rows = []
+    _rows(status_schema(), "status", False, rows, [])
+    sections.append("## Status\n\nThe same for both kinds, and the operator's to write (from "
+                    "kubeforge/status.py); other fields in it are kept as they are.\n\n"
+                    + TABLE_HEADER + "\n".join(rows) + "\n")
     return "\n".join(sections)
 
 

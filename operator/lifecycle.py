@@ -12,7 +12,6 @@ that observations cannot give back is the gang attempt (`restarts`), the start a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,11 +24,22 @@ from kubeforge.operator.builders import (
     pod_shape,
 )
 from kubeforge.spec import FinetuneJob, Job
-
-PENDING, RUNNING, RESTARTING, SUCCEEDED, FAILED, SUSPENDED = (
-    "Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
-FINISHED = (SUCCEEDED, FAILED)
-EXIT_PERMANENT = 2  # kubeforge.cli.EXIT_PERMANENT; not imported: the CLI pulls more than the operator needs
+from kubeforge.status import (
+    EXIT_PERMANENT,
+    FAILED,
+    FINISHED,
+    PENDING,
+    RESTARTING,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    Condition,
+    JobStatus,
+    Phase,
+    TrainerError,
+    TrainerSummary,
+    read_termination_message,
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class Progress:
 @dataclass(frozen=True)
 class Observed:
     job: Job
+    #: The job's status as the API server has it (JSON): what earlier reconciliations wrote.
     status: dict[str, Any]
     pods: list[dict[str, Any]]
     gpu_nodes: bool
@@ -60,11 +71,16 @@ class Observed:
 
 @dataclass
 class Plan:
-    status: dict[str, Any]
+    job_status: JobStatus
     launch: LaunchPlan | None = None  # create the Service and any missing pod of this attempt
     delete_pods: list[str] = field(default_factory=list)
     delete_job: bool = False
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """The job's whole status as JSON: the reconciler patches the fields that changed."""
+        return self.job_status.to_json()
 
 
 def _iso(moment: datetime) -> str:
@@ -75,17 +91,15 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def set_condition(conditions: list[dict[str, Any]], kind: str, status: bool, reason: str, message: str,
-                  now: datetime, generation: int | None) -> list[dict[str, Any]]:
+def set_condition(conditions: list[Condition], kind: str, status: bool, reason: str, message: str,
+                  now: datetime, generation: int | None) -> list[Condition]:
     """Conditions as the API conventions have them: lastTransitionTime moves only when status does."""
     value = "True" if status else "False"
-    previous = next((c for c in conditions if c["type"] == kind), None)
-    changed_at = previous["lastTransitionTime"] if previous and previous["status"] == value else _iso(now)
-    condition = {"type": kind, "status": value, "reason": reason, "message": message,
-                 "lastTransitionTime": changed_at}
-    if generation is not None:
-        condition["observedGeneration"] = generation
-    return [c for c in conditions if c["type"] != kind] + [condition]
+    previous = next((c for c in conditions if c.type == kind), None)
+    changed_at = previous.last_transition_time if previous and previous.status == value else _iso(now)
+    condition = Condition(type=kind, status=value, reason=reason, message=message, last_transition_time=changed_at,
+                          observed_generation=generation)
+    return [c for c in conditions if c.type != kind] + [condition]
 
 
 def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -95,87 +109,103 @@ def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _summary(pod: dict[str, Any]) -> dict[str, Any]:
-    """The JSON the trainer left in its termination message, if it parses."""
-    message = (_termination(pod) or {}).get("message") or ""
-    try:
-        parsed = json.loads(message)
-    except ValueError:
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
+def _outcome(pod: dict[str, Any]) -> TrainerSummary | TrainerError | None:
+    """What the trainer left in its termination message, if it is a summary or an error."""
+    return read_termination_message((_termination(pod) or {}).get("message") or "")
 
 
 def _failure(pod: dict[str, Any]) -> tuple[int | None, str]:
     terminated = _termination(pod) or {}
     code = terminated.get("exitCode")
-    summary = _summary(pod)
-    detail = summary.get("error") or (terminated.get("message") or "").strip()[-300:] or terminated.get("reason")
+    outcome = _outcome(pod)
+    error = outcome.error if isinstance(outcome, TrainerError) else None
+    detail = error or (terminated.get("message") or "").strip()[-300:] or terminated.get("reason")
     return code, str(detail or pod.get("status", {}).get("reason") or "no reason given")
 
 
 class _Decision:
-    """Accumulates one reconciliation's outcome."""
+    """Accumulates one reconciliation's outcome: the new status, and what to do."""
 
     def __init__(self, seen: Observed, now: datetime):
         self.seen = seen
         self.now = now
-        self.status = dict(seen.status)
-        self.status["conditions"] = list(seen.status.get("conditions", []))
-        self.plan = Plan(status=self.status)
+        self.before = JobStatus.read(seen.status)
+        self.status = JobStatus.read(seen.status)
+        self.launch: LaunchPlan | None = None
+        self.delete_pods: list[str] = []
+        self.delete_job = False
+        self.events: list[tuple[str, str, str]] = []
 
     def condition(self, kind: str, status: bool, reason: str, message: str) -> None:
-        self.status["conditions"] = set_condition(self.status["conditions"], kind, status, reason, message,
-                                                  self.now, self.seen.generation)
+        self.status.conditions = set_condition(self.status.conditions, kind, status, reason, message,
+                                               self.now, self.seen.generation)
 
-    def phase(self, phase: str, reason: str, message: str) -> Plan:
-        previous = self.seen.status.get("phase")
-        self.status["phase"], self.status["reason"], self.status["message"] = phase, reason, message
+    def phase(self, phase: Phase, reason: str, message: str) -> None:
+        self.status.phase, self.status.reason, self.status.message = phase, reason, message
         for kind in (RUNNING, SUCCEEDED, FAILED, SUSPENDED, RESTARTING):
-            if kind == phase or any(c["type"] == kind for c in self.status["conditions"]):
+            if kind == phase or self.status.condition(kind):
                 self.condition(kind, kind == phase, reason, message if kind == phase else "")
-        if phase != previous:
+        if phase != self.before.phase:
             warning = phase in (FAILED, RESTARTING) or (phase == PENDING and reason.startswith("Waiting"))
-            self.plan.events.append(("Warning" if warning else "Normal", reason, message))
-        if phase in FINISHED and not self.status.get("completionTime"):
-            self.status["completionTime"] = _iso(self.now)
-        return self.plan
+            self.events.append(("Warning" if warning else "Normal", reason, message))
+        if phase in FINISHED and not self.status.completion_time:
+            self.status.completion_time = _iso(self.now)
+
+    def plan(self) -> Plan:
+        return Plan(job_status=self.status, launch=self.launch, delete_pods=self.delete_pods,
+                    delete_job=self.delete_job, events=self.events)
 
 
 def reconcile(seen: Observed, now: datetime) -> Plan:
+    """The job's status and what to do about it, from what is observed now."""
     decision = _Decision(seen, now)
-    job, status = seen.job, decision.status
-    spec = job.spec
-    attempt = int(status.get("restarts", 0))
-    status.setdefault("restarts", attempt)
-    status["checkpointUri"] = seen.checkpoint_uri
-    if seen.generation is not None:
-        status["observedGeneration"] = seen.generation
+    _decide(decision)
+    return decision.plan()
 
-    if status.get("phase") in FINISHED:
-        return _after_finish(decision)
+
+def _decide(decision: _Decision) -> None:
+    seen, status, now = decision.seen, decision.status, decision.now
+    job, spec = seen.job, seen.job.spec
+    attempt = status.restarts
+    status.checkpoint_uri = seen.checkpoint_uri
+    if seen.generation is not None:
+        status.observed_generation = seen.generation
+
+    if status.phase in FINISHED:
+        _after_finish(decision)
+        return
 
     live = [p for p in seen.pods if not p["metadata"].get("deletionTimestamp")]
     if spec.suspend:
-        decision.plan.delete_pods = [p["metadata"]["name"] for p in live]
+        decision.delete_pods = [p["metadata"]["name"] for p in live]
         decision.condition(SUSPENDED, True, "Suspended", "spec.suspend is true: pods deleted, checkpoints kept")
-        return decision.phase(SUSPENDED, "Suspended", "spec.suspend is true: pods deleted, checkpoints kept")
+        decision.phase(SUSPENDED, "Suspended", "spec.suspend is true: pods deleted, checkpoints kept")
+        return
 
     base_uri = _base_model(decision)
     if isinstance(job, FinetuneJob) and base_uri is None:
-        return decision.plan
+        return
 
-    if spec.active_deadline_seconds and status.get("startTime"):
-        elapsed = now - parse_time(status["startTime"])
+    if spec.active_deadline_seconds and status.start_time:
+        elapsed = now - parse_time(status.start_time)
         if elapsed >= timedelta(seconds=spec.active_deadline_seconds):
-            decision.plan.delete_pods = [p["metadata"]["name"] for p in live]
-            return decision.phase(FAILED, "DeadlineExceeded",
-                                  f"ran longer than activeDeadlineSeconds ({spec.active_deadline_seconds}s)")
+            decision.delete_pods = [p["metadata"]["name"] for p in live]
+            decision.phase(FAILED, "DeadlineExceeded",
+                           f"ran longer than activeDeadlineSeconds ({spec.active_deadline_seconds}s)")
+            return
 
     current = [p for p in live if p["metadata"]["labels"].get(LABEL_ATTEMPT) == str(attempt)]
-    decision.plan.delete_pods = [p["metadata"]["name"] for p in live if p not in current]
-    if not current:
-        return _launch(decision, attempt, base_uri)
+    decision.delete_pods = [p["metadata"]["name"] for p in live if p not in current]
+    if current:
+        _follow_gang(decision, current, attempt, base_uri)
+    else:
+        _launch(decision, attempt, base_uri)
 
+
+def _follow_gang(decision: _Decision, current: list[dict[str, Any]], attempt: int, base_uri: str | None) -> None:
+    """What the pods of the current attempt say: progress, and whether the gang runs, failed or finished."""
+    job, status = decision.seen.job, decision.status
+    spec = job.spec
     _report_progress(decision)
     if any(p["metadata"].get("annotations", {}).get(ANNOTATION_POD_SHAPE) != pod_shape(job) for p in current):
         decision.condition("SpecChangePending", True, "PodsOutdated",
@@ -185,17 +215,18 @@ def reconcile(seen: Observed, now: datetime) -> Plan:
     workers = spec.resources.workers
     failed = [p for p in current if p.get("status", {}).get("phase") == FAILED]
     vanished = [r for r in range(workers) if r not in phases]
-    if failed or (vanished and decision.seen.status.get("phase") in (RUNNING, RESTARTING)):
-        return _gang_failure(decision, current, failed, vanished, attempt)
-    if vanished:
-        return _launch(decision, attempt, base_uri)  # pods still being created (or lost before starting)
-    if all(phase == SUCCEEDED for phase in phases.values()):
-        return _succeed(decision, current)
-    if all(phase in (RUNNING, SUCCEEDED) for phase in phases.values()):
-        status.setdefault("startTime", _iso(now))
-        return decision.phase(RUNNING, "Training", f"{workers} worker(s) training")
-    return decision.phase(RESTARTING if attempt else PENDING, "PodsStarting",
-                          f"{sum(p == RUNNING for p in phases.values())}/{workers} workers running")
+    if failed or (vanished and decision.before.phase in (RUNNING, RESTARTING)):
+        _gang_failure(decision, current, failed, vanished, attempt)
+    elif vanished:
+        _launch(decision, attempt, base_uri)  # pods still being created (or lost before starting)
+    elif all(phase == SUCCEEDED for phase in phases.values()):
+        _succeed(decision, current)
+    elif all(phase in (RUNNING, SUCCEEDED) for phase in phases.values()):
+        status.start_time = status.start_time or _iso(decision.now)
+        decision.phase(RUNNING, "Training", f"{workers} worker(s) training")
+    else:
+        decision.phase(RESTARTING if attempt else PENDING, "PodsStarting",
+                       f"{sum(p == RUNNING for p in phases.values())}/{workers} workers running")
 
 
 def _base_model(decision: _Decision) -> str | None:
@@ -205,31 +236,31 @@ def _base_model(decision: _Decision) -> str | None:
         return None
     wanted = job.spec.base_model
     if wanted.uri:
-        decision.status["baseModelUri"] = wanted.uri
+        decision.status.base_model_uri = wanted.uri
         return wanted.uri
     name = wanted.from_pretrain_job
     base = decision.seen.base_job
-    base_status = (base or {}).get("status") or {}
+    base_status = JobStatus.read((base or {}).get("status"))
     if base is None:
         reason, message = "BaseModelMissing", f"PretrainJob {name} does not exist in namespace {job.namespace}"
-    elif base_status.get("phase") == FAILED:
-        reason, message = "BaseModelFailed", f"PretrainJob {name} failed: {base_status.get('message', '')}"
-    elif base_status.get("phase") != SUCCEEDED or not base_status.get("exportUri"):
-        progress = base_status.get("stepProgress")
+    elif base_status.phase == FAILED:
+        reason, message = "BaseModelFailed", f"PretrainJob {name} failed: {base_status.message or ''}"
+    elif base_status.phase != SUCCEEDED or not base_status.export_uri:
+        progress = base_status.step_progress
         reason = "BaseModelNotReady"
-        message = f"waiting for PretrainJob {name} to succeed (now {base_status.get('phase', PENDING)}" + (
+        message = f"waiting for PretrainJob {name} to succeed (now {base_status.phase or PENDING}" + (
             f", step {progress})" if progress else ")")
     else:
         decision.condition("WaitingForBaseModel", False, "BaseModelReady",
-                           f"starting from PretrainJob {name}: {base_status['exportUri']}")
-        decision.status["baseModelUri"] = base_status["exportUri"]
-        return str(base_status["exportUri"])
+                           f"starting from PretrainJob {name}: {base_status.export_uri}")
+        decision.status.base_model_uri = base_status.export_uri
+        return base_status.export_uri
     decision.condition("WaitingForBaseModel", True, reason, message)
     decision.phase(PENDING, "WaitingForBaseModel", message)
     return None
 
 
-def _launch(decision: _Decision, attempt: int, base_uri: str | None) -> Plan:
+def _launch(decision: _Decision, attempt: int, base_uri: str | None) -> None:
     job = decision.seen.job
     resources = job.spec.resources
     cpu_fallback = False
@@ -240,42 +271,46 @@ def _launch(decision: _Decision, attempt: int, base_uri: str | None) -> Plan:
             message = (f"no node has allocatable nvidia.com/gpu and {refused_by}: "
                        f"waiting for {resources.gpus_per_worker} GPU(s) per worker")
             decision.condition("WaitingForGPU", True, "NoGPUNodes", message)
-            return decision.phase(PENDING, "WaitingForGPU", message)
+            decision.phase(PENDING, "WaitingForGPU", message)
+            return
         cpu_fallback = True
         decision.condition("CPUFallback", True, "NoGPUNodes",
                            "no node has allocatable nvidia.com/gpu: training on CPU (gloo) as allowed")
     elif resources.gpus_per_worker:
         decision.condition("CPUFallback", False, "GPUsAvailable", "training on GPUs")
-    if any(c["type"] == "WaitingForGPU" for c in decision.status["conditions"]):
+    if decision.status.condition("WaitingForGPU"):
         decision.condition("WaitingForGPU", False, "Scheduled", "pods created")
-    decision.status["device"] = "cpu" if cpu_fallback or not resources.gpus_per_worker else "gpu"
-    decision.plan.launch = LaunchPlan(decision.seen.checkpoint_uri, base_uri, cpu_fallback)
+    decision.status.device = "cpu" if cpu_fallback or not resources.gpus_per_worker else "gpu"
+    decision.launch = LaunchPlan(decision.seen.checkpoint_uri, base_uri, cpu_fallback)
     if attempt:
-        return decision.phase(RESTARTING, "PodsCreated",
-                              f"restart {attempt}: {resources.workers} worker(s) resume from the last checkpoint")
-    return decision.phase(PENDING, "PodsCreated", f"{resources.workers} worker(s) created")
+        decision.phase(RESTARTING, "PodsCreated",
+                       f"restart {attempt}: {resources.workers} worker(s) resume from the last checkpoint")
+    else:
+        decision.phase(PENDING, "PodsCreated", f"{resources.workers} worker(s) created")
 
 
 def _gang_failure(decision: _Decision, current: list[dict[str, Any]], failed: list[dict[str, Any]],
-                  vanished: list[int], attempt: int) -> Plan:
+                  vanished: list[int], attempt: int) -> None:
     job = decision.seen.job
-    decision.plan.delete_pods += [p["metadata"]["name"] for p in current]
+    decision.delete_pods += [p["metadata"]["name"] for p in current]
     causes = []
     for pod in failed:
         code, detail = _failure(pod)
         rank = pod["metadata"]["labels"][LABEL_RANK]
         if code == EXIT_PERMANENT:
-            return decision.phase(FAILED, "PermanentError", f"worker {rank} cannot succeed as written: {detail}")
+            decision.phase(FAILED, "PermanentError", f"worker {rank} cannot succeed as written: {detail}")
+            return
         causes.append(f"worker {rank} exited with code {code}: {detail}")
     causes += [f"worker {rank} disappeared (its node may be gone)" for rank in vanished]
     cause = "; ".join(causes)
     if attempt >= job.spec.backoff_limit:
-        return decision.phase(FAILED, "BackoffLimitExceeded",
-                              f"{attempt} restart(s), backoffLimit {job.spec.backoff_limit}: {cause}")
-    decision.status["restarts"] = attempt + 1
-    return decision.phase(RESTARTING, "GangRestart",
-                          f"{cause}; replacing all {job.spec.resources.workers} worker(s) "
-                          f"(restart {attempt + 1} of at most {job.spec.backoff_limit})")
+        decision.phase(FAILED, "BackoffLimitExceeded",
+                       f"{attempt} restart(s), backoffLimit {job.spec.backoff_limit}: {cause}")
+        return
+    decision.status.restarts = attempt + 1
+    decision.phase(RESTARTING, "GangRestart",
+                   f"{cause}; replacing all {job.spec.resources.workers} worker(s) "
+                   f"(restart {attempt + 1} of at most {job.spec.backoff_limit})")
 
 
 def _report_progress(decision: _Decision) -> None:
@@ -283,42 +318,42 @@ def _report_progress(decision: _Decision) -> None:
     if progress is None:
         return
     status = decision.status
-    status["step"], status["totalSteps"] = progress.step, progress.total_steps
-    status["stepProgress"] = f"{progress.step}/{progress.total_steps}"
+    status.step, status.total_steps = progress.step, progress.total_steps
+    status.step_progress = f"{progress.step}/{progress.total_steps}"
     if progress.loss is not None:
-        status["loss"] = round(progress.loss, 4)
+        status.loss = round(progress.loss, 4)
     if progress.eval_metrics:
-        status["evalMetrics"] = {k: round(v, 4) for k, v in progress.eval_metrics.items()}
+        status.eval_metrics = {k: round(v, 4) for k, v in progress.eval_metrics.items()}
     if progress.last_checkpoint_step:
-        status["lastCheckpointStep"] = progress.last_checkpoint_step
+        status.last_checkpoint_step = progress.last_checkpoint_step
 
 
-def _succeed(decision: _Decision, current: list[dict[str, Any]]) -> Plan:
+def _succeed(decision: _Decision, current: list[dict[str, Any]]) -> None:
     status = decision.status
     rank0 = next((p for p in current if p["metadata"]["labels"][LABEL_RANK] == "0"), current[0])
-    summary = _summary(rank0)
-    if summary:
-        status["step"], status["totalSteps"] = summary["step"], summary["totalSteps"]
-        status["stepProgress"] = f"{summary['step']}/{summary['totalSteps']}"
-        status["lastCheckpointStep"] = summary["step"]
-        status["exportUri"] = summary["exportUri"]
-        status["evalMetrics"] = {k: round(v, 4) for k, v in summary.get("finalEval", {}).items()}
-        if summary.get("trainLoss") is not None:
-            status["loss"] = round(summary["trainLoss"], 4)
-    return decision.phase(SUCCEEDED, "Completed", f"trained to step {status.get('step', '?')}; model at "
-                          f"{status.get('exportUri', 'an unknown location')}")
+    summary = _outcome(rank0)
+    if isinstance(summary, TrainerSummary):
+        status.step, status.total_steps = summary.step, summary.total_steps
+        status.step_progress = f"{summary.step}/{summary.total_steps}"
+        status.last_checkpoint_step = summary.step
+        status.export_uri = summary.export_uri
+        status.eval_metrics = {k: round(v, 4) for k, v in summary.final_eval.items()}
+        if summary.train_loss is not None:
+            status.loss = round(summary.train_loss, 4)
+    step = status.step if status.step is not None else "?"
+    decision.phase(SUCCEEDED, "Completed", f"trained to step {step}; model at "
+                   f"{status.export_uri or 'an unknown location'}")
 
 
-def _after_finish(decision: _Decision) -> Plan:
+def _after_finish(decision: _Decision) -> None:
     spec = decision.seen.job.spec
     live = [p for p in decision.seen.pods if not p["metadata"].get("deletionTimestamp")]
     if spec.clean_pod_policy == "All":
-        decision.plan.delete_pods = [p["metadata"]["name"] for p in live]
+        decision.delete_pods = [p["metadata"]["name"] for p in live]
     elif spec.clean_pod_policy == "Running":
-        decision.plan.delete_pods = [p["metadata"]["name"] for p in live
-                                     if p.get("status", {}).get("phase") not in FINISHED]
-    finished = decision.status.get("completionTime")
+        decision.delete_pods = [p["metadata"]["name"] for p in live
+                                if p.get("status", {}).get("phase") not in FINISHED]
+    finished = decision.status.completion_time
     if spec.ttl_seconds_after_finished is not None and finished:
-        decision.plan.delete_job = decision.now >= parse_time(finished) + timedelta(
+        decision.delete_job = decision.now >= parse_time(finished) + timedelta(
             seconds=spec.ttl_seconds_after_finished)
-    return decision.plan

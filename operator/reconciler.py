@@ -14,11 +14,12 @@ import kopf
 
 from kubeforge.operator import builders
 from kubeforge.operator.cluster import CachedView, Cluster
-from kubeforge.operator.lifecycle import FAILED, RESTARTING, SUCCEEDED, Observed, Plan, parse_time, reconcile
+from kubeforge.operator.lifecycle import Observed, Plan, parse_time, reconcile
 from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.progress import scrape
 from kubeforge.operator.settings import OperatorSettings
 from kubeforge.spec import Job, SpecError, checkpoint_uri, parse_job
+from kubeforge.status import FAILED, PENDING, RESTARTING, SUCCEEDED, JobStatus
 
 
 def _rank0_ip(pods: list[dict[str, Any]], attempt: int) -> str | None:
@@ -58,11 +59,12 @@ class Operator:
 
     def _reconcile(self, body: dict[str, Any], patch: kopf.Patch, cached: CachedView | None) -> None:
         status = dict(body.get("status") or {})
+        before = JobStatus.read(status)
         try:
             job = parse_job(body)
         except SpecError as exc:
             # The API server accepted it (an older CRD, or a check only the model makes): refuse here.
-            self._invalid(body, patch, status, exc)
+            self._invalid(body, patch, before, exc)
             return
         pods, plan = self._plan(job, body, status, cached or self.cluster)
         if cached is not None and (plan.launch or plan.delete_pods or plan.delete_job or plan.events):
@@ -73,12 +75,12 @@ class Operator:
         changed = {k: v for k, v in plan.status.items() if status.get(k) != v}
         for key, value in changed.items():
             patch.status[key] = value
-        self._count(job, status, plan)
+        self._count(job, before, plan.job_status)
 
     def _plan(self, job: Job, body: dict[str, Any], status: dict[str, Any],
               source: Cluster | CachedView) -> tuple[list[dict[str, Any]], Plan]:
         pods = source.pods(job)
-        attempt = int(status.get("restarts", 0))
+        attempt = JobStatus.read(status).restarts
         base_job = None
         if job.kind == "FinetuneJob" and job.spec.base_model.from_pretrain_job:  # type: ignore[union-attr]
             base_job = source.pretrain_job(job.namespace, job.spec.base_model.from_pretrain_job)  # type: ignore[union-attr]
@@ -96,7 +98,7 @@ class Operator:
         if plan.launch is not None:
             existing = {p["metadata"]["name"] for p in pods}
             self.cluster.create(builders.get_service(job))
-            attempt = int(plan.status.get("restarts", 0))
+            attempt = plan.job_status.restarts
             created = [self.cluster.create(pod) for pod in builders.get_pods(job, attempt, plan.launch,
                                                                             self.settings)
                        if pod["metadata"]["name"] not in existing]
@@ -108,30 +110,30 @@ class Operator:
         if plan.delete_job:
             self.cluster.delete_job(job)
 
-    def _count(self, job: Job, before: dict[str, Any], plan: Plan) -> None:
-        phase = plan.status.get("phase", "Pending")
+    def _count(self, job: Job, before: JobStatus, after: JobStatus) -> None:
+        phase = after.phase or PENDING
         self.metrics.record_phase(job.kind, job.namespace, job.name, phase)
-        if phase == before.get("phase"):
+        if phase == before.phase:
             return
         if phase == SUCCEEDED:
             self.metrics.succeeded.labels(job.kind).inc()
         elif phase == FAILED:
-            self.metrics.failed.labels(job.kind, plan.status.get("reason", "")).inc()
-        elif phase == RESTARTING and plan.status.get("restarts", 0) > before.get("restarts", 0):
+            self.metrics.failed.labels(job.kind, after.reason or "").inc()
+        elif phase == RESTARTING and after.restarts > before.restarts:
             self.metrics.restarted.labels(job.kind).inc()
 
-    def _invalid(self, body: dict[str, Any], patch: kopf.Patch, status: dict[str, Any], exc: SpecError) -> None:
+    def _invalid(self, body: dict[str, Any], patch: kopf.Patch, before: JobStatus, exc: SpecError) -> None:
         message = "; ".join(exc.problems)
         generation = body["metadata"].get("generation")
         kind, metadata = body["kind"], body["metadata"]
-        if status.get("phase") != FAILED or status.get("message") != message:
+        if before.phase != FAILED or before.message != message:
             patch.status["phase"] = FAILED
             patch.status["reason"] = "InvalidSpec"
             patch.status["message"] = message
             kopf.event(cast(kopf.Body, body), type="Warning", reason="InvalidSpec", message=message)
-            if status.get("phase") != FAILED:
+            if before.phase != FAILED:
                 self.metrics.failed.labels(kind, "InvalidSpec").inc()
-        if status.get("observedGeneration") != generation:
+        if before.observed_generation != generation:
             patch.status["observedGeneration"] = generation
         self.metrics.record_phase(kind, metadata["namespace"], metadata["name"], FAILED)
 
