@@ -99,6 +99,8 @@ def _read_train_spec(args: argparse.Namespace) -> Job:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """What a pod runs: one job, its URIs given by the operator (or defaulted as `run` does)."""
+    if args.processes > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_processes(args)
     from kubeforge.trainer.loop import train
 
     job = _read_train_spec(args)
@@ -116,6 +118,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Kubernetes keeps at most 4 KiB of it in the pod's status: the operator reads the outcome there.
         _write_termination_log(args.termination_log, {k: result[k] for k in SUMMARY_FIELDS})
     return 0
+
+
+def _launch_processes(args: argparse.Namespace) -> int:
+    """`train --processes N`: this same command once per local rank, supervised (a pod with N GPUs)."""
+    from kubeforge.trainer.launcher import launch
+
+    if args.spec == "-":
+        raise SpecError(["--spec: standard input cannot feed several processes; use a file or --spec-env"])
+    command = [sys.executable, "-m", "kubeforge", "--log-level", "debug" if args.verbose else args.log_level, "train"]
+    command += ["--spec-env", args.spec_env] if args.spec_env else ["--spec", args.spec]
+    for flag, value in (("--checkpoint-uri", args.checkpoint_uri), ("--base-model-uri", args.base_model_uri),
+                        ("--result", args.result), ("--termination-log", args.termination_log)):
+        if value:
+            command += [flag, value]
+    return launch(args.processes, command)
 
 
 def _write_termination_log(path: str, summary: dict[str, Any]) -> None:
@@ -169,6 +186,16 @@ def cmd_operator(args: argparse.Namespace) -> int:
 PEERING_NAME = "kubeforge"
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def peering_priority(text: str) -> int:
     """An integer, or `random`: Kopf pauses every replica when two share the highest priority, so the
     replicas of one Deployment each draw their own and the others stand by until the highest goes."""
@@ -202,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--base-model-uri", help="the resolved base model of a FinetuneJob")
     train.add_argument("--result", help="write the result JSON here")
     train.add_argument("--termination-log", help="write a short JSON summary (or the error) here on exit")
+    train.add_argument("--processes", type=_positive, default=1,
+                       help="trainer processes in this pod, one per GPU: ranks NODE_RANK * N + local rank "
+                            "of WORLD_SIZE (default: 1, this process)")
     train.set_defaults(handler=cmd_train)
 
     validate = commands.add_parser("validate", help="check manifests against the job spec")

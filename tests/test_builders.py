@@ -10,9 +10,9 @@ from test_spec import with_change
 
 from kubeforge.operator.builders import (
     LaunchPlan,
-    get_pod,
-    get_pods,
-    get_service,
+    build_pod,
+    build_pods,
+    build_service,
     label_selector,
     pod_shape,
 )
@@ -39,8 +39,8 @@ def env_of(pod: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_one_pod_per_worker_with_its_rank_and_rendezvous() -> None:
-    distributed = job(resources={"workers": 3, "gpusPerWorker": 2})
-    pods = get_pods(distributed, attempt=1, plan=GPU_PLAN, settings=SETTINGS)
+    distributed = job(resources={"workers": 3, "gpusPerWorker": 1})
+    pods = build_pods(distributed, attempt=1, plan=GPU_PLAN, settings=SETTINGS)
     assert [p["metadata"]["name"] for p in pods] == [f"tiny-shakespeare-ptj-w{r}-a1" for r in range(3)]
     for rank, pod in enumerate(pods):
         env = env_of(pod)
@@ -50,7 +50,7 @@ def test_one_pod_per_worker_with_its_rank_and_rendezvous() -> None:
         assert pod["metadata"]["labels"]["kubeforge.io/rank"] == str(rank)
         assert pod["metadata"]["labels"]["kubeforge.io/attempt"] == "1"
         assert pod["spec"]["restartPolicy"] == "Never"
-    service = get_service(distributed)
+    service = build_service(distributed)
     assert service["metadata"]["name"] == "tiny-shakespeare-ptj"
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     assert service["spec"]["selector"] == {"kubeforge.io/job-name": "tiny-shakespeare", "kubeforge.io/job-kind": "ptj"}
@@ -58,7 +58,7 @@ def test_one_pod_per_worker_with_its_rank_and_rendezvous() -> None:
 
 
 def test_gpu_pods_request_gpus_and_the_gpu_image() -> None:
-    pod = get_pod(job(resources={"gpusPerWorker": 4, "cpu": "8", "memory": "32Gi"}), 0, 0, GPU_PLAN, SETTINGS)
+    pod = build_pod(job(resources={"gpusPerWorker": 4, "cpu": "8", "memory": "32Gi"}), 0, 0, GPU_PLAN, SETTINGS)
     container = pod["spec"]["containers"][0]
     assert container["image"] == "reg/trainer:1"
     assert container["resources"] == {"requests": {"cpu": "8", "memory": "32Gi"},
@@ -68,7 +68,7 @@ def test_gpu_pods_request_gpus_and_the_gpu_image() -> None:
 
 def test_cpu_fallback_pods_have_no_gpu_and_the_cpu_image() -> None:
     plan = LaunchPlan(GPU_PLAN.checkpoint_uri, None, cpu_fallback=True)
-    pod = get_pod(job(), 0, 0, plan, SETTINGS)
+    pod = build_pod(job(), 0, 0, plan, SETTINGS)
     container = pod["spec"]["containers"][0]
     assert container["image"] == "reg/trainer-cpu:1"
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
@@ -80,7 +80,7 @@ def test_the_trainer_command_carries_the_job_and_its_uris() -> None:
     finetune = job(example("finetune-lora-classify.yaml")[0])
     plan = LaunchPlan("s3://models/kf/default/finetunejob/review-sentiment-6c1f0e2a",
                       "s3://models/kf/default/pretrainjob/tiny-shakespeare-11111111/export", False)
-    pod = get_pod(finetune, 0, 0, plan, SETTINGS)
+    pod = build_pod(finetune, 0, 0, plan, SETTINGS)
     container = pod["spec"]["containers"][0]
     assert container["command"] == [
         "kubeforge", "train", "--spec-env", "KUBEFORGE_JOB", "--checkpoint-uri", plan.checkpoint_uri,
@@ -92,34 +92,34 @@ def test_the_trainer_command_carries_the_job_and_its_uris() -> None:
 
 
 def test_s3_credentials_travel_only_by_reference() -> None:
-    pod = get_pod(job(s3={"endpointUrl": "http://ceph:7480", "credentialsSecret": "team-s3"}), 0, 0, GPU_PLAN,
+    pod = build_pod(job(s3={"endpointUrl": "http://ceph:7480", "credentialsSecret": "team-s3"}), 0, 0, GPU_PLAN,
                   SETTINGS)
     container = pod["spec"]["containers"][0]
     assert container["envFrom"] == [{"secretRef": {"name": "team-s3"}}]
     env = env_of(pod)
     assert env["AWS_ENDPOINT_URL"] == "http://ceph:7480"
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
-    default = get_pod(job(), 0, 0, GPU_PLAN, SETTINGS)
+    default = build_pod(job(), 0, 0, GPU_PLAN, SETTINGS)
     assert default["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "kubeforge-s3"}}]
     assert env_of(default)["AWS_ENDPOINT_URL"] == "http://minio.storage:9000"
 
 
 def test_metrics_port_and_scrape_annotations() -> None:
-    pod = get_pod(job(metrics={"port": 9400}), 0, 0, GPU_PLAN, SETTINGS)
+    pod = build_pod(job(metrics={"port": 9400}), 0, 0, GPU_PLAN, SETTINGS)
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9400"
     assert {"name": "metrics", "containerPort": 9400} in pod["spec"]["containers"][0]["ports"]
     assert env_of(pod)["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-    quiet = get_pod(job(metrics={"port": 0}), 0, 0, GPU_PLAN, SETTINGS)
+    quiet = build_pod(job(metrics={"port": 0}), 0, 0, GPU_PLAN, SETTINGS)
     assert "prometheus.io/scrape" not in quiet["metadata"]["annotations"]
 
 
 def test_pods_are_owned_by_the_job_and_run_as_non_root() -> None:
-    pod = get_pod(job(), 0, 0, GPU_PLAN, SETTINGS)
+    pod = build_pod(job(), 0, 0, GPU_PLAN, SETTINGS)
     assert pod["metadata"]["ownerReferences"] == [{
         "apiVersion": "kubeforge.io/v1alpha1", "kind": "PretrainJob", "name": "tiny-shakespeare", "uid": UID,
         "controller": True, "blockOwnerDeletion": True}]
-    assert get_service(job())["metadata"]["ownerReferences"] == pod["metadata"]["ownerReferences"]
+    assert build_service(job())["metadata"]["ownerReferences"] == pod["metadata"]["ownerReferences"]
     security = pod["spec"]["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
     assert pod["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False

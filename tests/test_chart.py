@@ -393,7 +393,7 @@ def test_monitors_scrape_the_operator_and_the_trainer_pods(chart: helm.Chart) ->
     manifest = copy.deepcopy(example("pretrain-tiny.yaml")[0])
     manifest["metadata"]["uid"] = "0123456789abcdef"
     manifest["spec"]["metrics"] = {"port": 9090}
-    pod = builders.get_pod(parse_job(manifest), 0, 0, builders.LaunchPlan("s3://b/j", None, True), OperatorSettings())
+    pod = builders.build_pod(parse_job(manifest), 0, 0, builders.LaunchPlan("s3://b/j", None, True), OperatorSettings())
     pod_monitor = only(objects, "PodMonitor")
     assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] in {
