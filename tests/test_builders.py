@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import yaml
@@ -11,13 +12,14 @@ from test_spec import with_change
 from kubeforge.operator.builders import (
     LaunchPlan,
     build_pod,
+    build_pod_group,
     build_pods,
     build_service,
     label_selector,
     pod_shape,
 )
 from kubeforge.operator.settings import OperatorSettings
-from kubeforge.spec import parse_job
+from kubeforge.spec import GangSpec, PodTemplateSpec, parse_job
 
 UID = "6c1f0e2a-58d4-4f7e-9d7a-0b5e2c1d9f33"
 SETTINGS = OperatorSettings(trainer_image="reg/trainer:1", trainer_cpu_image="reg/trainer-cpu:1",
@@ -131,3 +133,119 @@ def test_pod_shape_changes_with_resources_but_not_with_training() -> None:
     assert pod_shape(job(resources={"workers": 2})) != base
     assert pod_shape(job(suspend=True)) == base
     assert pod_shape(job(training={"maxSteps": 900})) == base
+
+
+def test_a_pod_runs_one_process_per_gpu_with_global_ranks() -> None:
+    gpus = job(resources={"workers": 2, "gpusPerWorker": 4}, metrics={"port": 9090})
+    for rank, pod in enumerate(build_pods(gpus, 0, GPU_PLAN, SETTINGS)):
+        container = pod["spec"]["containers"][0]
+        assert container["command"][container["command"].index("--processes") + 1] == "4"
+        env = env_of(pod)
+        assert env["NODE_RANK"] == str(rank) and env["WORLD_SIZE"] == "8"
+        # The launcher sets RANK and LOCAL_RANK per process: the pod must not pin them.
+        assert "RANK" not in env and "LOCAL_RANK" not in env
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+        assert [p["containerPort"] for p in container["ports"] if p["name"].startswith("metrics")] == \
+            [9090, 9091, 9092, 9093]
+    # On CPU fallback the world keeps its size (same data per step), and processesPerWorker says it on CPU.
+    fallback = build_pod(gpus, 0, 0, LaunchPlan("s3://b/j", None, cpu_fallback=True), SETTINGS)
+    assert "--processes" in fallback["spec"]["containers"][0]["command"]
+    cpu = build_pod(job(resources={"workers": 2, "gpusPerWorker": 0, "processesPerWorker": 2}), 1, 0, GPU_PLAN,
+                    SETTINGS)
+    assert env_of(cpu)["WORLD_SIZE"] == "4" and env_of(cpu)["NODE_RANK"] == "1"
+    single = build_pod(job(), 0, 0, GPU_PLAN, SETTINGS)
+    assert "--processes" not in single["spec"]["containers"][0]["command"]
+
+
+TEMPLATE = {
+    "labels": {"team": "nlp"}, "annotations": {"cost-center": "42"},
+    "nodeSelector": {"pool": "h100"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+    "priorityClassName": "training", "runtimeClassName": "nvidia",
+    "imagePullSecrets": [{"name": "registry"}],
+    "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": "datasets"}}],
+    "volumeMounts": [{"name": "cache", "mountPath": "/data", "readOnly": True}],
+    "shmSize": "16Gi", "env": [{"name": "NCCL_DEBUG", "value": "INFO"},
+                               {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+}
+
+
+def test_the_pod_template_reaches_the_pod() -> None:
+    pod = build_pod(job(podTemplate=TEMPLATE), 0, 0, GPU_PLAN, SETTINGS)
+    spec, container = pod["spec"], pod["spec"]["containers"][0]
+    assert pod["metadata"]["labels"]["team"] == "nlp" and pod["metadata"]["annotations"]["cost-center"] == "42"
+    assert spec["nodeSelector"] == {"pool": "h100"}
+    assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                                   TEMPLATE["tolerations"][0]]
+    assert spec["affinity"] == TEMPLATE["affinity"]
+    assert (spec["priorityClassName"], spec["runtimeClassName"]) == ("training", "nvidia")
+    assert spec["imagePullSecrets"] == [{"name": "registry"}]
+    assert {"name": "cache", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": False}} in spec["volumes"]
+    assert {"name": "cache", "mountPath": "/data", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in spec["volumes"]
+    env = env_of(pod)
+    assert env["NCCL_DEBUG"] == "INFO" and env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert "schedulerName" not in spec  # the cluster's default scheduler
+
+
+def test_operator_defaults_merge_under_the_job_template() -> None:
+    defaults = PodTemplateSpec.model_validate({
+        "labels": {"team": "platform", "billing": "gpu"}, "nodeSelector": {"pool": "a100"},
+        "tolerations": [{"key": "gpu-pool", "operator": "Exists"}], "priorityClassName": "batch",
+        "env": [{"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "NCCL_IB_DISABLE", "value": "1"}],
+        "imagePullSecrets": [{"name": "cluster-registry"}]})
+    settings = replace(SETTINGS, pod_defaults=defaults)
+    pod = build_pod(job(podTemplate=TEMPLATE), 0, 0, GPU_PLAN, settings)
+    # Maps key by key and single values: the job wins where it speaks, the defaults fill the rest.
+    assert pod["metadata"]["labels"]["team"] == "nlp" and pod["metadata"]["labels"]["billing"] == "gpu"
+    assert pod["spec"]["nodeSelector"] == {"pool": "h100"} and pod["spec"]["priorityClassName"] == "training"
+    # Lists: tolerations and pull secrets add up; env merges by name.
+    assert {"key": "gpu-pool", "operator": "Exists"} in pod["spec"]["tolerations"]
+    assert TEMPLATE["tolerations"][0] in pod["spec"]["tolerations"]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "cluster-registry"}, {"name": "registry"}]
+    env = env_of(pod)
+    assert env["NCCL_DEBUG"] == "INFO" and env["NCCL_IB_DISABLE"] == "1"
+    # A job without a template gets the defaults as they are.
+    plain = build_pod(job(), 0, 0, GPU_PLAN, settings)
+    assert plain["spec"]["priorityClassName"] == "batch" and plain["spec"]["nodeSelector"] == {"pool": "a100"}
+
+
+def test_kueue_admits_each_attempt_as_one_pod_group() -> None:
+    queued = job(resources={"workers": 3}, gang={"queueName": "team-a"})
+    for attempt in (0, 1):
+        for pod in build_pods(queued, attempt, GPU_PLAN, SETTINGS):
+            labels, annotations = pod["metadata"]["labels"], pod["metadata"]["annotations"]
+            assert labels["kueue.x-k8s.io/queue-name"] == "team-a"
+            assert labels["kueue.x-k8s.io/pod-group-name"] == f"tiny-shakespeare-ptj-a{attempt}"
+            assert annotations["kueue.x-k8s.io/pod-group-total-count"] == "3"
+    assert build_pod_group(queued, SETTINGS) is None  # Kueue needs no PodGroup object
+    plain = build_pod(job(), 0, 0, GPU_PLAN, SETTINGS)
+    assert not any(k.startswith("kueue.x-k8s.io/") for k in plain["metadata"]["labels"])
+
+
+def test_volcano_and_coscheduling_get_a_pod_group_of_all_workers() -> None:
+    volcano = job(resources={"workers": 4}, gang={"podGroup": "volcano"}, podTemplate={"priorityClassName": "high"})
+    group = build_pod_group(volcano, SETTINGS)
+    assert group is not None
+    assert (group["apiVersion"], group["kind"], group["metadata"]["name"]) == (
+        "scheduling.volcano.sh/v1beta1", "PodGroup", "tiny-shakespeare-ptj")
+    assert group["spec"] == {"minMember": 4, "priorityClassName": "high"}
+    assert group["metadata"]["ownerReferences"][0]["uid"] == UID
+    pod = build_pod(volcano, 2, 0, GPU_PLAN, SETTINGS)
+    assert pod["spec"]["schedulerName"] == "volcano"
+    assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == "tiny-shakespeare-ptj"
+
+    cosched = job(resources={"workers": 2}, gang={"podGroup": "coscheduling"})
+    group = build_pod_group(cosched, SETTINGS)
+    assert group is not None and group["apiVersion"] == "scheduling.x-k8s.io/v1alpha1"
+    assert group["spec"] == {"minMember": 2}
+    pod = build_pod(cosched, 0, 0, GPU_PLAN, SETTINGS)
+    assert pod["spec"]["schedulerName"] == "scheduler-plugins-scheduler"
+    assert pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == "tiny-shakespeare-ptj"
+    # The operator's default gang applies to jobs that name none; a job's own wins.
+    settings = replace(SETTINGS, gang_defaults=GangSpec(pod_group="coscheduling", queue_name="default"))
+    assert build_pod_group(job(), settings)["apiVersion"] == "scheduling.x-k8s.io/v1alpha1"  # type: ignore[index]
+    assert build_pod_group(volcano, settings)["apiVersion"] == "scheduling.volcano.sh/v1beta1"  # type: ignore[index]
+    assert build_pod(job(), 0, 0, GPU_PLAN, settings)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "default"
