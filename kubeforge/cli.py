@@ -159,6 +159,45 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    """Print what the operator would create for each job, as `helm template` does for a chart."""
+    import yaml
+
+    from kubeforge.operator import builders
+    from kubeforge.operator.settings import OperatorSettings
+
+    jobs = load_job_file(args.file)
+    flags = {variable: getattr(args, name) for name, variable in RENDER_SETTINGS.items()
+             if getattr(args, name) is not None}
+    try:
+        settings = OperatorSettings.from_env({**os.environ, **flags})
+    except ValueError as exc:
+        raise SpecError([f"operator settings: {exc}"]) from None
+    documents: list[dict[str, Any]] = []
+    for job in jobs:
+        root = checkpoint_uri(job, settings.storage_root)
+        base = resolve_base_model(job, jobs, settings.storage_root) if isinstance(job, FinetuneJob) else None
+        plan = builders.LaunchPlan(root, base, cpu_fallback=args.cpu_fallback)
+        group = builders.build_pod_group(job, settings)
+        documents += [builders.build_service(job), *([group] if group else []),
+                      *builders.build_pods(job, args.attempt, plan, settings)]
+    sys.stdout.write(yaml.safe_dump_all(documents, sort_keys=False, width=120))
+    return 0
+
+
+#: `render` flags that override an operator setting, with the environment variable each overrides.
+RENDER_SETTINGS = {
+    "trainer_image": "KUBEFORGE_TRAINER_IMAGE",
+    "trainer_cpu_image": "KUBEFORGE_TRAINER_CPU_IMAGE",
+    "storage_root": "KUBEFORGE_STORAGE_ROOT",
+    "s3_endpoint": "KUBEFORGE_S3_ENDPOINT",
+    "s3_credentials_secret": "KUBEFORGE_S3_CREDENTIALS_SECRET",
+    "pod_defaults": "KUBEFORGE_POD_DEFAULTS",
+    "gang_defaults": "KUBEFORGE_GANG_DEFAULTS",
+    "coscheduling_scheduler": "KUBEFORGE_COSCHEDULING_SCHEDULER",
+}
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     """Run the Kopf operator with settings from the environment (the Helm chart sets them)."""
     import kopf
@@ -246,6 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Kopf peering priority: the highest live one works, the others stand by; "
                                "'random' for replicas of one Deployment (default: 0)")
     operator.set_defaults(handler=cmd_operator)
+
+    render = commands.add_parser(
+        "render", help="print the Service, PodGroup and pods the operator would create for a job",
+        description="Settings come from the operator's environment variables (as the chart sets them); "
+                    "each flag overrides one.")
+    render.add_argument("file", help="a job manifest (several documents: every job)")
+    for name, variable in RENDER_SETTINGS.items():
+        render.add_argument("--" + name.replace("_", "-"), help=f"overrides {variable}"
+                            + (" (JSON)" if name.endswith("_defaults") else ""))
+    render.add_argument("--cpu-fallback", action="store_true",
+                        help="render the CPU fallback pods (what a cluster without GPUs gets)")
+    render.add_argument("--attempt", type=int, default=0, help="the gang attempt (restarts so far; default 0)")
+    render.set_defaults(handler=cmd_render)
 
     crds = commands.add_parser("crds", help="write the CRDs generated from the job spec")
     crds.add_argument("--output", default="crds", help="directory (default: crds)")

@@ -68,11 +68,24 @@ def label_selector(job: Job) -> str:
     return ",".join(f"{k}={v}" for k, v in selector(job).items())
 
 
-def owner_reference(job: Job) -> dict[str, Any]:
+def owner_references(job: Job) -> list[dict[str, Any]]:
+    """The job owns its objects, so deleting it deletes them. A job read from the API server always
+    has a uid; one read from a file (`kubeforge render`) has none, and its objects no owner yet."""
     if not job.metadata.uid:
-        raise ValueError(f"{job.kind} {job.namespace}/{job.name} has no uid: read it from the API server")
-    return {"apiVersion": API_VERSION, "kind": job.kind, "name": job.name, "uid": job.metadata.uid,
-            "controller": True, "blockOwnerDeletion": True}
+        return []
+    return [{"apiVersion": API_VERSION, "kind": job.kind, "name": job.name, "uid": job.metadata.uid,
+             "controller": True, "blockOwnerDeletion": True}]
+
+
+def _metadata(job: Job, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None
+              ) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "namespace": job.namespace, "labels": labels}
+    if annotations is not None:
+        metadata["annotations"] = annotations
+    owners = owner_references(job)
+    if owners:
+        metadata["ownerReferences"] = owners
+    return metadata
 
 
 def pod_shape(job: Job) -> str:
@@ -89,9 +102,7 @@ def build_service(job: Job) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": group_name(job), "namespace": job.namespace,
-                     "labels": {LABEL_MANAGED_BY: "kubeforge", **selector(job)},
-                     "ownerReferences": [owner_reference(job)]},
+        "metadata": _metadata(job, group_name(job), {LABEL_MANAGED_BY: "kubeforge", **selector(job)}),
         "spec": {
             "clusterIP": "None",
             # Rendezvous must work before the pods are Ready: they become ready only by training.
@@ -126,9 +137,7 @@ def build_pod_group(job: Job, settings: OperatorSettings) -> dict[str, Any] | No
     return {
         "apiVersion": POD_GROUP_API[kind],
         "kind": "PodGroup",
-        "metadata": {"name": group_name(job), "namespace": job.namespace,
-                     "labels": {LABEL_MANAGED_BY: "kubeforge", **selector(job)},
-                     "ownerReferences": [owner_reference(job)]},
+        "metadata": _metadata(job, group_name(job), {LABEL_MANAGED_BY: "kubeforge", **selector(job)}),
         "spec": spec,
     }
 
@@ -267,14 +276,10 @@ def build_pod(job: Job, rank: int, attempt: int, plan: LaunchPlan, settings: Ope
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {
-            "name": pod_name(job, rank, attempt),
-            "namespace": job.namespace,
-            "labels": {**(template.labels or {}), **gang_labels, LABEL_MANAGED_BY: "kubeforge", **selector(job),
-                       LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)},
-            "annotations": annotations,
-            "ownerReferences": [owner_reference(job)],
-        },
+        "metadata": _metadata(job, pod_name(job, rank, attempt),
+                              {**(template.labels or {}), **gang_labels, LABEL_MANAGED_BY: "kubeforge",
+                               **selector(job), LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)},
+                              annotations),
         "spec": pod_spec,
     }
 

@@ -157,7 +157,7 @@ def test_a_pod_runs_one_process_per_gpu_with_global_ranks() -> None:
     assert "--processes" not in single["spec"]["containers"][0]["command"]
 
 
-TEMPLATE = {
+TEMPLATE: dict[str, Any] = {
     "labels": {"team": "nlp"}, "annotations": {"cost-center": "42"},
     "nodeSelector": {"pool": "h100"},
     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
