@@ -24,7 +24,7 @@ from kubeforge.cli import PEERING_NAME, build_parser
 from kubeforge.operator import builders
 from kubeforge.operator.lifecycle import Observed, reconcile
 from kubeforge.operator.settings import OperatorSettings
-from kubeforge.spec import parse_job
+from kubeforge.spec import GangSpec, PodTemplateSpec, parse_job
 
 CHART = ROOT / "charts" / "kubeforge"
 RELEASE, NAMESPACE = "kubeforge", "kubeforge-system"
@@ -290,7 +290,11 @@ def test_the_values_reach_the_operator_settings(chart: helm.Chart) -> None:
         trainer_cpu_image="registry.example.com/kubeforge/trainer-cpu:0.1.0",
         storage_root="s3://ml-models/kubeforge", s3_endpoint=None, s3_credentials_secret="kubeforge-s3",
         resync_seconds=5.0, metrics_port=8080, namespaces=("ml-research", "ml-prod"),
-        image_pull_policy="IfNotPresent", allow_cpu_fallback=False)
+        image_pull_policy="IfNotPresent", allow_cpu_fallback=False,
+        pod_defaults=PodTemplateSpec.model_validate({
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
+            "nodeSelector": {"node-pool": "gpu"}}),
+        gang_defaults=GangSpec(queue_name="default"))
     kind = OperatorSettings.from_env(container_env(render(chart, VALUE_SETS["kind-cpu"])))
     assert (kind.trainer_cpu_image, kind.image_pull_policy, kind.allow_cpu_fallback, kind.namespaces) == (
         "kubeforge-trainer-cpu:dev", "Never", True, ())
