@@ -218,8 +218,10 @@ async def test_two_pods_of_two_processes_and_one_killed_process_restarts_the_gan
             return current if current.get("lastCheckpointStep", 0) >= 10 and current.get("step", 0) < 50 else None
 
         before = await cluster.wait_for(checkpointed, 300, "a committed checkpoint mid-run")
-        launcher = (await kubelet.wait_running("quad-ptj-w1-a0")).process.pid
-        trainers = child_pids(launcher)
+        assert before["restarts"] == 0, (before, kubelet.all_logs()[-5000:])
+        run = await kubelet.wait_running("quad-ptj-w1-a0")
+        assert run.process.returncode is None, (run.process.returncode, kubelet.logs("quad-ptj-w1-a0")[-5000:])
+        trainers = child_pids(run.process.pid)
         assert len(trainers) == 2, trainers  # one process per local rank in the pod
         os.kill(trainers[1], signal.SIGKILL)  # one process of one pod: global rank 3
         restarting = await cluster.wait_for(lambda: phase_is(cluster, PTJ, "quad", "Restarting"), 60,
