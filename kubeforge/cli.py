@@ -96,6 +96,8 @@ def _read_train_spec(args: argparse.Namespace) -> Job:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """What a pod runs: one job, its URIs given by the operator (or defaulted as `run` does)."""
+    if args.processes > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_processes(args)
     from kubeforge.trainer.loop import train
 
     job = _read_train_spec(args)
@@ -113,6 +115,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Kubernetes keeps at most 4 KiB of it in the pod's status: the operator reads the outcome there.
         _write_termination_log(args.termination_log, TrainerSummary.model_validate(result))
     return 0
+
+
+def _launch_processes(args: argparse.Namespace) -> int:
+    """`train --processes N`: this same command once per local rank, supervised (a pod with N GPUs)."""
+    from kubeforge.trainer.launcher import launch
+
+    if args.spec == "-":
+        raise SpecError(["--spec: standard input cannot feed several processes; use a file or --spec-env"])
+    command = [sys.executable, "-m", "kubeforge", "--log-level", "debug" if args.verbose else args.log_level, "train"]
+    command += ["--spec-env", args.spec_env] if args.spec_env else ["--spec", args.spec]
+    for flag, value in (("--checkpoint-uri", args.checkpoint_uri), ("--base-model-uri", args.base_model_uri),
+                        ("--result", args.result), ("--termination-log", args.termination_log)):
+        if value:
+            command += [flag, value]
+    return launch(args.processes, command)
 
 
 def _write_termination_log(path: str, outcome: TrainerSummary | TrainerError) -> None:
@@ -137,6 +154,45 @@ def cmd_crds(args: argparse.Namespace) -> int:
     if args.reference:
         print(f"wrote {write_reference(Path(args.reference))}")
     return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Print what the operator would create for each job, as `helm template` does for a chart."""
+    import yaml
+
+    from kubeforge.operator import builders
+    from kubeforge.operator.settings import OperatorSettings
+
+    jobs = load_job_file(args.file)
+    flags = {variable: getattr(args, name) for name, variable in RENDER_SETTINGS.items()
+             if getattr(args, name) is not None}
+    try:
+        settings = OperatorSettings.from_env({**os.environ, **flags})
+    except ValueError as exc:
+        raise SpecError([f"operator settings: {exc}"]) from None
+    documents: list[dict[str, Any]] = []
+    for job in jobs:
+        root = checkpoint_uri(job, settings.storage_root)
+        base = resolve_base_model(job, jobs, settings.storage_root) if isinstance(job, FinetuneJob) else None
+        plan = builders.LaunchPlan(root, base, cpu_fallback=args.cpu_fallback)
+        group = builders.build_pod_group(job, settings)
+        documents += [builders.build_service(job), *([group] if group else []),
+                      *builders.build_pods(job, args.attempt, plan, settings)]
+    sys.stdout.write(yaml.safe_dump_all(documents, sort_keys=False, width=120))
+    return 0
+
+
+#: `render` flags that override an operator setting, with the environment variable each overrides.
+RENDER_SETTINGS = {
+    "trainer_image": "KUBEFORGE_TRAINER_IMAGE",
+    "trainer_cpu_image": "KUBEFORGE_TRAINER_CPU_IMAGE",
+    "storage_root": "KUBEFORGE_STORAGE_ROOT",
+    "s3_endpoint": "KUBEFORGE_S3_ENDPOINT",
+    "s3_credentials_secret": "KUBEFORGE_S3_CREDENTIALS_SECRET",
+    "pod_defaults": "KUBEFORGE_POD_DEFAULTS",
+    "gang_defaults": "KUBEFORGE_GANG_DEFAULTS",
+    "coscheduling_scheduler": "KUBEFORGE_COSCHEDULING_SCHEDULER",
+}
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -164,6 +220,16 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 PEERING_NAME = "kubeforge"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def peering_priority(text: str) -> int:
@@ -199,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--base-model-uri", help="the resolved base model of a FinetuneJob")
     train.add_argument("--result", help="write the result JSON here")
     train.add_argument("--termination-log", help="write a short JSON summary (or the error) here on exit")
+    train.add_argument("--processes", type=_positive, default=1,
+                       help="trainer processes in this pod, one per GPU: ranks NODE_RANK * N + local rank "
+                            "of WORLD_SIZE (default: 1, this process)")
     train.set_defaults(handler=cmd_train)
 
     validate = commands.add_parser("validate", help="check manifests against the job spec")
@@ -213,6 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Kopf peering priority: the highest live one works, the others stand by; "
                                "'random' for replicas of one Deployment (default: 0)")
     operator.set_defaults(handler=cmd_operator)
+
+    render = commands.add_parser(
+        "render", help="print the Service, PodGroup and pods the operator would create for a job",
+        description="Settings come from the operator's environment variables (as the chart sets them); "
+                    "each flag overrides one.")
+    render.add_argument("file", help="a job manifest (several documents: every job)")
+    for name, variable in RENDER_SETTINGS.items():
+        render.add_argument("--" + name.replace("_", "-"), help=f"overrides {variable}"
+                            + (" (JSON)" if name.endswith("_defaults") else ""))
+    render.add_argument("--cpu-fallback", action="store_true",
+                        help="render the CPU fallback pods (what a cluster without GPUs gets)")
+    render.add_argument("--attempt", type=int, default=0, help="the gang attempt (restarts so far; default 0)")
+    render.set_defaults(handler=cmd_render)
 
     crds = commands.add_parser("crds", help="write the CRDs generated from the job spec")
     crds.add_argument("--output", default="crds", help="directory (default: crds)")

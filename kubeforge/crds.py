@@ -122,9 +122,16 @@ def crd(kind: str) -> dict[str, Any]:
     }
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a subschema shared by several fields out at each, not as a YAML anchor and alias."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def render(kind: str) -> str:
     header = "# Generated from kubeforge/spec.py and kubeforge/status.py by `kubeforge crds`: do not edit.\n"
-    return header + yaml.safe_dump(crd(kind), sort_keys=False, width=120)
+    return header + yaml.dump(crd(kind), Dumper=_PlainDumper, sort_keys=False, width=120)
 
 
 def write(directory: Path) -> list[Path]:

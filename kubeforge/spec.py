@@ -23,7 +23,6 @@ from pydantic.alias_generators import to_camel
 
 API_GROUP = "kubeforge.io"
 VERSION = "v1alpha1"
-API_VERSION = f"{API_GROUP}/{VERSION}"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
@@ -196,13 +195,35 @@ class S3Spec(_Model):
 
 
 class ResourcesSpec(_Model):
-    """Pods, GPUs and the CPU fallback."""
+    """Pods, GPUs, trainer processes per pod and the CPU fallback."""
 
-    workers: int = Field(1, ge=1, le=1024, description="pods training together (one torch process each)")
+    model_config = ConfigDict(json_schema_extra=cel(
+        "!has(self.processesPerWorker) || self.gpusPerWorker == 0 || self.processesPerWorker == self.gpusPerWorker",
+        "processesPerWorker must equal gpusPerWorker: one process per GPU"))
+
+    workers: int = Field(1, ge=1, le=1024, description="pods training together")
     gpus_per_worker: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per pod")
+    processes_per_worker: int | None = Field(
+        None, ge=1, le=64, description="trainer processes per pod; default: one per GPU (gpusPerWorker), else 1")
     cpu: str = Field("2", pattern=QUANTITY, description="CPU request per pod")
     memory: str = Field("8Gi", pattern=QUANTITY, description="memory request and limit per pod")
     allow_cpu_fallback: bool = Field(True, description="run on CPU when no GPU can be had")
+
+    @model_validator(mode="after")
+    def _one_process_per_gpu(self) -> ResourcesSpec:
+        if self.processes_per_worker is not None and self.gpus_per_worker \
+                and self.processes_per_worker != self.gpus_per_worker:
+            raise ValueError(f"processesPerWorker ({self.processes_per_worker}) must equal gpusPerWorker "
+                             f"({self.gpus_per_worker}): one process per GPU")
+        return self
+
+    def processes(self) -> int:
+        """Trainer processes in each pod. A job that falls back to CPU keeps this count, so its world
+        size, and with it the data each step sees, does not depend on the hardware it got."""
+        return self.processes_per_worker or self.gpus_per_worker or 1
+
+    def world_size(self) -> int:
+        return self.workers * self.processes()
 
 
 class MetricsSpec(_Model):
@@ -211,12 +232,338 @@ class MetricsSpec(_Model):
     port: int = Field(9090, ge=0, le=65535, description="Prometheus endpoint; 0 disables it")
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Where and how the pods run: a typed subset of a PodSpec (not a free-form one, so the CRD checks
+# it), and gang admission. None of it changes what is trained.
+
+#: A DNS subdomain (RFC 1123): names of PVCs, Secrets, PriorityClasses, schedulers...
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
+ABSOLUTE_PATH = r"^/"
+PATTERN_MEANINGS |= {
+    DNS_SUBDOMAIN: "a lowercase DNS subdomain (a-z, 0-9, '-' and '.')",
+    ENV_NAME: "an environment variable name (letters, digits, '_', '.', '-'; not starting with a digit)",
+    ABSOLUTE_PATH: "an absolute path",
+}
+#: Volumes and paths the trainer container always has: a template may not replace them.
+RESERVED_VOLUMES = ("shm", "tmp")
+RESERVED_MOUNT_PATHS = ("/dev/shm", "/tmp")
+#: Variables the operator sets for the trainer (torchrun's contract and the job itself).
+RESERVED_ENV = ("KUBEFORGE_JOB", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR", "MASTER_PORT", "POD_IP", "AWS_ENDPOINT_URL")
+RESERVED_LABEL_PREFIX = "kubeforge.io/"
+MAX_ITEMS = 64
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+LabelMap = dict[Annotated[str, Field(min_length=1, max_length=317)], Annotated[str, Field(max_length=4096)]]
+
+
+class Toleration(_Model):
+    """Lets the pods onto nodes with a matching taint (as in a PodSpec)."""
+
+    key: str | None = Field(None, max_length=317, description="the taint key; empty with Exists matches all")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists: any value")
+    value: str | None = Field(None, max_length=63, description="the taint value, with Equal")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="empty: every effect")
+    toleration_seconds: int | None = Field(None, ge=0, description="NoExecute only: how long the pod stays")
+
+
+class NodeSelectorRequirement(_Model):
+    key: str = Field(..., min_length=1, max_length=317, description="a node label (or field) key")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"] = Field(..., description="how values match")
+    values: list[Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=MAX_ITEMS, description="for In and NotIn; one number for Gt and Lt")
+
+
+class NodeSelectorTerm(_Model):
+    match_expressions: list[NodeSelectorRequirement] | None = Field(
+        None, max_length=MAX_ITEMS, description="requirements on node labels, all must hold")
+    match_fields: list[NodeSelectorRequirement] | None = Field(
+        None, max_length=MAX_ITEMS, description="requirements on node fields (metadata.name), all must hold")
+
+
+class NodeSelector(_Model):
+    node_selector_terms: list[NodeSelectorTerm] = Field(..., min_length=1, max_length=MAX_ITEMS,
+                                                        description="any one term must match")
+
+
+class PreferredSchedulingTerm(_Model):
+    weight: int = Field(..., ge=1, le=100, description="added to a node's score when it matches")
+    preference: NodeSelectorTerm = Field(..., description="the node term to prefer")
+
+
+class NodeAffinity(_Model):
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = Field(
+        None, description="nodes the pods must run on")
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] | None = Field(
+        None, max_length=MAX_ITEMS, description="nodes the scheduler prefers, by weight")
+
+
+class LabelSelectorRequirement(_Model):
+    key: str = Field(..., min_length=1, max_length=317, description="a pod label key")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(..., description="how values match")
+    values: list[Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=MAX_ITEMS, description="for In and NotIn")
+
+
+class LabelSelector(_Model):
+    match_labels: LabelMap | None = Field(None, description="labels the pods must have")
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        None, max_length=MAX_ITEMS, description="requirements on pod labels, all must hold")
+
+
+class PodAffinityTerm(_Model):
+    label_selector: LabelSelector | None = Field(None, description="which pods")
+    topology_key: str = Field(..., min_length=1, max_length=317, description="e.g. kubernetes.io/hostname")
+    namespaces: list[Name] | None = Field(None, max_length=MAX_ITEMS, description="default: the job's")
+
+
+class WeightedPodAffinityTerm(_Model):
+    weight: int = Field(..., ge=1, le=100, description="added to a node's score when it matches")
+    pod_affinity_term: PodAffinityTerm = Field(..., description="the pod term to prefer")
+
+
+class PodAffinity(_Model):
+    """Pod affinity or anti-affinity (the same shape)."""
+
+    required_during_scheduling_ignored_during_execution: list[PodAffinityTerm] | None = Field(
+        None, max_length=MAX_ITEMS, description="terms every pod must satisfy")
+    preferred_during_scheduling_ignored_during_execution: list[WeightedPodAffinityTerm] | None = Field(
+        None, max_length=MAX_ITEMS, description="terms the scheduler prefers, by weight")
+
+
+class Affinity(_Model):
+    """Node and pod (anti-)affinity, as in a PodSpec."""
+
+    node_affinity: NodeAffinity | None = Field(None, description="which nodes, by their labels")
+    pod_affinity: PodAffinity | None = Field(None, description="near which pods (e.g. same rack)")
+    pod_anti_affinity: PodAffinity | None = Field(None, description="away from which pods")
+
+
+class PvcSource(_Model):
+    claim_name: str = Field(..., min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
+                            description="a PersistentVolumeClaim in the job's namespace")
+    read_only: bool = Field(False, description="mount it read-only")
+
+
+class ConfigMapSource(_Model):
+    name: str = Field(..., min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="a ConfigMap")
+    optional: bool | None = Field(None, description="the pod starts without it")
+
+
+class SecretSource(_Model):
+    secret_name: str = Field(..., min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="a Secret")
+    optional: bool | None = Field(None, description="the pod starts without it")
+
+
+class EmptyDirSource(_Model):
+    medium: Literal["", "Memory"] | None = Field(None, description="Memory: a tmpfs; empty: the node's disk")
+    size_limit: str | None = Field(None, pattern=QUANTITY, description="e.g. 100Gi")
+
+
+class NfsSource(_Model):
+    server: str = Field(..., min_length=1, max_length=253, description="the NFS server's host name or IP")
+    path: str = Field(..., pattern=ABSOLUTE_PATH, max_length=4096, description="the exported path")
+    read_only: bool = Field(False, description="mount it read-only")
+
+
+VOLUME_SOURCES = ("persistentVolumeClaim", "configMap", "secret", "emptyDir", "nfs")
+
+
+class Volume(_Model):
+    """An extra volume for the pods: exactly one source (a dataset cache PVC, a config map...)."""
+
+    model_config = ConfigDict(json_schema_extra=cel(
+        " + ".join(f"(has(self.{s}) ? 1 : 0)" for s in VOLUME_SOURCES) + " == 1",
+        f"set exactly one of {', '.join(VOLUME_SOURCES)}"))
+
+    name: str = Field(..., max_length=63, pattern=DNS_LABEL, description="what volumeMounts call it")
+    persistent_volume_claim: PvcSource | None = Field(None, description="a PVC, e.g. a dataset cache")
+    config_map: ConfigMapSource | None = Field(None, description="a ConfigMap's keys as files")
+    secret: SecretSource | None = Field(None, description="a Secret's keys as files")
+    empty_dir: EmptyDirSource | None = Field(None, description="scratch space for the pod's life")
+    nfs: NfsSource | None = Field(None, description="an NFS export")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Volume:
+        sources = [self.persistent_volume_claim, self.config_map, self.secret, self.empty_dir, self.nfs]
+        if sum(s is not None for s in sources) != 1:
+            raise ValueError(f"set exactly one of {', '.join(VOLUME_SOURCES)}")
+        return self
+
+
+class VolumeMount(_Model):
+    """Where the trainer container sees a volume of podTemplate.volumes."""
+
+    name: str = Field(..., max_length=63, pattern=DNS_LABEL, description="a volume of podTemplate.volumes")
+    mount_path: str = Field(..., max_length=4096, pattern=ABSOLUTE_PATH, description="where in the container")
+    read_only: bool = Field(False, description="mount it read-only")
+    sub_path: str | None = Field(None, max_length=4096, description="a path inside the volume")
+
+
+class KeySelector(_Model):
+    name: str = Field(..., min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="the object")
+    key: str = Field(..., min_length=1, max_length=253, description="the key in it")
+    optional: bool | None = Field(None, description="the pod starts without it")
+
+
+class EnvVarSource(_Model):
+    model_config = ConfigDict(json_schema_extra=cel(
+        "has(self.secretKeyRef) != has(self.configMapKeyRef)", "set exactly one of secretKeyRef or configMapKeyRef"))
+
+    secret_key_ref: KeySelector | None = Field(None, description="a key of a Secret")
+    config_map_key_ref: KeySelector | None = Field(None, description="a key of a ConfigMap")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVarSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("set exactly one of secretKeyRef or configMapKeyRef")
+        return self
+
+
+class EnvVar(_Model):
+    model_config = ConfigDict(json_schema_extra=cel(
+        "!(has(self.value) && has(self.valueFrom))", "set value or valueFrom, not both"))
+
+    name: str = Field(..., min_length=1, max_length=253, pattern=ENV_NAME,
+                      description="not one the operator sets (RANK, WORLD_SIZE, MASTER_ADDR...)")
+    value: str | None = Field(None, max_length=65536, description="the value; or set valueFrom")
+    value_from: EnvVarSource | None = Field(None, description="the value from a Secret or ConfigMap key")
+
+    @model_validator(mode="after")
+    def _value_or_reference(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("set value or valueFrom, not both")
+        if self.name in RESERVED_ENV:
+            raise ValueError(f"{self.name} is set by the operator (reserved: {', '.join(RESERVED_ENV)})")
+        return self
+
+
+class LocalObjectReference(_Model):
+    name: str = Field(..., min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="in the job's namespace")
+
+
+def _unique(names: Iterable[str], what: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{what} {name!r} appears twice")
+        seen.add(name)
+
+
+class PodTemplateSpec(_Model):
+    """What the trainer pods get besides what the operator sets: scheduling, volumes, env, metadata.
+
+    A typed subset of a PodSpec. The operator's own defaults (chart value `trainer.podDefaults`)
+    are merged under it: maps key by key, lists by name, single values when unset here."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && "
+                 "self.volumes.exists(v, v.name == m.name))",
+         "message": "every volumeMount must name a volume of podTemplate.volumes"},
+        {"rule": "!has(self.labels) || self.labels.all(k, !k.startsWith('kubeforge.io/'))",
+         "message": "labels under kubeforge.io/ are the operator's"},
+    ]})
+
+    labels: LabelMap | None = Field(None, description="added to every pod (kubeforge.io/ keys are the operator's)")
+    annotations: LabelMap | None = Field(None, description="added to every pod")
+    node_selector: LabelMap | None = Field(None, description="node labels the pods require")
+    tolerations: list[Toleration] | None = Field(
+        None, max_length=MAX_ITEMS, description="GPU pods always tolerate nvidia.com/gpu:NoSchedule")
+    affinity: Affinity | None = Field(None, description="node and pod (anti-)affinity")
+    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
+                                            description="a PriorityClass (also the Volcano PodGroup's)")
+    scheduler_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
+                                       description="default: the cluster's, or the gang scheduler's")
+    runtime_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
+                                           description="e.g. nvidia")
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        None, max_length=MAX_ITEMS, description="Secrets for pulling the trainer image")
+    volumes: list[Volume] | None = Field(None, max_length=MAX_ITEMS, description="extra volumes, e.g. a PVC")
+    volume_mounts: list[VolumeMount] | None = Field(None, max_length=MAX_ITEMS,
+                                                    description="mounts of those volumes in the trainer")
+    shm_size: str | None = Field(None, pattern=QUANTITY, description="/dev/shm size limit; default: unlimited")
+    env: list[EnvVar] | None = Field(None, max_length=MAX_ITEMS, description="extra trainer environment")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PodTemplateSpec:
+        volumes = [v.name for v in self.volumes or []]
+        _unique(volumes, "volume")
+        _unique((e.name for e in self.env or []), "env variable")
+        _unique((m.mount_path for m in self.volume_mounts or []), "mountPath")
+        for name in volumes:
+            if name in RESERVED_VOLUMES:
+                raise ValueError(f"volume name {name!r} is the operator's ({', '.join(RESERVED_VOLUMES)})")
+        for mount in self.volume_mounts or []:
+            if mount.name not in volumes:
+                raise ValueError(f"volumeMount {mount.mount_path}: no volume {mount.name!r} in podTemplate.volumes")
+            if mount.mount_path.rstrip("/") in RESERVED_MOUNT_PATHS:
+                raise ValueError(f"mountPath {mount.mount_path} is the operator's (set shmSize for /dev/shm)")
+        for key in self.labels or {}:
+            if key.startswith(RESERVED_LABEL_PREFIX):
+                raise ValueError(f"label {key!r}: labels under {RESERVED_LABEL_PREFIX} are the operator's")
+        return self
+
+
+def merge_pod_templates(defaults: PodTemplateSpec, job: PodTemplateSpec) -> PodTemplateSpec:
+    """The operator's defaults under a job's template: the job wins.
+
+    Maps merge key by key; tolerations and imagePullSecrets are the union; volumes, env and mounts
+    merge by name (mounts by path), the job's replacing a default's; single values are the job's when set."""
+
+    def by_key(items_default: list[Any] | None, items_job: list[Any] | None, key: str) -> list[Any] | None:
+        merged = {getattr(item, key): item for item in [*(items_default or []), *(items_job or [])]}
+        return list(merged.values()) or None
+
+    def union(first: list[Any] | None, second: list[Any] | None) -> list[Any] | None:
+        out = list(first or [])
+        out += [item for item in second or [] if item not in out]
+        return out or None
+
+    def mapping(first: dict[str, str] | None, second: dict[str, str] | None) -> dict[str, str] | None:
+        return {**(first or {}), **(second or {})} or None
+
+    return PodTemplateSpec.model_construct(
+        labels=mapping(defaults.labels, job.labels),
+        annotations=mapping(defaults.annotations, job.annotations),
+        node_selector=mapping(defaults.node_selector, job.node_selector),
+        tolerations=union(defaults.tolerations, job.tolerations),
+        affinity=job.affinity or defaults.affinity,
+        priority_class_name=job.priority_class_name or defaults.priority_class_name,
+        scheduler_name=job.scheduler_name or defaults.scheduler_name,
+        runtime_class_name=job.runtime_class_name or defaults.runtime_class_name,
+        image_pull_secrets=union(defaults.image_pull_secrets, job.image_pull_secrets),
+        volumes=by_key(defaults.volumes, job.volumes, "name"),
+        volume_mounts=by_key(defaults.volume_mounts, job.volume_mounts, "mount_path"),
+        shm_size=job.shm_size or defaults.shm_size,
+        env=by_key(defaults.env, job.env, "name"),
+    )
+
+
+class GangSpec(_Model):
+    """Gang admission: all of the job's pods start together or none does. Each is off by default."""
+
+    queue_name: str | None = Field(
+        None, max_length=63, pattern=DNS_LABEL,
+        description="a Kueue LocalQueue: the pods are admitted together as one Kueue pod group")
+    pod_group: Literal["volcano", "coscheduling"] | None = Field(
+        None, description="a PodGroup (minMember = workers) for Volcano or the coscheduling plugin")
+
+    def merged_under(self, defaults: GangSpec) -> GangSpec:
+        """This job's gang settings over the operator's defaults: each field the job sets wins."""
+        return GangSpec.model_construct(queue_name=self.queue_name or defaults.queue_name,
+                                        pod_group=self.pod_group or defaults.pod_group)
+
+
 class _JobSpec(_Model):
     training: TrainingSpec
     checkpoint: CheckpointSpec = CheckpointSpec()
     resources: ResourcesSpec = ResourcesSpec()
     metrics: MetricsSpec = MetricsSpec()
     s3: S3Spec | None = None
+    pod_template: PodTemplateSpec | None = Field(None, description="scheduling, volumes, env and metadata of the pods")
+    gang: GangSpec | None = Field(None, description="gang admission by Kueue, Volcano or coscheduling")
 
     # How the operator runs the job, as in a batch/v1 Job. None of it changes what is trained.
     suspend: bool = Field(False, description="true deletes the pods and keeps the checkpoints; false resumes")
@@ -237,7 +584,7 @@ class PretrainSpec(_JobSpec):
 
 
 RUN_POLICY_FIELDS = {"suspend", "backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished",
-                     "clean_pod_policy", "resources", "metrics"}
+                     "clean_pod_policy", "resources", "metrics", "pod_template", "gang"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +741,8 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return out or "(document)"
 
 
-def _problem(error: Any) -> str:
+def field_problem(error: Any) -> str:
+    """One pydantic error as `path: what is wrong`."""
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown field"
@@ -416,7 +764,7 @@ def parse_job(document: Any) -> Job:
     try:
         return KINDS[kind].model.model_validate(document)
     except ValidationError as exc:
-        raise SpecError([_problem(e) for e in exc.errors()]) from None
+        raise SpecError([field_problem(e) for e in exc.errors()]) from None
 
 
 def load_jobs(text: str) -> list[Job]:

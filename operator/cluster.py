@@ -69,10 +69,16 @@ class Cluster:
         return dict(found) if found is not None else None
 
     def create(self, body: dict[str, Any]) -> bool:
-        """Create if missing; False when it already existed."""
+        """Create a Pod, Service or PodGroup if missing; False when it already existed."""
+        namespace = body["metadata"]["namespace"]
+        if body["kind"] == "PodGroup":
+            group, version = body["apiVersion"].split("/")
+            created = call_kubeapi(self.custom.create_namespaced_custom_object, group, version, namespace,
+                                   "podgroups", body, tolerate=CONFLICT)
+            return created is not None
         create = self.core.create_namespaced_pod if body["kind"] == "Pod" else self.core.create_namespaced_service
         # The client sends a dict as it is; its stubs only know its model classes.
-        return call_kubeapi(create, body["metadata"]["namespace"], body, tolerate=CONFLICT) is not None
+        return call_kubeapi(create, namespace, body, tolerate=CONFLICT) is not None
 
     def delete_pod(self, namespace: str, name: str) -> None:
         call_kubeapi(self.core.delete_namespaced_pod, name, namespace, tolerate=NOT_FOUND)

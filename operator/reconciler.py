@@ -97,10 +97,13 @@ class Operator:
             self.cluster.delete_pod(job.namespace, name)
         if plan.launch is not None:
             existing = {p["metadata"]["name"] for p in pods}
-            self.cluster.create(builders.get_service(job))
+            self.cluster.create(builders.build_service(job))
+            pod_group = builders.build_pod_group(job, self.settings)
+            if pod_group is not None:  # before the pods: the gang scheduler admits them only as a group
+                self.cluster.create(pod_group)
             attempt = plan.job_status.restarts
-            created = [self.cluster.create(pod) for pod in builders.get_pods(job, attempt, plan.launch,
-                                                                            self.settings)
+            created = [self.cluster.create(pod)
+                       for pod in builders.build_pods(job, attempt, plan.launch, self.settings)
                        if pod["metadata"]["name"] not in existing]
             age = _age(body)
             if attempt == 0 and any(created) and age is not None:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from kubeforge.spec import GangSpec, PodTemplateSpec, field_problem
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,12 @@ class OperatorSettings:
     #: The cluster's CPU fallback policy: False makes jobs wait for GPUs even when their spec allows
     #: fallback (a job's own allowCpuFallback: false always wins).
     allow_cpu_fallback: bool = True
+    #: Merged under every job's spec.podTemplate (the job wins): e.g. the GPU nodes' tolerations.
+    pod_defaults: PodTemplateSpec = field(default_factory=PodTemplateSpec)
+    #: Gang admission for jobs that set none themselves (spec.gang wins field by field).
+    gang_defaults: GangSpec = field(default_factory=GangSpec)
+    #: The schedulerName of pods in a coscheduling PodGroup: scheduler-plugins runs as a second scheduler.
+    coscheduling_scheduler: str = "scheduler-plugins-scheduler"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorSettings:
@@ -40,6 +54,9 @@ class OperatorSettings:
             namespaces=namespaces,
             image_pull_policy=env.get("KUBEFORGE_IMAGE_PULL_POLICY", defaults.image_pull_policy),
             allow_cpu_fallback=_flag(env.get("KUBEFORGE_ALLOW_CPU_FALLBACK"), defaults.allow_cpu_fallback),
+            pod_defaults=_model(PodTemplateSpec, "KUBEFORGE_POD_DEFAULTS", env),
+            gang_defaults=_model(GangSpec, "KUBEFORGE_GANG_DEFAULTS", env),
+            coscheduling_scheduler=env.get("KUBEFORGE_COSCHEDULING_SCHEDULER") or defaults.coscheduling_scheduler,
         )
 
 
@@ -51,3 +68,14 @@ def _flag(value: str | None, default: bool) -> bool:
     if value.strip().lower() in ("false", "0", "no"):
         return False
     raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _model(model: type[M], variable: str, env: Mapping[str, str]) -> M:
+    """A spec model from a JSON environment variable (the chart writes values with toJson)."""
+    text = env.get(variable, "").strip()
+    try:
+        return model.model_validate(json.loads(text) if text else {})
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{variable}: not valid JSON: {exc}") from None
+    except ValidationError as exc:
+        raise ValueError(f"{variable}: " + "; ".join(field_problem(e) for e in exc.errors())) from None

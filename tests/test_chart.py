@@ -24,7 +24,7 @@ from kubeforge.cli import PEERING_NAME, build_parser
 from kubeforge.operator import builders
 from kubeforge.operator.lifecycle import Observed, reconcile
 from kubeforge.operator.settings import OperatorSettings
-from kubeforge.spec import parse_job
+from kubeforge.spec import GangSpec, PodTemplateSpec, parse_job
 
 CHART = ROOT / "charts" / "kubeforge"
 RELEASE, NAMESPACE = "kubeforge", "kubeforge-system"
@@ -230,6 +230,9 @@ OPERATOR_PERMISSIONS: dict[tuple[str, str, str], set[str]] = {
     ("namespace", "", "services"): {"create"},
     # kopf.event in operator/reconciler.py, and Kopf's own warnings posted as events.
     ("namespace", "", "events"): {"create"},
+    # operator/cluster.py Cluster.create: the PodGroup of a gang (spec.gang.podGroup: volcano or coscheduling).
+    ("namespace", "scheduling.volcano.sh", "podgroups"): {"create"},
+    ("namespace", "scheduling.x-k8s.io", "podgroups"): {"create"},
 }
 # Kopf peering (kubeforge/cli.py PEERING_NAME): keep-alives are patches of the peering object's status.
 PEERING_PERMISSIONS = {
@@ -290,7 +293,11 @@ def test_the_values_reach_the_operator_settings(chart: helm.Chart) -> None:
         trainer_cpu_image="registry.example.com/kubeforge/trainer-cpu:0.1.0",
         storage_root="s3://ml-models/kubeforge", s3_endpoint=None, s3_credentials_secret="kubeforge-s3",
         resync_seconds=5.0, metrics_port=8080, namespaces=("ml-research", "ml-prod"),
-        image_pull_policy="IfNotPresent", allow_cpu_fallback=False)
+        image_pull_policy="IfNotPresent", allow_cpu_fallback=False,
+        pod_defaults=PodTemplateSpec.model_validate({
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
+            "nodeSelector": {"node-pool": "gpu"}}),
+        gang_defaults=GangSpec(queue_name="default"))
     kind = OperatorSettings.from_env(container_env(render(chart, VALUE_SETS["kind-cpu"])))
     assert (kind.trainer_cpu_image, kind.image_pull_policy, kind.allow_cpu_fallback, kind.namespaces) == (
         "kubeforge-trainer-cpu:dev", "Never", True, ())
@@ -393,7 +400,7 @@ def test_monitors_scrape_the_operator_and_the_trainer_pods(chart: helm.Chart) ->
     manifest = copy.deepcopy(example("pretrain-tiny.yaml")[0])
     manifest["metadata"]["uid"] = "0123456789abcdef"
     manifest["spec"]["metrics"] = {"port": 9090}
-    pod = builders.get_pod(parse_job(manifest), 0, 0, builders.LaunchPlan("s3://b/j", None, True), OperatorSettings())
+    pod = builders.build_pod(parse_job(manifest), 0, 0, builders.LaunchPlan("s3://b/j", None, True), OperatorSettings())
     pod_monitor = only(objects, "PodMonitor")
     assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] in {

@@ -33,6 +33,11 @@ def model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def is_list(annotation: Any) -> bool:
+    """`list[X]` or `list[X] | None`: the reference names its items' fields `path[].field`."""
+    return get_origin(annotation) is list or any(get_origin(a) is list for a in get_args(annotation))
+
+
 def field_paths(model: type[BaseModel], prefix: str) -> list[str]:
     paths = []
     for name, info in model.model_fields.items():
@@ -40,7 +45,7 @@ def field_paths(model: type[BaseModel], prefix: str) -> list[str]:
         paths.append(path)
         nested = model_of(info.annotation)
         if nested:
-            paths += field_paths(nested, path)
+            paths += field_paths(nested, path + ("[]" if is_list(info.annotation) else ""))
     return paths
 
 

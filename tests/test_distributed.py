@@ -9,7 +9,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from conftest import ROOT, free_port, tiny_pretrain, write_manifest
 
@@ -94,3 +96,38 @@ def test_ranks_get_disjoint_deterministic_shards() -> None:
         assert torch.equal(again[index]["labels"], rank1[index]["labels"])
     # ...and each epoch is reshuffled rather than replayed.
     assert [rows_of(rank0[i]) for i in range(5)] != [rows_of(rank0[i]) for i in range(5, 10)]
+
+
+def run_pods(tmp_path: Path, name: str, pods: int, processes: int, steps: int = 12) -> tuple[dict[str, Any], str]:
+    """`pods` launchers of `processes` trainer processes each, as that many pods run them: ranks
+    from NODE_RANK, rendezvous at one address."""
+    job = tiny_pretrain(name, maxSteps=steps, batchSize=2, sequenceLength=32, warmupSteps=2, evalInterval=1000,
+                        logInterval=1)
+    job["spec"]["checkpoint"] = {"intervalSteps": 100}
+    manifest = write_manifest(tmp_path / f"{name}.yaml", job)
+    result_file, port = tmp_path / f"{name}-result.json", free_port()
+    launched = []
+    for node_rank in range(pods):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "NODE_RANK": str(node_rank),
+               "WORLD_SIZE": str(pods * processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        command = [sys.executable, "-m", "kubeforge", "train", "--spec", str(manifest), "--checkpoint-uri",
+                   str(tmp_path / name), "--result", str(result_file), "--processes", str(processes)]
+        launched.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))
+    logs = [process.communicate(timeout=300)[0] for process in launched]
+    log = "\n".join(logs)
+    assert [p.returncode for p in launched] == [0] * pods, log
+    return json.loads(result_file.read_text()), log
+
+
+def test_two_pods_of_two_processes_train_as_one_world_of_four(tmp_path: Path) -> None:
+    two_by_two, log = run_pods(tmp_path, "two-by-two", pods=2, processes=2)
+    assert {int(r) for r in re.findall(r"INFO rank(\d) ", log)} == {0, 1, 2, 3}, log
+    assert "on cpu x4" in log
+    one_by_four, _ = run_pods(tmp_path, "one-by-four", pods=1, processes=4)
+    assert two_by_two["workers"] == one_by_four["workers"] == 4
+    # The same ranks see the same data: the pods' split of the processes changes nothing but the
+    # order of floating-point sums in the all-reduce.
+    assert two_by_two["trainLoss"] == pytest.approx(one_by_four["trainLoss"], rel=1e-4)
+    single, _ = run_pods(tmp_path, "one-by-one", pods=1, processes=1)
+    assert single["workers"] == 1 and single["trainLoss"] != pytest.approx(two_by_two["trainLoss"], rel=1e-4)

@@ -9,7 +9,7 @@ from typing import Any
 from conftest import example
 from test_builders import SETTINGS, UID, job
 
-from kubeforge.operator.builders import LaunchPlan, get_pods
+from kubeforge.operator.builders import LaunchPlan, build_pods
 from kubeforge.operator.lifecycle import Observed, Plan, Progress, reconcile
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
@@ -18,7 +18,7 @@ CKPT = "s3://models/kf/default/pretrainjob/tiny-shakespeare-6c1f0e2a"
 
 def pods(the_job: Any, attempt: int = 0, phases: list[str] | None = None, **terminated: Any) -> list[dict[str, Any]]:
     """The job's pods as the API would return them, in the given phases."""
-    made = get_pods(the_job, attempt, LaunchPlan(CKPT, None, True), SETTINGS)
+    made = build_pods(the_job, attempt, LaunchPlan(CKPT, None, True), SETTINGS)
     for pod, phase in zip(made, phases or ["Running"] * len(made), strict=True):
         pod["status"] = {"phase": phase, "podIP": "10.0.0.5"}
         if phase in ("Succeeded", "Failed"):

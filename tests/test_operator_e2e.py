@@ -7,9 +7,11 @@ and checkpoints go through S3 either way, so pods need nothing from this machine
 from __future__ import annotations
 
 import copy
+import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -193,6 +195,44 @@ async def test_a_killed_worker_restarts_the_gang_from_the_last_checkpoint(
     resumed_log = kubelet.logs("gang-ptj-w0-a1")
     assert "resuming from checkpoint step " in resumed_log
     resumed_step = int(resumed_log.split("resuming from checkpoint step ")[1].split()[0])
+    assert resumed_step >= before["lastCheckpointStep"] > 0
+    assert metrics.restarted.labels(PTJ)._value.get() == 1
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes a pod's launcher started (Linux /proc)."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+async def test_two_pods_of_two_processes_and_one_killed_process_restarts_the_gang(
+        world: Any, settings: OperatorSettings, kubelet: Any, s3_data: dict[str, str]) -> None:
+    cluster = world
+    # Four processes share this machine's cores: a short run, checkpointed often.
+    job = pretrain(s3_data, "quad", 60, resources={"workers": 2, "gpusPerWorker": 0, "processesPerWorker": 2},
+                   checkpoint={"intervalSteps": 10, "keep": 2})
+    async with operator(cluster, settings) as metrics:
+        await cluster.apply(job)
+
+        async def checkpointed() -> dict[str, Any] | None:
+            current = await status(cluster, PTJ, "quad")
+            return current if current.get("lastCheckpointStep", 0) >= 10 and current.get("step", 0) < 50 else None
+
+        before = await cluster.wait_for(checkpointed, 300, "a committed checkpoint mid-run")
+        assert before["restarts"] == 0, (before, kubelet.all_logs()[-5000:])
+        run = await kubelet.wait_running("quad-ptj-w1-a0")
+        assert run.process.returncode is None, (run.process.returncode, kubelet.logs("quad-ptj-w1-a0")[-5000:])
+        trainers = child_pids(run.process.pid)
+        assert len(trainers) == 2, trainers  # one process per local rank in the pod
+        os.kill(trainers[1], signal.SIGKILL)  # one process of one pod: global rank 3
+        restarting = await cluster.wait_for(lambda: phase_is(cluster, PTJ, "quad", "Restarting"), 60,
+                                            "the gang restart")
+        assert restarting["restarts"] == 1 and "worker 1 exited with code 137" in restarting["message"]
+        done = await cluster.wait_for(lambda: phase_is(cluster, PTJ, "quad", "Succeeded", "Failed"), 480,
+                                      "the restarted job to finish")
+    assert (done["phase"], done["restarts"], done["stepProgress"]) == ("Succeeded", 1, "60/60"), done
+    log = kubelet.logs("quad-ptj-w0-a1")
+    assert "on cpu x4" in log
+    resumed_step = int(log.split("resuming from checkpoint step ")[1].split()[0])
     assert resumed_step >= before["lastCheckpointStep"] > 0
     assert metrics.restarted.labels(PTJ)._value.get() == 1
 

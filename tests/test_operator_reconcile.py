@@ -73,7 +73,7 @@ def body(**status: Any) -> dict[str, Any]:
 
 def pods_of(job_body: dict[str, Any], phase: str, attempt: int = 0) -> list[dict[str, Any]]:
     job = parse_job(copy.deepcopy(job_body))
-    pods = builders.get_pods(job, attempt, LaunchPlan("s3://bucket/kf/x", None, True), SETTINGS)
+    pods = builders.build_pods(job, attempt, LaunchPlan("s3://bucket/kf/x", None, True), SETTINGS)
     for pod in pods:
         pod["status"] = {"phase": phase, "podIP": "10.0.0.7"}
     return pods

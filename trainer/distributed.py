@@ -88,3 +88,4 @@ def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+

@@ -1,0 +1,68 @@
+"""One process per GPU: what a pod runs when it has more than one (torchrun's job, without its agent).
+
+Kept free of torch: the supervisor of a pod's processes need not load it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LAUNCHER_STOP_GRACE = 10.0
+
+
+def launch(processes: int, command: list[str], env: Mapping[str, str] = os.environ) -> int:
+    """Run `command` once per local rank with torchrun's environment, and supervise the processes.
+
+    The pod's NODE_RANK and WORLD_SIZE (every process of every pod) give each process
+    RANK = NODE_RANK * processes + LOCAL_RANK. The first process to fail takes the others down and
+    its exit code (128 + signal when killed) becomes the pod's, so one dead process fails the pod and
+    the operator restarts the whole gang; SIGTERM to the pod reaches every process."""
+    node_rank = int(env.get("NODE_RANK", "0"))
+    world_size = int(env.get("WORLD_SIZE", str(processes)))
+    if world_size % processes or node_rank >= world_size // processes:
+        raise ValueError(f"NODE_RANK {node_rank} and WORLD_SIZE {world_size} do not fit {processes} processes per pod")
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    for local_rank in range(processes):
+        child_env = {**env, "RANK": str(node_rank * processes + local_rank), "LOCAL_RANK": str(local_rank),
+                     "LOCAL_WORLD_SIZE": str(processes), "WORLD_SIZE": str(world_size)}
+        child = subprocess.Popen(command, env=child_env)
+        children[child.pid] = child
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = 0
+        while children and code == 0:
+            pid, status = os.wait()  # returns when a child exits: every child ends, or is ended below
+            if pid in children:
+                exit_code = children.pop(pid).returncode = os.waitstatus_to_exitcode(status)
+                code = 128 - exit_code if exit_code < 0 else exit_code  # negative: killed by that signal
+                if code:
+                    log.error("local rank process %d exited with code %d: stopping the others", pid, code)
+        _stop(list(children.values()))
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + LAUNCHER_STOP_GRACE
+    for child in children:
+        try:
+            child.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
