@@ -24,6 +24,7 @@ from kubeforge.operator.builders import (
     LaunchPlan,
     pod_shape,
 )
+from kubeforge.operator.tenancy import UriPolicy, uri_violations
 from kubeforge.spec import FinetuneJob, Job
 
 PENDING, RUNNING, RESTARTING, SUCCEEDED, FAILED, SUSPENDED = (
@@ -56,6 +57,8 @@ class Observed:
     generation: int | None = None
     #: The cluster's policy (KUBEFORGE_ALLOW_CPU_FALLBACK): False makes every job wait for GPUs.
     cpu_fallback_allowed: bool = True
+    #: Which storage URIs the job's namespace may use (OperatorSettings.uri_policy); None: any.
+    uri_policy: UriPolicy | None = None
 
 
 @dataclass
@@ -155,6 +158,10 @@ def reconcile(seen: Observed, now: datetime) -> Plan:
         return _after_finish(decision)
 
     live = [p for p in seen.pods if not p["metadata"].get("deletionTimestamp")]
+    refused = uri_violations(job, seen.uri_policy) if seen.uri_policy else []
+    if refused:
+        decision.plan.delete_pods = [p["metadata"]["name"] for p in live]
+        return decision.phase(FAILED, "URINotAllowed", "; ".join(refused))
     if spec.suspend:
         decision.plan.delete_pods = [p["metadata"]["name"] for p in live]
         decision.condition(SUSPENDED, True, "Suspended", "spec.suspend is true: pods deleted, checkpoints kept")
