@@ -188,10 +188,24 @@ class S3Spec(_Model):
     """Where S3 is; credentials come from the standard AWS environment variables, in a cluster from a
     Secret given by name (never by value)."""
 
+    model_config = ConfigDict(json_schema_extra=cel(
+        "!has(self.kmsKeyId) || (has(self.serverSideEncryption) && self.serverSideEncryption == 'aws:kms')",
+        "kmsKeyId is only valid with serverSideEncryption: aws:kms"))
+
     endpoint_url: str | None = Field(None, pattern=HTTP_URL, description="e.g. http://minio:9000")
     region: str | None = Field(None, description="default: AWS_DEFAULT_REGION, else us-east-1")
     credentials_secret: str | None = Field(
         None, pattern=DNS_LABEL, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = Field(
+        None, description="encrypt every object kubeforge writes at rest: AES256 (SSE-S3) or aws:kms (SSE-KMS)")
+    kms_key_id: str | None = Field(
+        None, min_length=1, description="the KMS key of aws:kms; default: the bucket's or the account's S3 key")
+
+    @model_validator(mode="after")
+    def _key_only_with_kms(self) -> S3Spec:
+        if self.kms_key_id is not None and self.server_side_encryption != "aws:kms":
+            raise ValueError("kmsKeyId is only valid with serverSideEncryption: aws:kms")
+        return self
 
 
 class ResourcesSpec(_Model):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -28,6 +29,9 @@ class Storage(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def get_file(self, key: str, path: Path) -> None: ...
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Every key under prefix (recursively) with its size in bytes."""
+        ...
     def list(self, prefix: str = "") -> builtins.list[str]:
         """Every key under prefix (recursively), sorted."""
         ...
@@ -78,17 +82,20 @@ class LocalStorage:
         except FileNotFoundError:
             raise StorageError(f"{self.uri}/{key}: not found") from None
 
-    def list(self, prefix: str = "") -> builtins.list[str]:
+    def sizes(self, prefix: str = "") -> dict[str, int]:
         base = self._path(prefix) if prefix else self.root
         if base.is_file():
-            return [prefix]
+            return {prefix: base.stat().st_size}
         if not base.is_dir():
-            return []
-        return sorted(
-            p.relative_to(self.root).as_posix()
+            return {}
+        return {
+            p.relative_to(self.root).as_posix(): p.stat().st_size
             for p in base.rglob("*")
             if p.is_file() and not p.name.endswith(".partial")
-        )
+        }
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        return sorted(self.sizes(prefix))
 
     def delete(self, keys: builtins.list[str]) -> None:
         for key in keys:
@@ -111,6 +118,12 @@ class S3Storage:
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         s3 = s3 or S3Spec()
+        #: Sent with every write, so nothing kubeforge stores is left unencrypted at rest by mistake.
+        self.encryption: dict[str, str] = {}
+        if s3.server_side_encryption:
+            self.encryption["ServerSideEncryption"] = s3.server_side_encryption
+        if s3.kms_key_id:
+            self.encryption["SSEKMSKeyId"] = s3.kms_key_id
         self.client = boto3.client(
             "s3",
             endpoint_url=s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
@@ -126,13 +139,13 @@ class S3Storage:
 
     def put_file(self, key: str, path: Path) -> None:
         try:
-            self.client.upload_file(str(path), self.bucket, self._key(key))
+            self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs=self.encryption)
         except Exception as exc:
             raise self._fail("upload to", key, exc) from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **self.encryption)
         except Exception as exc:
             raise self._fail("write to", key, exc) from None
 
@@ -148,21 +161,25 @@ class S3Storage:
         except Exception as exc:
             raise self._fail("download from", key, exc) from None
 
-    def list(self, prefix: str = "") -> builtins.list[str]:
+    def sizes(self, prefix: str = "") -> dict[str, int]:
         full = self._key(prefix)
-        keys: builtins.list[str] = []
+        found: dict[str, int] = {}
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full
             ):
-                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+                found.update((obj["Key"], obj["Size"]) for obj in page.get("Contents", []))
         except Exception as exc:
             raise self._fail("list", prefix, exc) from None
         strip = len(self.prefix) + 1 if self.prefix else 0
         # A prefix names a key or a "directory", not a stem: step-1 must not list step-10.
-        return sorted(
-            k[strip:] for k in keys if not full or k == full or k.startswith(full.rstrip("/") + "/")
-        )
+        return {
+            k[strip:]: size for k, size in found.items()
+            if not full or k == full or k.startswith(full.rstrip("/") + "/")
+        }
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        return sorted(self.sizes(prefix))
 
     def delete(self, keys: builtins.list[str]) -> None:
         for start in range(0, len(keys), 1000):
@@ -186,13 +203,37 @@ def open_storage(uri: str, s3: S3Spec | None = None) -> Storage:
     return LocalStorage(uri)
 
 
-def download_tree(storage: Storage, prefix: str, target: Path) -> list[Path]:
-    """Copy every object under prefix into target, keeping relative paths."""
+def local_path(target: Path, relative: str, field: str) -> Path:
+    """target/relative, refused unless it is a plain relative path that stays inside target.
+
+    Object keys come from storage that someone else may write: a key with `..`, an absolute path, a
+    backslash or a drive letter would otherwise write wherever it points (on `kubeforge run`, onto
+    the user's own machine); resolving also refuses a path through a symlink that leads out."""
+    parts = relative.split("/")
+    if (not relative or relative.startswith("/") or "\\" in relative or "\0" in relative
+            or any(part in ("", ".", "..") for part in parts) or ":" in parts[0]):
+        raise StorageError(f"{field}: object key {relative!r} is not a plain relative path: refusing to "
+                           "write it outside the download directory")
+    root = target.resolve()
+    path = (root / relative).resolve()
+    if root not in path.parents:
+        raise StorageError(f"{field}: object key {relative!r} leads outside the download directory")
+    return path
+
+
+def download_tree(storage: Storage, prefix: str, target: Path, *, field: str,
+                  only: Iterable[str] | None = None) -> list[Path]:
+    """Copy the objects under prefix into target, keeping relative paths: every one, or only the
+    relative names in `only` (a manifest's files). `field` names the spec field the URI came from,
+    for the error when a key would land outside target."""
+    if only is None:
+        names = [key[len(prefix):].lstrip("/") if prefix else key for key in storage.list(prefix)]
+    else:
+        names = list(only)
+    paths = [local_path(target, name, field) for name in names]  # refuse before writing anything
     files = []
-    for key in storage.list(prefix):
-        relative = key[len(prefix):].lstrip("/") if prefix else key
-        path = target / relative
+    for name, path in zip(names, paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        storage.get_file(key, path)
+        storage.get_file(join(prefix, name), path)
         files.append(path)
     return files

@@ -65,12 +65,26 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
     def pretrain_jobs(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): {"status": copy.deepcopy(dict(status))}}
 
+    if settings.namespace_selector:
+        # Namespaces' labels, for the selector that says which namespaces' jobs are ours.
+        @kopf.index("namespaces", id="namespace_labels", registry=registry)
+        def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+            return {name: dict(labels)}
+
+    def ours(namespace: str, indexes: dict[str, Any]) -> bool:
+        labels = None
+        if settings.namespace_selector:
+            labels = next(iter(indexes["namespace_labels"].get(namespace, [])), None)
+        return settings.acts_in(namespace, labels)
+
     for kind in KINDS.values():
         # One timer per job, and nothing else, reconciles it: its first tick comes as soon as the job
         # appears and its ticks never overlap, so no two reconciliations of a job race on a status the
         # other has not written yet. A spec change (suspend, say) takes effect within a resync interval.
         @kopf.timer(kind.group, kind.version, kind.plural, interval=settings.resync_seconds, registry=registry)
         def reconcile_job(body: kopf.Body, patch: kopf.Patch, **indexes: Any) -> None:
+            if not ours(body["metadata"]["namespace"], indexes):
+                return  # watched (the operator may watch every namespace) but not this operator's to act on
             cached = CachedView(indexes["job_pods"], indexes["pretrain_jobs"])  # Kopf passes indexes by id
             operator.reconcile(copy.deepcopy(dict(body)), patch, cached)
 

@@ -23,6 +23,7 @@ from kubeforge.operator.builders import (
     LaunchPlan,
     pod_shape,
 )
+from kubeforge.operator.tenancy import UriPolicy, uri_violations
 from kubeforge.spec import FinetuneJob, Job
 from kubeforge.status import (
     EXIT_PERMANENT,
@@ -67,6 +68,8 @@ class Observed:
     generation: int | None = None
     #: The cluster's policy (KUBEFORGE_ALLOW_CPU_FALLBACK): False makes every job wait for GPUs.
     cpu_fallback_allowed: bool = True
+    #: Which storage URIs the job's namespace may use (OperatorSettings.uri_policy); None: any.
+    uri_policy: UriPolicy | None = None
 
 
 @dataclass
@@ -176,6 +179,11 @@ def _decide(decision: _Decision) -> None:
         return
 
     live = [p for p in seen.pods if not p["metadata"].get("deletionTimestamp")]
+    refused = uri_violations(job, seen.uri_policy) if seen.uri_policy else []
+    if refused:
+        decision.delete_pods = [p["metadata"]["name"] for p in live]
+        decision.phase(FAILED, "URINotAllowed", "; ".join(refused))
+        return
     if spec.suspend:
         decision.delete_pods = [p["metadata"]["name"] for p in live]
         decision.condition(SUSPENDED, True, "Suspended", "spec.suspend is true: pods deleted, checkpoints kept")

@@ -89,7 +89,8 @@ class Operator:
         seen = Observed(job=job, status=status, pods=pods, gpu_nodes=self.cluster.gpu_nodes(),
                         checkpoint_uri=checkpoint_uri(job, self.settings.storage_root), base_job=base_job,
                         progress=progress, generation=body["metadata"].get("generation"),
-                        cpu_fallback_allowed=self.settings.allow_cpu_fallback)
+                        cpu_fallback_allowed=self.settings.allow_cpu_fallback,
+                        uri_policy=self.settings.uri_policy())
         return pods, reconcile(seen, datetime.now(UTC))
 
     def _act(self, job: Job, body: dict[str, Any], pods: list[dict[str, Any]], plan: Plan) -> None:

@@ -100,6 +100,10 @@ BAD_VALUES = [
     "metrics.port=0",
     "metrics.serviceMonitor.enable=true",
     "metrics.podMonitor.interval=soon",
+    "tenancy.allowedUriPrefixes={ftp://host/x}",
+    "tenancy.restrictUrisToNamespace=sometimes",
+    "networkPolicy.enable=true",
+    "networkPolicy.storage.ports={0}",
 ]
 
 
@@ -280,6 +284,13 @@ def test_rbac_namespaced_grants_jobs_only_in_the_watched_namespaces(chart: helm.
     }
 
 
+def test_rbac_with_a_namespace_selector_may_read_namespace_labels(chart: helm.Chart) -> None:
+    # The operator's namespace index (tenancy.namespaceSelector): which namespaces carry the labels.
+    selector = {("cluster", "", "namespaces"): {"list", "watch"}}
+    assert granted(render(chart, {"tenancy": {"namespaceSelector": "kubeforge.io/tenant=enabled"}})) == {
+        "cluster": OPERATOR_PERMISSIONS | PEERING_PERMISSIONS["cluster-wide"] | selector}
+
+
 def test_rbac_without_peering_grants_no_peering(chart: helm.Chart) -> None:
     permissions = granted(render(chart, {"peering": {"enabled": False}}))["cluster"]
     assert permissions == OPERATOR_PERMISSIONS
@@ -297,13 +308,20 @@ def test_the_values_reach_the_operator_settings(chart: helm.Chart) -> None:
         pod_defaults=PodTemplateSpec.model_validate({
             "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
             "nodeSelector": {"node-pool": "gpu"}}),
-        gang_defaults=GangSpec(queue_name="default"))
+        gang_defaults=GangSpec(queue_name="default"),
+        allowed_uri_prefixes=("s3://ml-corpora/shared",))
     kind = OperatorSettings.from_env(container_env(render(chart, VALUE_SETS["kind-cpu"])))
     assert (kind.trainer_cpu_image, kind.image_pull_policy, kind.allow_cpu_fallback, kind.namespaces) == (
         "kubeforge-trainer-cpu:dev", "Never", True, ())
     assert kind.s3_endpoint == "http://minio.default.svc.cluster.local:9000"
+    assert kind.allowed_uri_prefixes == ("s3://kubeforge/data", "s3://kubeforge/models")
     default = OperatorSettings.from_env(container_env(render(chart)))
     assert default.trainer_image == f"ghcr.io/kubeforge/trainer:{chart.metadata['appVersion']}"
+    assert (default.restrict_uris_to_namespace, default.allowed_uri_prefixes, default.namespace_selector) == (
+        True, (), "")
+    tenants = OperatorSettings.from_env(container_env(render(chart, {"tenancy": {
+        "restrictUrisToNamespace": False, "namespaceSelector": "kubeforge.io/tenant=enabled"}})))
+    assert (tenants.restrict_uris_to_namespace, tenants.namespace_selector) == (False, "kubeforge.io/tenant=enabled")
     assert default.storage_root == "s3://kubeforge/jobs"
     assert OperatorSettings.from_env(container_env(render(chart, {"s3": {"prefix": ""}}))).storage_root == \
         "s3://kubeforge"
@@ -422,3 +440,52 @@ def test_notes_tell_how_to_submit_and_watch_a_first_job(chart: helm.Chart) -> No
     assert f"kubectl -n {NAMESPACE} rollout status deployment/{RELEASE}" in notes
     assert "kubectl create secret generic kubeforge-s3" in notes
     assert "s3://kubeforge/jobs at http://minio.default.svc.cluster.local:9000" in notes
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainers' NetworkPolicy
+
+
+def test_no_network_policy_unless_enabled(chart: helm.Chart) -> None:
+    assert "NetworkPolicy" not in {o["kind"] for o in render(chart, VALUE_SETS["kind-cpu"])}
+
+
+def test_the_network_policy_admits_only_peers_the_operator_dns_and_storage(chart: helm.Chart) -> None:
+    objects = render(chart, VALUE_SETS["gpu-cluster"])
+    policies = {o["metadata"]["namespace"]: o for o in objects if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"ml-research", "ml-prod"}
+    policy = policies["ml-research"]["spec"]
+    manifest = copy.deepcopy(example("pretrain-tiny.yaml")[0])
+    manifest["metadata"].update(uid="0123456789abcdef", namespace="ml-research")
+    pod = builders.build_pod(parse_job(manifest), 0, 0, builders.LaunchPlan("s3://b/j", None, True), OperatorSettings())
+    trainer_labels = pod["metadata"]["labels"]
+    operator_labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+    def selects(peer: dict[str, Any], labels: dict[str, str]) -> bool:
+        return peer["podSelector"]["matchLabels"].items() <= labels.items()
+
+    assert selects(policy, trainer_labels) and not selects(policy, operator_labels)
+    assert policy["policyTypes"] == ["Ingress", "Egress"]  # everything not listed is denied both ways
+    ingress = [rule["from"] for rule in policy["ingress"]]
+    assert ingress[0] == [{"podSelector": policy["podSelector"]}]  # the job's peers, any port
+    [operator] = ingress[1]
+    assert selects(operator, operator_labels)
+    assert operator["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": NAMESPACE}
+    assert ingress[2] == VALUE_SETS["gpu-cluster"]["networkPolicy"]["metricsFrom"]
+    peers, dns, storage = policy["egress"]
+    assert peers == {"to": [{"podSelector": policy["podSelector"]}]}
+    assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+    assert storage == {"to": VALUE_SETS["gpu-cluster"]["networkPolicy"]["storage"]["to"],
+                       "ports": [{"protocol": "TCP", "port": 443}]}
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"networkPolicy": {"enabled": True, "storage": {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}}},
+     "needs watchNamespaces"),
+    ({"networkPolicy": {"enabled": True}, "watchNamespaces": ["team-a"]}, "networkPolicy.storage.to"),
+])
+def test_a_network_policy_that_would_cut_training_off_is_refused(
+        chart: helm.Chart, values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(chart, values)

@@ -18,7 +18,9 @@ from kubeforge.operator.reconciler import Operator
 from kubeforge.operator.settings import OperatorSettings
 from kubeforge.spec import parse_job
 
-SETTINGS = OperatorSettings(storage_root="s3://bucket/kf")
+# These tests are about which requests a reconcile makes; the jobs read local example data, which
+# tenancy (tests/test_tenancy.py) would refuse.
+SETTINGS = OperatorSettings(storage_root="s3://bucket/kf", restrict_uris_to_namespace=False)
 
 
 class RecordedCluster:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import shutil
 import tempfile
 import threading
@@ -87,25 +88,42 @@ def write_committed(storage: Storage, prefix: str, files: dict[str, Any], manife
 
 
 def read_manifest(storage: Storage, prefix: str) -> dict[str, Any] | None:
-    """The manifest under prefix if it is complete and every file it lists is there at its size."""
+    """The manifest under prefix if it is complete and every file it lists is there at its size.
+
+    The manifest proves integrity (the files are the ones written together, whole), not
+    authorship: it lives in the same prefix, so whoever can write there can write a matching one.
+    That is why nothing read through it may run code (see `load_tensors`)."""
     try:
         manifest = json.loads(storage.get_bytes(join(prefix, MANIFEST)))
-    except (StorageError, json.JSONDecodeError):
+        listed = {entry["name"]: int(entry["size"]) for entry in manifest.get("files", [])}
+    except (StorageError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         return None
-    present = set(storage.list(prefix))
-    listed = manifest.get("files", [])
-    if not listed or any(join(prefix, e["name"]) not in present for e in listed):
+    present = storage.sizes(prefix)
+    if not listed or any(present.get(join(prefix, name)) != size for name, size in listed.items()):
         return None
     return manifest
 
 
-def fetch_verified(storage: Storage, prefix: str, manifest: dict[str, Any], target: Path) -> None:
-    """Download a committed tree and check every file against its manifest."""
-    download_tree(storage, prefix, target)
-    for entry in manifest["files"]:
-        path = target / entry["name"]
+def fetch_verified(storage: Storage, prefix: str, manifest: dict[str, Any], target: Path, field: str) -> None:
+    """Download the files a manifest lists (nothing else under prefix) and check each against it."""
+    names = [entry["name"] for entry in manifest["files"]]
+    for entry, path in zip(manifest["files"], download_tree(storage, prefix, target, field=field, only=names),
+                           strict=True):
         if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
-            raise StorageError(f"{storage.uri}/{prefix}/{entry['name']}: does not match its manifest")
+            raise StorageError(f"{field}: {storage.uri}/{join(prefix, entry['name'])} does not match its "
+                               "manifest: refusing to use it")
+
+
+def load_tensors(path: Path, where: str) -> Any:
+    """A torch-saved file, loaded with weights_only=True: tensors, numbers, strings and containers
+    of them. Anything else (a pickle that would construct arbitrary objects, i.e. run code) is
+    refused: storage is not trusted to hold only what kubeforge wrote."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message advises weights_only=False; only its line naming the object is relevant here.
+        what = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "unsupported object")
+        raise StorageError(f"{where}: holds more than tensors, refusing to load it ({what})") from None
 
 
 @dataclass(frozen=True)
@@ -169,13 +187,12 @@ class Checkpointer:
         if checkpoint.manifest.get("specHash") != self.spec_hash:
             log.warning("checkpoint %s was written by a different spec (hash %s, now %s); resuming anyway",
                         checkpoint.prefix, checkpoint.manifest.get("specHash"), self.spec_hash)
-        fetch_verified(self.storage, checkpoint.prefix, checkpoint.manifest, target)
+        fetch_verified(self.storage, checkpoint.prefix, checkpoint.manifest, target, field="checkpoint.uri")
         loaded: dict[str, Any] = {}
         for entry in checkpoint.manifest["files"]:
             path = target / entry["name"]
-            # Our own files in our own bucket: they hold RNG states, not only tensors.
-            loaded[entry["name"]] = (torch.load(path, map_location="cpu", weights_only=False)
-                                     if entry["name"].endswith(".pt") else path.read_bytes())
+            where = f"checkpoint.uri: {self.storage.uri}/{join(checkpoint.prefix, entry['name'])}"
+            loaded[entry["name"]] = load_tensors(path, where) if entry["name"].endswith(".pt") else path.read_bytes()
         return loaded
 
     # -- writing ---------------------------------------------------------------------------------

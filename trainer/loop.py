@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -20,7 +19,14 @@ from kubeforge.spec import FinetuneJob, Job, PretrainJob, S3Spec, TrainingSpec, 
 from kubeforge.storage import StorageError, download_tree, open_storage
 from kubeforge.trainer import data as datasets
 from kubeforge.trainer import distributed
-from kubeforge.trainer.checkpoint import MANIFEST, Checkpointer, UploadReport, export_model, fetch_verified
+from kubeforge.trainer.checkpoint import (
+    MANIFEST,
+    Checkpointer,
+    UploadReport,
+    export_model,
+    fetch_verified,
+    read_manifest,
+)
 from kubeforge.trainer.flops import model_flops_utilization, peak_flops, training_flops_per_token
 from kubeforge.trainer.metrics import TrainerMetrics
 from kubeforge.trainer.models import build_pretrain_model, load_finetune_model, unwrap_for_export
@@ -59,11 +65,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path) -> Path:
     """A local Hugging Face model directory for a base model URI (local directory or S3 prefix).
 
-    A kubeforge export is verified against its manifest; any other model directory is taken as is."""
+    A kubeforge export is fetched as its manifest lists and verified against it; another model
+    directory is fetched whole. Either way its weights must be safetensors: a pickled
+    pytorch_model.bin can run code when loaded."""
     local = Path(uri.removeprefix("file://"))
     if not uri.startswith("s3://") and local.is_dir():
         if not (local / "config.json").is_file():
             raise datasets.DataError(f"baseModel: {uri} has no config.json: not a Hugging Face model directory")
+        _require_safetensors(local, uri)
         return local
     storage = open_storage(uri, s3)
     keys = storage.list()
@@ -71,10 +80,23 @@ def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path) -> Path:
         raise datasets.DataError(f"baseModel: no Hugging Face model (config.json) found at {uri}")
     target = scratch / "base-model"
     if MANIFEST in keys:
-        fetch_verified(storage, "", json.loads(storage.get_bytes(MANIFEST)), target)
+        manifest = read_manifest(storage, "")
+        if manifest is None:
+            raise StorageError(f"baseModel.uri: {uri} has a manifest that does not match its files: "
+                               "refusing to use it")
+        fetch_verified(storage, "", manifest, target, field="baseModel.uri")
     else:
-        download_tree(storage, "", target)
+        download_tree(storage, "", target, field="baseModel.uri")
+    _require_safetensors(target, uri)
     return target
+
+
+def _require_safetensors(model_dir: Path, uri: str) -> None:
+    if not any(model_dir.glob("*.safetensors")):
+        raise datasets.DataError(
+            f"baseModel: {uri} has no .safetensors weights; kubeforge does not load pickled weights "
+            "(pytorch_model.bin) because loading them can run code: save the model with "
+            "save_pretrained(..., safe_serialization=True)")
 
 
 def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], classify: bool,

@@ -46,7 +46,9 @@ def build_pretrain_model(spec: ModelSpec, tokenizer: Any, sequence_length: int) 
 
 def load_finetune_model(spec: FinetuneSpec, base_dir: Path, tokenizer: Any,
                         labels: list[str] | None) -> PreTrainedModel:
-    """The base model for the task, wrapped with LoRA adapters when the method is lora."""
+    """The base model for the task, wrapped with LoRA adapters when the method is lora.
+
+    Weights load from safetensors only: a pickled checkpoint could run code."""
     config = AutoConfig.from_pretrained(base_dir)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
@@ -58,9 +60,9 @@ def load_finetune_model(spec: FinetuneSpec, base_dir: Path, tokenizer: Any,
         config.label2id = {label: i for i, label in enumerate(labels)}
         # The base is usually a causal LM: its classification head is new, by design.
         model = AutoModelForSequenceClassification.from_pretrained(
-            base_dir, config=config, ignore_mismatched_sizes=True)
+            base_dir, config=config, ignore_mismatched_sizes=True, use_safetensors=True)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, config=config)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, use_safetensors=True)
     if spec.method == "lora":
         model = _with_lora(model, spec)
     return model
