@@ -76,12 +76,13 @@ async def test_env_comes_from_secrets(cluster: Cluster, kubelet: Kubelet) -> Non
                      container={"envFrom": [{"secretRef": {"name": "s3"}}]})
     await cluster.apply(pod)
 
-    async def waiting() -> str | None:
+    async def held() -> bool:  # ContainerCreating comes first, as on a node
         status = (await cluster.get("Pod", "secretive"))["status"]
         states = status.get("containerStatuses") or [{}]
-        return (states[0].get("state") or {}).get("waiting", {}).get("reason")
+        return (states[0].get("state") or {}).get("waiting", {}).get("reason") == "CreateContainerConfigError"
     # As on a node: a missing secret holds the container, which starts once the secret exists.
-    assert await cluster.wait_for(waiting, 10, "the missing secret to be reported") == "CreateContainerConfigError"
+    await cluster.wait_for(held, 10, "the missing secret to be reported as CreateContainerConfigError")
+    assert kubelet.runs["secretive"].process is None
     await cluster.create_secret("creds", {"password": "hunter2"})
     await cluster.create_secret("s3", {"AWS_ACCESS_KEY_ID": "from-the-secret"})
     state = terminated(await finished(cluster, "secretive"))
