@@ -505,7 +505,9 @@ class Kubelet:
         self.kill_grace = kill_grace
         self.dns_wait = dns_wait
         self.python = python
-        self.extra_env = dict(extra_env or {})
+        # One torch thread per pod unless told otherwise: every pod of a test shares this machine's few
+        # cores, and two pods each spinning a thread per core slow each other down many times over.
+        self.extra_env = {"OMP_NUM_THREADS": "1", **(extra_env or {})}
         self.cwd = Path(cwd) if cwd is not None else None
         self.runs: dict[str, PodRun] = {}  # by pod name: the latest run of that name
         self.errors: list[BaseException] = []  # failures of the harness itself (not of the pods)
