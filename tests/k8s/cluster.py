@@ -426,8 +426,18 @@ def real_kubeconfig(request: pytest.FixtureRequest) -> Iterator[str | None]:
     if request.config.getoption("--cluster") != "real":
         yield None
         return
+    with realk8s() as kubeconfig:
+        yield kubeconfig
+
+
+@contextlib.contextmanager
+def realk8s(**env: str) -> Iterator[str]:
+    """The real control plane of `realk8s_dir()`, started (its up.sh, with `env` added: e.g.
+    CONTROLLERS="0") and stopped (its down.sh) around the block: its admin kubeconfig. One already
+    running is someone else's: it is used as it is and left running."""
     folder = realk8s_dir()
-    up = subprocess.run([str(folder / "up.sh")], capture_output=True, text=True, timeout=180)
+    up = subprocess.run([str(folder / "up.sh")], capture_output=True, text=True, timeout=180,
+                        env={**os.environ, **env})
     if up.returncode != 0:
         raise RuntimeError(f"{folder / 'up.sh'} failed ({up.returncode}):\n{up.stdout}{up.stderr}")
     ours = "already running" not in up.stderr
