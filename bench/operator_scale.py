@@ -53,16 +53,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from k8s.cluster import emulated_cluster, real_cluster, realk8s  # noqa: E402
-from k8s.kubelet import KubeClient  # noqa: E402
+from k8s.kubelet import ApiError, KubeClient  # noqa: E402
 
 JOBS_PATH = "/apis/kubeforge.io/v1alpha1/namespaces/{namespace}/pretrainjobs"
 FLOOR = "floor"
 
 
+WARM_UP = -1
+
+
+def job_name(index: int) -> str:
+    return "scale-warm-up" if index == WARM_UP else f"scale-{index:04d}"
+
+
 def job(index: int) -> dict[str, object]:
     return {
         "apiVersion": "kubeforge.io/v1alpha1", "kind": "PretrainJob",
-        "metadata": {"name": f"scale-{index:04d}"},
+        "metadata": {"name": job_name(index)},
         "spec": {"data": {"train": {"uri": "s3://bench-data/train.txt"}}, "training": {"maxSteps": 100},
                  "resources": {"gpusPerWorker": 0}, "metrics": {"port": 0}},
     }
@@ -169,14 +176,20 @@ async def measure(count: int, kubeconfig: str | None, controller: str, timeout: 
                     env["PYTHONPATH"] = controller
             log_path = Path(tmp) / "controller.log"
             with open(log_path, "wb") as log:
-                process = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+                # Not from the repository root: `python -m` puts the working directory first on sys.path,
+                # and its kubeforge/ would shadow the build under test (--baseline's PYTHONPATH).
+                process = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=tmp)
                 try:
                     if controller == FLOOR:
                         await wait_for_log(log_path, "watching", process, timeout=60)
                     else:
                         await wait_for_metrics(metrics_port, process, timeout=60)
-                        await asyncio.sleep(1.0)  # Kopf's watches start after its metrics endpoint
-                    result = await drive(cluster, count, timeout)
+                    # Measured once the controller's watches work (Kopf's start after its metrics
+                    # endpoint): a first job's pod proves it, and is not counted.
+                    await cluster.apply(job(WARM_UP))
+                    await until_exit(cluster.wait_for(lambda: cluster.list_pods({"kubeforge.io/job-name": job_name(
+                        WARM_UP)}), 60, "the warm-up job's pod"), process, log_path)
+                    result = await until_exit(drive(cluster, count, timeout), process, log_path)
                     if controller != FLOOR:
                         result.update({f"{k}_all_pods": v for k, v in memory_mb(process.pid).items()})
                         await asyncio.sleep(settle)
@@ -192,6 +205,17 @@ async def measure(count: int, kubeconfig: str | None, controller: str, timeout: 
     return result
 
 
+async def until_exit(work: Any, process: subprocess.Popen[bytes], log_path: Path) -> Any:
+    """Await work, unless the controller exits first: then fail with its log."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait([task], timeout=0.5)
+        if process.poll() is not None and not task.done():
+            task.cancel()
+            raise RuntimeError(f"the controller exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+    return task.result()
+
+
 async def floor_controller(kubeconfig: str, namespace: str) -> None:
     """The least a controller can do: on each new job, create one pod with the job's labels."""
     client = KubeClient.from_kubeconfig(kubeconfig)
@@ -204,12 +228,21 @@ async def floor_controller(kubeconfig: str, namespace: str) -> None:
             "labels": {"kubeforge.io/job-name": name, "kubeforge.io/job-kind": "ptj"}},
             "spec": {"containers": [{"name": "trainer", "image": "kubeforge-trainer:bench"}]}})
 
-    print("watching", flush=True)
-    async for event in client.watch(JOBS_PATH.format(namespace=namespace)):
-        if event["type"] == "ADDED":
-            task = asyncio.create_task(create_pod(event["object"]))
-            creating.add(task)
-            task.add_done_callback(creating.discard)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            # Ready once the server has accepted the watch: the driver creates the jobs only then.
+            async for event in client.watch(JOBS_PATH.format(namespace=namespace),
+                                            on_open=lambda: print("watching", flush=True)):
+                if event["type"] == "ADDED":
+                    task = asyncio.create_task(create_pod(event["object"]))
+                    creating.add(task)
+                    task.add_done_callback(creating.discard)
+            return
+        except ApiError as exc:  # 429 while a new CRD's watch cache fills: as client-go does, retry
+            if exc.status != 429 or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def drive(cluster: Any, count: int, timeout: float) -> dict[str, float]:
@@ -220,8 +253,9 @@ async def drive(cluster: Any, count: int, timeout: float) -> dict[str, float]:
 
     async def watch_pods() -> None:
         async for event in cluster.client.watch(path, {"labelSelector": "kubeforge.io/job-kind=ptj"}):
-            if event["type"] == "ADDED":
-                seen_at.setdefault(event["object"]["metadata"]["labels"]["kubeforge.io/job-name"], time.perf_counter())
+            name = event["object"]["metadata"]["labels"]["kubeforge.io/job-name"]
+            if event["type"] == "ADDED" and name != job_name(WARM_UP):
+                seen_at.setdefault(name, time.perf_counter())
                 if len(seen_at) == count:
                     return
 
@@ -229,7 +263,7 @@ async def drive(cluster: Any, count: int, timeout: float) -> dict[str, float]:
     started = time.perf_counter()
     for index in range(count):
         await cluster.apply(job(index))
-        created_at[f"scale-{index:04d}"] = time.perf_counter()
+        created_at[job_name(index)] = time.perf_counter()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(watching, timeout)
     latencies = [seen_at[n] - created_at[n] for n in seen_at]
