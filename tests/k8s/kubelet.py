@@ -255,8 +255,10 @@ class KubeClient:
                 raise ApiError(response.status, data, method, path)
             return data
 
-    async def watch(self, path: str, params: Mapping[str, Any] | None = None) -> AsyncIterator[Obj]:
-        """The events of a watch request, until the server ends the stream."""
+    async def watch(self, path: str, params: Mapping[str, Any] | None = None, *,
+                    on_open: Callable[[], None] | None = None) -> AsyncIterator[Obj]:
+        """The events of a watch request, until the server ends the stream; `on_open` is called once the
+        server has accepted it (before any event)."""
         session = await self._ensure_session()
         query = {"watch": "true", **{k: str(v) for k, v in (params or {}).items() if v is not None}}
         async with session.get(self.server + path, params=query, headers=self._headers(None),
@@ -264,6 +266,8 @@ class KubeClient:
                                ssl=self._ssl if self._ssl is not None else True) as response:
             if response.status >= 400:
                 raise ApiError(response.status, await response.json(content_type=None), "WATCH", path)
+            if on_open is not None:
+                on_open()
             async for line in response.content:
                 if line.strip():
                     yield json.loads(line)
