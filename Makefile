@@ -7,7 +7,12 @@ BIN := $(VENV)/bin
 # links: operator/ and trainer/ are mapped by setuptools, which mypy cannot follow.
 TYPECHECK := build/typecheck
 
-.PHONY: run test lint
+# `make test` runs the suite twice: against the API server emulator, then its cluster tests against the
+# real control plane of ../shared/realk8s (started and stopped by the suite; skipped, saying so, where
+# that folder is missing). Its last line gives the counts per target.
+RESULTS := build/test-results
+
+.PHONY: run test lint test-deps
 
 $(BIN)/kubeforge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +32,15 @@ lint: $(BIN)/kubeforge
 	ln -s $(CURDIR)/trainer $(TYPECHECK)/kubeforge/trainer
 	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml
 
-test: lint
-	$(BIN)/pytest
+# Prometheus and promtool, for tests/test_prometheus.py and tests/test_alerts.py: installed with apt
+# (root or sudo), or the one command that does it is printed before any test runs.
+test-deps:
+	.ci/install-test-deps
+
+test: test-deps lint
+	rm -rf $(RESULTS)
+	status=0; \
+	$(BIN)/pytest --junitxml=$(RESULTS)/emulator.xml || status=$$?; \
+	$(BIN)/pytest --cluster=real --junitxml=$(RESULTS)/real.xml || status=$$?; \
+	$(BIN)/python .ci/test-summary.py $(RESULTS)/emulator.xml $(RESULTS)/real.xml; \
+	exit $$status

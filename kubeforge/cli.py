@@ -203,6 +203,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
     from kubeforge.operator.handlers import api_client, create_registry
     from kubeforge.operator.metrics import OperatorMetrics
+    from kubeforge.operator.peering import missing_peerings
     from kubeforge.operator.settings import OperatorSettings
 
     settings = OperatorSettings.from_env()
@@ -210,11 +211,19 @@ def cmd_operator(args: argparse.Namespace) -> int:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    standalone = args.standalone
+    missing = [] if standalone else missing_peerings(api_client(), PEERING_NAME, settings.namespaces)
+    if missing:
+        # Kopf would wait for them forever, doing nothing: one operator without peering is what
+        # `kubectl apply -f crds/` alone can run.
+        log.warning("no peering object %s (the Helm chart creates them): running standalone, as with "
+                    "--standalone. Run one replica only, or install the chart to run several.", ", ".join(missing))
+        standalone = True
     metrics = OperatorMetrics()
     start_http_server(settings.metrics_port, registry=metrics.registry)
     registry = create_registry(settings, api_client(), metrics)
     kopf.run(registry=registry, clusterwide=not settings.namespaces, namespaces=list(settings.namespaces),
-             standalone=args.standalone, peering_name=None if args.standalone else PEERING_NAME,
+             standalone=standalone, peering_name=None if standalone else PEERING_NAME,
              priority=args.peering_priority, liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz")
     return 0
 

@@ -28,7 +28,7 @@ def binary(name: str) -> str:
     found = shutil.which(name)
     if found is None:
         raise AssertionError(f"{name} is not installed: `apt-get install prometheus` (Debian's package; "
-                             ".ci/run installs it) provides /usr/bin/prometheus and /usr/bin/promtool")
+                             "`make test` installs it first) provides /usr/bin/prometheus and /usr/bin/promtool")
     return found
 
 

@@ -361,6 +361,7 @@ def test_our_crds_would_install_on_a_real_server() -> None:
         assert crd_problems(yaml.safe_load(path.read_text())) == [], path
 
 
+@pytest.mark.emulator_only("kmock's scripted faults exist only in the emulator")
 async def test_scripted_faults_take_precedence_and_change_nothing(cluster: Cluster) -> None:  # noqa: F811
     """kmock's DSL still works (here on the threaded emulator of the `cluster` fixture)."""
     cluster.emulator[f"post /api/v1/namespaces/{cluster.namespace}/pods"][:1] << 500

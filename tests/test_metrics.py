@@ -96,15 +96,21 @@ def test_metrics_follow_training_progress(trainer: tuple[subprocess.Popen[bytes]
     # On a CPU there is no MFU and no GPU memory to report: the series do not exist.
     assert not [name for name in first if "gpu" in name or "flops" in name], first
 
+    # A scrape is not a snapshot: the loop runs on while the endpoint reads one series after another, so
+    # one reading can hold the step of one moment and the token count of a later one. What the trainer
+    # guarantees is that training moves each of them forward: every micro-batch adds its tokens, every
+    # step sets the step and its timestamp, every logInterval the loss. So a later reading shows each
+    # of them past the first reading's value, and the loss changed.
+    advanced = ("kubeforge_trainer_step", "kubeforge_trainer_tokens_total",
+                "kubeforge_trainer_last_step_timestamp_seconds")
     later = wait_until(
-        lambda: reading(lambda s: value(s, "kubeforge_trainer_step") > value(first, "kubeforge_trainer_step")
+        lambda: reading(lambda s: all(value(s, name) > value(first, name) for name in advanced)
                         and value(s, "kubeforge_trainer_loss") != value(first, "kubeforge_trainer_loss")),
-        60, "the step to advance and the loss to change")
+        60, "the step, tokens and step timestamp to advance and the loss to change")
+    assert value(first, "kubeforge_trainer_tokens_total") > 0
+    assert value(first, "kubeforge_trainer_last_step_timestamp_seconds") > time.time() - 120
     assert value(later, "kubeforge_trainer_tokens_per_second") > 0
-    assert value(later, "kubeforge_trainer_tokens_total") > value(first, "kubeforge_trainer_tokens_total") > 0
     assert value(later, "kubeforge_trainer_data_wait_seconds_total") > 0
-    assert value(later, "kubeforge_trainer_last_step_timestamp_seconds") > \
-        value(first, "kubeforge_trainer_last_step_timestamp_seconds") > time.time() - 120
 
     checkpointed = wait_until(
         lambda: reading(lambda s: value(s, "kubeforge_trainer_last_checkpoint_step") > 0), 60,

@@ -6,9 +6,12 @@ and checkpoints go through S3 either way, so pods need nothing from this machine
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import signal
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any
 
 import boto3
 import pytest
+import yaml
 from conftest import ROOT, example, free_port, tiny_pretrain
 from k8s.cluster import running_operator
 from test_chart import OPERATOR_PERMISSIONS
@@ -324,3 +328,45 @@ async def _resynced(cluster: Any) -> bool:
 
 async def _job_gone(cluster: Any, name: str) -> bool:
     return await cluster.get(PTJ, name) is None
+
+
+async def test_the_operator_command_runs_standalone_next_to_the_crds_alone(cluster: Any, tmp_path: Path) -> None:
+    """The README's cluster path: `kubectl apply -f crds/`, then `kubeforge operator`. Without the chart
+    there is no peering object to join: it says so, runs standalone and reconciles a job at once."""
+    kubeconfig = cluster.kubeconfig or str(_kubeconfig_for(cluster.url, tmp_path / "kubeconfig"))
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "KUBEFORGE_METRICS_PORT": str(free_port()),
+           "KUBEFORGE_STORAGE_ROOT": "s3://kubeforge/jobs"}
+    log_path = tmp_path / "operator.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kubeforge", "operator", "--health-port", str(free_port()),
+            stdout=log, stderr=asyncio.subprocess.STDOUT, env=env)
+    try:
+        def logged(text: str) -> bool:
+            assert process.returncode is None, f"the operator exited:\n{log_path.read_text()}"
+            return text in log_path.read_text()
+
+        await cluster.wait_for(lambda: logged("running standalone"), 60, "the operator to say it runs standalone")
+        assert "ClusterKopfPeering/kubeforge" in log_path.read_text()
+        started = time.monotonic()
+        await cluster.apply(tiny_pretrain("bare"))
+        await cluster.wait_for(lambda: job_pods(cluster, "bare"), 10, f"the job's pod\n{log_path.read_text()}")
+        await cluster.wait_for(lambda: phase_is(cluster, PTJ, "bare", "Pending", "Running"), 10 - (
+            time.monotonic() - started), f"the job's phase\n{log_path.read_text()}")
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+def _kubeconfig_for(url: str, path: Path) -> Path:
+    """A kubeconfig for the emulator (no credentials)."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "e2e",
+        "clusters": [{"name": "e2e", "cluster": {"server": url}}], "users": [{"name": "e2e", "user": {}}],
+        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "e2e"}}]}))
+    return path

@@ -73,8 +73,6 @@ async def test_prometheus_follows_a_job_through_the_trainer_and_the_operator(
     async def query(expr: str) -> list[dict[str, Any]]:
         return await asyncio.to_thread(prometheus.query, expr)
 
-    if kubelet is not None:  # the harness runs the pod here: one torch thread, as on a busy two-core
-        kubelet.extra_env["OMP_NUM_THREADS"] = "1"  # machine two spinning threads slowed it fifty-fold
     await cluster.create_secret(SECRET, {k: s3_env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     job = tiny_pretrain(JOB, maxSteps=STEPS, warmupSteps=20, evalInterval=100, logInterval=10)

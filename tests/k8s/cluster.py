@@ -2,11 +2,19 @@
 
 Register them for the suite with `pytest_plugins = ["k8s.cluster"]` in tests/conftest.py.
 
-- `cluster`: with `KUBEFORGE_E2E_KUBECONFIG` set, the cluster of that kubeconfig (its current
-  context): our CRDs are applied if missing, a fresh namespace is created and deleted afterwards.
-  Otherwise an `Emulator` on 127.0.0.1 with a namespace `kubeforge-e2e`. Either way a `Cluster`.
+Which cluster, for the whole session (`pytest --cluster=...`, or `KUBEFORGE_E2E_CLUSTER`):
+- `emulator` (the default): an `Emulator` on 127.0.0.1 per test, with a namespace `kubeforge-e2e`;
+- `real`: the real control plane of `../shared/realk8s` next to the repository (or the folder in
+  `KUBEFORGE_REALK8S`), started for the session with its up.sh and stopped with its down.sh. Only the
+  tests that take the `cluster` fixture run (the others do not depend on a cluster); tests marked
+  `emulator_only("why")` are skipped, saying why. Without that folder they are skipped, saying so,
+  unless `KUBEFORGE_REALK8S_REQUIRED=1` (CI), which fails the session instead;
+- `KUBEFORGE_E2E_KUBECONFIG=PATH` (with either): the cluster of that kubeconfig, as it is.
+On a real cluster our CRDs are applied if missing, and each test gets a fresh namespace, deleted
+afterwards. Either way the fixture is a `Cluster`.
 - `kubelet`: the `Kubelet` harness for the cluster's namespace; None on a real cluster that has
-  schedulable nodes of its own (its kubelets run the pods).
+  schedulable nodes of its own (its kubelets run the pods). On a real control plane it registers a
+  Node of its own and lets the scheduler bind.
 - `emulator`: a bare running `Emulator` (no namespace, no client), for tests of the emulator.
 
 Every helper is async: the emulator serves from the test's own event loop, so a blocking call
@@ -22,21 +30,37 @@ import contextlib
 import inspect
 import logging
 import os
+import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_asyncio
 import yaml
 
 from k8s.emulator import CRD_DIR, Emulator, serve
-from k8s.kubelet import EMULATED_NODE_LABEL, GPU, MERGE_PATCH, ApiError, KubeClient, Kubelet, LoopThread
+from k8s.kubelet import (
+    EMULATED_NODE_LABEL,
+    MERGE_PATCH,
+    NODE_LEASE_NAMESPACE,
+    ApiError,
+    KubeClient,
+    Kubelet,
+    LoopThread,
+    register_node,
+    wait_schedulable,
+)
 
 log = logging.getLogger(__name__)
 
 KUBECONFIG_ENV = "KUBEFORGE_E2E_KUBECONFIG"
+CLUSTER_ENV = "KUBEFORGE_E2E_CLUSTER"
+REALK8S_ENV = "KUBEFORGE_REALK8S"
+REALK8S_REQUIRED_ENV = "KUBEFORGE_REALK8S_REQUIRED"
 EMULATED_NAMESPACE = "kubeforge-e2e"
+ROOT = Path(__file__).resolve().parents[2]
 
 Obj = dict[str, Any]
 
@@ -155,21 +179,13 @@ class Cluster:
 
     async def add_node(self, name: str, gpus: int = 0, *, labels: dict[str, str] | None = None,
                        taints: list[Obj] | None = None, cpu: str = "16", memory: str = "64Gi") -> Obj:
-        """A Node the kubelet harness plays, with `nvidia.com/gpu` allocatable if gpus > 0.
-        (On a real cluster it is deleted after the test.)"""
-        resources = {"cpu": cpu, "memory": memory, "pods": "110"} | ({GPU: str(gpus)} if gpus else {})
-        status = {"capacity": resources, "allocatable": resources,
-                  "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
-                  "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
-                                {"type": "Hostname", "address": name}]}
-        node = {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": name, "labels": {EMULATED_NODE_LABEL: "true", "kubernetes.io/hostname": name,
-                                                      **(labels or {})}},
-                "spec": {"taints": taints} if taints else {}, "status": status}
-        await self.client.create(node)
+        """A Node the kubelet harness plays, with `nvidia.com/gpu` allocatable if gpus > 0, once the
+        scheduler may use it. (Deleted after the test; on a real cluster the harness keeps it alive.)"""
         self._nodes.append(name)
-        # Real servers may drop the status of a new node: set it through the subresource too.
-        return await self.client.patch("Node", name, {"status": status}, subresource="status")
+        node = await register_node(self.client, name, gpus=gpus, labels=labels, taints=taints, cpu=cpu,
+                                   memory=memory)
+        await wait_schedulable(self.client, name, timeout=30)
+        return node
 
     async def create_secret(self, name: str, data: dict[str, str | bytes]) -> Obj:
         """An Opaque Secret in the test namespace (values as text or bytes; sent base64 as `data`)."""
@@ -225,6 +241,7 @@ class Cluster:
         for name in self._nodes:
             with contextlib.suppress(ApiError):
                 await self.client.delete("Node", name)
+                await self.client.delete("Lease", name, NODE_LEASE_NAMESPACE)
 
 
 def _selector(selector: str | dict[str, str] | None) -> str | None:
@@ -359,6 +376,79 @@ async def running_operator(registry: Any, cluster: Cluster | None = None, *, set
 
 
 # ---------------------------------------------------------------------------------------------------
+# The session's cluster: pytest --cluster=emulator|real
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cluster", choices=["emulator", "real"], default=os.environ.get(CLUSTER_ENV) or "emulator",
+                     help="where tests taking the `cluster` fixture run: a fresh API server emulator per test, "
+                          f"or the real control plane of ../shared/realk8s (${REALK8S_ENV}), started for the "
+                          "session; `real` runs only those tests (default: $KUBEFORGE_E2E_CLUSTER or emulator)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "emulator_only(why): the test needs the emulator; skipped on a real "
+                                       "cluster, saying why")
+
+
+def realk8s_dir() -> Path:
+    return Path(os.environ.get(REALK8S_ENV) or ROOT.parent / "shared" / "realk8s")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    real = config.getoption("--cluster") == "real" or bool(os.environ.get(KUBECONFIG_ENV))
+    if config.getoption("--cluster") == "real":
+        kept = [item for item in items if "cluster" in getattr(item, "fixturenames", ())]
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
+        if not os.environ.get(KUBECONFIG_ENV) and not (realk8s_dir() / "up.sh").exists():
+            why = (f"no real control plane: {realk8s_dir() / 'up.sh'} does not exist (a checkout of the "
+                   f"project's shared/realk8s next to the repository, or set {REALK8S_ENV})")
+            if os.environ.get(REALK8S_REQUIRED_ENV) == "1":
+                raise pytest.UsageError(why)
+            for item in items:
+                item.add_marker(pytest.mark.skip(reason=why))
+    if real:
+        for item in items:
+            marker = item.get_closest_marker("emulator_only")
+            if marker is not None:
+                item.add_marker(pytest.mark.skip(reason=f"emulator only: {marker.args[0]}"))
+
+
+@pytest.fixture(scope="session")
+def real_kubeconfig(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The kubeconfig of the session's real cluster: $KUBEFORGE_E2E_KUBECONFIG, or with --cluster=real
+    the control plane of realk8s, started here and stopped at the end (unless it already ran: then it
+    is someone else's and stays). None for the emulator."""
+    if os.environ.get(KUBECONFIG_ENV):
+        yield os.environ[KUBECONFIG_ENV]
+        return
+    if request.config.getoption("--cluster") != "real":
+        yield None
+        return
+    with realk8s() as kubeconfig:
+        yield kubeconfig
+
+
+@contextlib.contextmanager
+def realk8s(**env: str) -> Iterator[str]:
+    """The real control plane of `realk8s_dir()`, started (its up.sh, with `env` added: e.g.
+    CONTROLLERS="0") and stopped (its down.sh) around the block: its admin kubeconfig. One already
+    running is someone else's: it is used as it is and left running."""
+    folder = realk8s_dir()
+    up = subprocess.run([str(folder / "up.sh")], capture_output=True, text=True, timeout=180,
+                        env={**os.environ, **env})
+    if up.returncode != 0:
+        raise RuntimeError(f"{folder / 'up.sh'} failed ({up.returncode}):\n{up.stdout}{up.stderr}")
+    ours = "already running" not in up.stderr
+    try:
+        yield up.stdout.strip().splitlines()[-1]
+    finally:
+        if ours:
+            subprocess.run([str(folder / "down.sh")], capture_output=True, timeout=120, check=False)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Fixtures
 
 
@@ -370,11 +460,10 @@ async def emulator() -> AsyncIterator[Emulator]:
 
 
 @pytest_asyncio.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    """The emulator, or the cluster of $KUBEFORGE_E2E_KUBECONFIG, with a fresh test namespace."""
-    kubeconfig = os.environ.get(KUBECONFIG_ENV)
-    if kubeconfig:
-        async with real_cluster(kubeconfig) as real:
+async def cluster(real_kubeconfig: str | None) -> AsyncIterator[Cluster]:
+    """The emulator, or the session's real cluster, with a fresh test namespace."""
+    if real_kubeconfig:
+        async with real_cluster(real_kubeconfig) as real:
             yield real
     else:
         async with emulated_cluster() as emulated:
@@ -387,7 +476,10 @@ async def kubelet(cluster: Cluster, tmp_path: Path) -> AsyncIterator[Kubelet | N
     if cluster.real and await cluster.has_schedulable_nodes():
         yield None
         return
-    harness = Kubelet(cluster.client, cluster.namespace, tmp_path / "kubelet")
+    # A real control plane has a scheduler: it binds, and the harness is just the node (named after
+    # the test's namespace: the pods of an earlier test's namespace may still be bound to its node).
+    harness = Kubelet(cluster.client, cluster.namespace, tmp_path / "kubelet", binds_pods=not cluster.real,
+                      **({"node_name": f"kubelet-{cluster.namespace}"} if cluster.real else {}))
     await harness.start(threaded=True)
     cluster.kubelet = harness
     try:

@@ -3,12 +3,18 @@
 `KubeClient` is the small async API client the harness and the fixtures use: built from the
 emulator's URL or from a kubeconfig, so the same code drives the emulator and a real cluster.
 
-`Kubelet` plays the node for the pods of one namespace. It polls the pods through the API and, like
-a scheduler plus a kubelet:
+`Kubelet` plays the nodes for the pods of one namespace: its own node and every Node labelled
+`kubeforge.io/emulated-node` (`Cluster.add_node`). It polls the pods through the API and runs only
+those bound to a node it plays. Who binds them depends on the API server:
 
-- binds each new pod (`pods/{name}/binding`) to a node: a Node labelled `kubeforge.io/emulated-node`
-  that fits it (nodeSelector, taints, `nvidia.com/gpu`), else to its own virtual node when there are
-  no such Nodes; pods that fit nowhere get `PodScheduled=False/Unschedulable`, as from a scheduler;
+- on the emulator (`binds_pods=True`: it has no scheduler, so the harness is one) it binds each new pod
+  (`pods/{name}/binding`) to an emulated Node that fits it (nodeSelector, taints, `nvidia.com/gpu`),
+  else to its own virtual node when there are no such Nodes; pods that fit nowhere get
+  `PodScheduled=False/Unschedulable`, as from a scheduler;
+- on a real control plane (`binds_pods=False`) the real scheduler binds: the harness registers its
+  own Node, keeps every Node it plays alive as a kubelet does (a Lease in `kube-node-lease`, renewed;
+  else the node-lifecycle controller taints the node and evicts its pods) and deletes its Node when it
+  stops. Pods are told apart by uid: one replaced under the same name is a new pod;
 - gives it a distinct loopback IP (127.0.0.2, 127.0.0.3, ...: Linux routes all of 127/8 to `lo`);
 - resolves the container's env as a kubelet does (values with `$(VAR)` expansion, `fieldRef`,
   `secretKeyRef`, `configMapKeyRef`, `envFrom` secrets/config maps; a missing secret holds the pod in
@@ -128,6 +134,7 @@ WELL_KNOWN: dict[str, tuple[str, str, bool]] = {
     "PretrainJob": ("kubeforge.io/v1alpha1", "pretrainjobs", True),
     "FinetuneJob": ("kubeforge.io/v1alpha1", "finetunejobs", True),
     "CustomResourceDefinition": ("apiextensions.k8s.io/v1", "customresourcedefinitions", False),
+    "Lease": ("coordination.k8s.io/v1", "leases", True),
 }
 
 
@@ -248,8 +255,10 @@ class KubeClient:
                 raise ApiError(response.status, data, method, path)
             return data
 
-    async def watch(self, path: str, params: Mapping[str, Any] | None = None) -> AsyncIterator[Obj]:
-        """The events of a watch request, until the server ends the stream."""
+    async def watch(self, path: str, params: Mapping[str, Any] | None = None, *,
+                    on_open: Callable[[], None] | None = None) -> AsyncIterator[Obj]:
+        """The events of a watch request, until the server ends the stream; `on_open` is called once the
+        server has accepted it (before any event)."""
         session = await self._ensure_session()
         query = {"watch": "true", **{k: str(v) for k, v in (params or {}).items() if v is not None}}
         async with session.get(self.server + path, params=query, headers=self._headers(None),
@@ -257,6 +266,8 @@ class KubeClient:
                                ssl=self._ssl if self._ssl is not None else True) as response:
             if response.status >= 400:
                 raise ApiError(response.status, await response.json(content_type=None), "WATCH", path)
+            if on_open is not None:
+                on_open()
             async for line in response.content:
                 if line.strip():
                     yield json.loads(line)
@@ -421,6 +432,64 @@ def pod_gpus(pod: Obj) -> int:
     return total
 
 
+NODE_LEASE_NAMESPACE = "kube-node-lease"
+NODE_HEARTBEAT_SECONDS = 10.0
+
+
+def node_manifest(name: str, *, gpus: int = 0, labels: Mapping[str, str] | None = None,
+                  taints: list[Obj] | None = None, cpu: str = "16", memory: str = "64Gi") -> Obj:
+    """A Ready Node played by the harness (`nvidia.com/gpu` allocatable if gpus > 0)."""
+    resources = {"cpu": cpu, "memory": memory, "pods": "110"} | ({GPU: str(gpus)} if gpus else {})
+    stamp = now()
+    status = {"capacity": resources, "allocatable": resources,
+              "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                              "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}],
+              "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}]}
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {EMULATED_NODE_LABEL: "true", "kubernetes.io/hostname": name,
+                                                  **(labels or {})}},
+            "spec": {"taints": taints} if taints else {}, "status": status}
+
+
+async def register_node(client: KubeClient, name: str, **node: Any) -> Obj:
+    """Create the Node (see `node_manifest`) and its Lease."""
+    manifest = node_manifest(name, **node)
+    await client.create(manifest)
+    await renew_lease(client, name)
+    # A real server drops the status of a created Node: it is set through the subresource.
+    return await client.patch("Node", name, {"status": manifest["status"]}, subresource="status")
+
+
+async def renew_lease(client: KubeClient, node: str) -> None:
+    """The node's heartbeat: its Lease in kube-node-lease, created or renewed."""
+    renewed = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        await client.patch("Lease", node, {"spec": {"renewTime": renewed}}, NODE_LEASE_NAMESPACE)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        try:
+            await client.create({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                                 "metadata": {"name": node, "namespace": NODE_LEASE_NAMESPACE},
+                                 "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": renewed}})
+        except ApiError as conflict:
+            if conflict.status != 409:  # 409: a heartbeat created it meanwhile
+                raise
+
+
+async def wait_schedulable(client: KubeClient, name: str, timeout: float) -> None:
+    """Until the Node has no `node.kubernetes.io/not-ready` taint (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        node = await client.get("Node", name) or {}
+        taints = (node.get("spec") or {}).get("taints") or []
+        if node and not any(t.get("key") == "node.kubernetes.io/not-ready" for t in taints):
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"node {name} still not schedulable after {timeout}s: taints {taints}")
+        await asyncio.sleep(0.2)
+
+
 class Kubelet:
     """Plays the node for the pods of `namespace` (see the module docstring).
 
@@ -428,18 +497,21 @@ class Kubelet:
     """
 
     def __init__(self, client: KubeClient, namespace: str, workdir: str | os.PathLike[str], *,
-                 node_name: str = "kubeforge-kubelet", poll_interval: float = 0.1, kill_grace: float = 10.0,
-                 dns_wait: float = 60.0, python: str = sys.executable, extra_env: Mapping[str, str] | None = None,
-                 cwd: str | os.PathLike[str] | None = None):
+                 node_name: str = "kubeforge-kubelet", binds_pods: bool = True, poll_interval: float = 0.1,
+                 kill_grace: float = 10.0, dns_wait: float = 60.0, python: str = sys.executable,
+                 extra_env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None):
         self.client = client
         self.namespace = namespace
         self.workdir = Path(workdir)
         self.node_name = node_name
+        self.binds_pods = binds_pods
         self.poll_interval = poll_interval
         self.kill_grace = kill_grace
         self.dns_wait = dns_wait
         self.python = python
-        self.extra_env = dict(extra_env or {})
+        # One torch thread per pod unless told otherwise: every pod of a test shares this machine's few
+        # cores, and two pods each spinning a thread per core slow each other down many times over.
+        self.extra_env = {"OMP_NUM_THREADS": "1", **(extra_env or {})}
         self.cwd = Path(cwd) if cwd is not None else None
         self.runs: dict[str, PodRun] = {}  # by pod name: the latest run of that name
         self.errors: list[BaseException] = []  # failures of the harness itself (not of the pods)
@@ -450,6 +522,7 @@ class Kubelet:
         self._loop_task: asyncio.Task[None] | None = None
         self._unschedulable: dict[str, str] = {}  # uid -> the message reported
         self._thread: LoopThread | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     # -- public ----------------------------------------------------------------------------------------
 
@@ -465,6 +538,9 @@ class Kubelet:
             await self._start()
 
     async def _start(self) -> None:
+        if not self.binds_pods:
+            await self._register_node()
+            self._heartbeat_task = asyncio.create_task(self._heartbeat(), name=f"heartbeat {self.node_name}")
         self._loop_task = asyncio.create_task(self._run(), name=f"kubelet {self.namespace}")
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -484,7 +560,7 @@ class Kubelet:
         return await self._thread.run(coroutine)
 
     async def _stop(self, timeout: float) -> None:
-        tasks = [t for t in [self._loop_task, *self._launching.values()] if t is not None]
+        tasks = [t for t in [self._loop_task, self._heartbeat_task, *self._launching.values()] if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -505,6 +581,10 @@ class Kubelet:
         for monitor in monitors:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await monitor
+        if not self.binds_pods:  # its pods, if any are left, go with it (the pod GC deletes them)
+            with contextlib.suppress(ApiError, aiohttp.ClientError):
+                await self.client.delete("Node", self.node_name)
+                await self.client.delete("Lease", self.node_name, NODE_LEASE_NAMESPACE)
 
     def log_path(self, pod_name: str) -> Path:
         return self.workdir / "logs" / f"{pod_name}.log"
@@ -591,6 +671,8 @@ class Kubelet:
             meta, spec = pod["metadata"], pod.get("spec") or {}
             uid = meta["uid"]
             node = spec.get("nodeName")
+            if not node and not self.binds_pods:
+                continue  # the scheduler has yet to bind it
             if node and node != self.node_name:
                 if nodes is None:
                     nodes = await self._nodes()
@@ -621,6 +703,28 @@ class Kubelet:
 
     async def _nodes(self) -> list[Obj]:
         return await self.client.list("Node", label_selector=EMULATED_NODE_LABEL)
+
+    # -- the node, on a real control plane ----------------------------------------------------------
+
+    async def _register_node(self, timeout: float = 30.0) -> None:
+        """Create this harness's Node, Ready, and wait until the scheduler may use it: the API server
+        taints a new Node `node.kubernetes.io/not-ready` until the node-lifecycle controller has seen
+        it Ready."""
+        await register_node(self.client, self.node_name)
+        await wait_schedulable(self.client, self.node_name, timeout)
+
+    async def _heartbeat(self) -> None:
+        """Renew the Lease of every Node this harness plays, as kubelets do every 10 s (the
+        node-lifecycle controller calls a node unreachable after 40 s without one)."""
+        while True:
+            try:
+                for node in {self.node_name, *(n["metadata"]["name"] for n in await self._nodes())}:
+                    await renew_lease(self.client, node)
+            except asyncio.CancelledError:
+                raise
+            except (ApiError, aiohttp.ClientError) as exc:
+                log.debug("kubelet heartbeat: %s", exc)
+            await asyncio.sleep(NODE_HEARTBEAT_SECONDS)
 
     # -- scheduling ------------------------------------------------------------------------------------
 
@@ -663,7 +767,7 @@ class Kubelet:
         name, uid = meta["name"], meta["uid"]
         try:
             node = (pod.get("spec") or {}).get("nodeName")
-            if not node:
+            if not node:  # only with binds_pods: _sync skips unbound pods otherwise
                 node, why = self._schedule(pod, pods, nodes)
                 if node is None:
                     await self._report_unschedulable(pod, why)
@@ -850,11 +954,15 @@ class Kubelet:
         await self._patch_status(run.name, run.uid, status)
 
     async def _patch_status(self, name: str, uid: str, status: Obj) -> None:
+        """Patch the status of the pod `name` only while it is still the pod `uid`: the uid in the patch
+        is its precondition. A pod replaced under the same name refuses it: 409 from the emulator, 422
+        (`metadata.uid: field is immutable`) from a real API server. Either way the run is over."""
         try:
             await self.client.patch("Pod", name, {"metadata": {"uid": uid}, "status": status}, self.namespace,
                                     subresource="status")
         except ApiError as exc:
-            if exc.status not in (404, 409):
+            replaced = exc.status == 422 and "metadata.uid" in exc.message
+            if exc.status not in (404, 409) and not replaced:
                 raise
 
     # -- stopping --------------------------------------------------------------------------------------
