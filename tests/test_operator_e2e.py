@@ -47,7 +47,8 @@ def s3_data(bucket: str, s3_endpoint: str) -> dict[str, str]:
 def settings(bucket: str, s3_endpoint: str) -> OperatorSettings:
     return OperatorSettings(trainer_image="kubeforge-trainer:test", trainer_cpu_image="kubeforge-trainer-cpu:test",
                             storage_root=f"s3://{bucket}/kf", s3_endpoint=s3_endpoint,
-                            s3_credentials_secret=SECRET, resync_seconds=0.5)
+                            s3_credentials_secret=SECRET, resync_seconds=0.5,
+                            allowed_uri_prefixes=(f"s3://{bucket}/data",))  # the shared corpora
 
 
 @pytest.fixture

@@ -83,7 +83,8 @@ async def test_prometheus_follows_a_job_through_the_trainer_and_the_operator(
     job["spec"]["metrics"] = {"port": free_port()}
     settings = OperatorSettings(trainer_image="kubeforge-trainer:test", trainer_cpu_image="kubeforge-trainer-cpu:test",
                                 storage_root=f"s3://{bucket}/kf", s3_endpoint=s3_endpoint,
-                                s3_credentials_secret=SECRET, resync_seconds=0.5)
+                                s3_credentials_secret=SECRET, resync_seconds=0.5,
+                                allowed_uri_prefixes=(f"s3://{bucket}/data",))  # the shared corpora
 
     # The operator's metrics endpoint, served as `kubeforge operator` serves it.
     metrics = OperatorMetrics()
