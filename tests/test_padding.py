@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from conftest import EXAMPLES
 
 from kubeforge.spec import FinetuneJob, ModelSpec, TokenizerSpec, parse_job
 from kubeforge.trainer import data as datasets
+from kubeforge.trainer.checkpoint import step_prefix
 from kubeforge.trainer.loop import train
 from kubeforge.trainer.models import build_pretrain_model
 from kubeforge.trainer.tokenization import train_tokenizer
@@ -143,3 +145,21 @@ def test_a_finetune_on_short_texts_computes_at_most_1_25x_its_real_tokens(
     assert len(ratios) == 4, caplog.messages  # one per logging interval of 5 steps
     assert all(1.0 <= r <= 1.25 for r in ratios), ratios
     assert result["step"] == 20 and result["finalEval"]["loss"] < 50
+
+
+def test_a_packed_length_grouped_finetune_resumes_exactly(tokenizer: Any, tmp_path: Path) -> None:
+    """Grouped batches, packing, fused AdamW and the tied embeddings all survive a resume bit for bit."""
+    base = make_base_model(tokenizer, tmp_path / "base")
+    root = tmp_path / "ckpt"
+    job = finetune("causal-lm", INSTRUCTIONS, base, root, packing=True)
+    spec = job.spec.model_copy(update={
+        "training": job.spec.training.model_copy(update={"max_steps": 12}),
+        "checkpoint": job.spec.checkpoint.model_copy(update={"interval_steps": 6}),
+    })
+    job = job.model_copy(update={"spec": spec})
+    uninterrupted = train(job, checkpoint_root=str(root), base_model_uri=str(base))
+    shutil.rmtree(root / step_prefix(12))  # as if the run had died after its step-6 checkpoint
+    resumed = train(job, checkpoint_root=str(root), base_model_uri=str(base))
+    assert resumed["resumedFromStep"] == 6 and resumed["step"] == 12
+    assert resumed["finalEval"]["loss"] == uninterrupted["finalEval"]["loss"]
+    assert resumed["trainLoss"] == uninterrupted["trainLoss"]
