@@ -116,7 +116,7 @@ class Trainee:
 
     def train(self, steps: int) -> None:
         for _ in range(steps):
-            loss = self.model(**self.batches[self.step]).loss
+            loss = self.model(**self.batches[self.step].inputs).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()

@@ -165,6 +165,9 @@ class TrainingSpec(_Model):
     eval_interval: int = Field(100, ge=1, description="steps between evaluations")
     eval_batches: int = Field(50, ge=1, description="at most this many batches per evaluation")
     log_interval: int = Field(10, ge=1, description="steps between log lines and loss metrics")
+    group_by_length: bool = Field(
+        True, description="finetuning: batch examples of similar length together so little padding is "
+                          "computed; the batches stay a function of seed, epoch and step")
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingSpec:
@@ -641,13 +644,18 @@ class FinetuneData(PretrainData):
     label_field: str = Field("label", min_length=1, description="sequence-classification label")
     prompt_field: str = Field("prompt", min_length=1, description="causal-lm instruction")
     response_field: str = Field("response", min_length=1, description="causal-lm answer")
+    packing: bool = Field(False, description="causal-lm: several prompt/response pairs per sequence, "
+                                             "each attending only to itself")
 
 
 class FinetuneSpec(_JobSpec):
     """What a FinetuneJob trains and how."""
 
-    model_config = ConfigDict(json_schema_extra=cel(
-        "self.method == 'lora' || !has(self.lora)", "lora is only valid with method: lora"))
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "self.method == 'lora' || !has(self.lora)", "message": "lora is only valid with method: lora"},
+        {"rule": "self.task == 'causal-lm' || !has(self.data.packing) || !self.data.packing",
+         "message": "data.packing is only valid with task: causal-lm"},
+    ]})
 
     base_model: BaseModelSpec = Field(..., description="the model to start from")
     task: Literal["causal-lm", "sequence-classification"] = Field("causal-lm", json_schema_extra=IMMUTABLE,
@@ -661,6 +669,8 @@ class FinetuneSpec(_JobSpec):
     def _lora_only_with_lora(self) -> FinetuneSpec:
         if self.method != "lora" and self.lora is not None:
             raise ValueError("lora is only valid with method: lora")
+        if self.task != "causal-lm" and self.data.packing:
+            raise ValueError("data.packing is only valid with task: causal-lm")
         return self
 
     def lora_settings(self) -> LoraSpec:

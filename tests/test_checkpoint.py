@@ -77,6 +77,24 @@ def test_the_snapshot_is_taken_when_save_returns(tmp_path: Path) -> None:
     assert torch.count_nonzero(checkpointer.load(latest, tmp_path / "r")["model.pt"]["weight"]) == 0
 
 
+def test_tied_embeddings_are_saved_once_and_stay_tied(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(LocalStorage(tmp_path), keep=2, spec_hash="abc", rank=0, background=False)
+    embedding = torch.nn.Embedding(1000, 64)
+    head = torch.nn.Linear(64, 1000, bias=False)
+    head.weight = embedding.weight  # as GPT-2 and Llama tie wte and lm_head
+    model = torch.nn.ModuleDict({"wte": embedding, "lm_head": head})
+    checkpointer.save(1, {"model.pt": model.state_dict()})
+    one_copy = 1000 * 64 * 4
+    assert one_copy < (tmp_path / step_prefix(1) / "model.pt").stat().st_size < 1.5 * one_copy
+    latest = checkpointer.latest()
+    assert latest is not None
+    restored = checkpointer.load(latest, tmp_path / "r")["model.pt"]
+    fresh = torch.nn.ModuleDict({"wte": torch.nn.Embedding(1000, 64), "lm_head": torch.nn.Linear(64, 1000, bias=False)})
+    fresh["lm_head"].weight = fresh["wte"].weight
+    fresh.load_state_dict(restored)
+    assert torch.equal(fresh["lm_head"].weight, embedding.weight)
+
+
 def test_a_corrupted_file_is_refused_on_load(tmp_path: Path) -> None:
     checkpointer = Checkpointer(LocalStorage(tmp_path), keep=2, spec_hash="abc", rank=0)
     checkpointer.save(7, state(7.0))

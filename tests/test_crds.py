@@ -172,6 +172,7 @@ REJECTED_BY_CEL = [
     (FINETUNE, "spec.baseModel", {"uri": "s3://models/m", "fromPretrainJob": "x"},
      ".spec.baseModel: set exactly one of uri or fromPretrainJob"),
     (FINETUNE, "spec.method", "full", ".spec: lora is only valid with method: lora"),
+    (FINETUNE, "spec.data.packing", True, ".spec: data.packing is only valid with task: causal-lm"),
 ]
 
 

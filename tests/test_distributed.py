@@ -82,7 +82,7 @@ def test_ranks_get_disjoint_deterministic_shards() -> None:
     for epoch in range(2):
         seen: list[int] = []
         for index in range(epoch * 5, (epoch + 1) * 5):
-            a, b = rows_of(rank0[index]), rows_of(rank1[index])
+            a, b = rows_of(rank0[index].inputs), rows_of(rank1[index].inputs)
             assert len(a) == len(b) == 4
             assert not a & b, f"micro-batch {index}: both ranks train on rows {sorted(a & b)}"
             seen += [*a, *b]
@@ -92,10 +92,10 @@ def test_ranks_get_disjoint_deterministic_shards() -> None:
     # A micro-batch is a function of its index (what makes resuming exact), on a fresh instance too.
     again = Batches(tensors, batch_size=4, seed=7, rank=1, world_size=2)
     for index in (0, 3, 7, 12):
-        assert torch.equal(again[index]["input_ids"], rank1[index]["input_ids"])
-        assert torch.equal(again[index]["labels"], rank1[index]["labels"])
+        assert torch.equal(again[index].inputs["input_ids"], rank1[index].inputs["input_ids"])
+        assert torch.equal(again[index].inputs["labels"], rank1[index].inputs["labels"])
     # ...and each epoch is reshuffled rather than replayed.
-    assert [rows_of(rank0[i]) for i in range(5)] != [rows_of(rank0[i]) for i in range(5, 10)]
+    assert [rows_of(rank0[i].inputs) for i in range(5)] != [rows_of(rank0[i].inputs) for i in range(5, 10)]
 
 
 def run_pods(tmp_path: Path, name: str, pods: int, processes: int, steps: int = 12) -> tuple[dict[str, Any], str]:

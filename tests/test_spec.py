@@ -99,6 +99,8 @@ BAD_INPUTS = [
     (FINETUNE, "spec.lora.targetModules", [], "spec.lora.targetModules", "at least 1 item"),
     (FINETUNE, "spec.model", {"size": "tiny"}, "spec.model", "unknown field"),
     (FINETUNE, "spec.data.labelField", "", "spec.data.labelField", "at least 1 character"),
+    (FINETUNE, "spec.data.packing", True, "spec", "data.packing is only valid with task: causal-lm"),
+    (FINETUNE, "spec.training.groupByLength", "sometimes", "spec.training.groupByLength", "valid boolean"),
 ]
 
 

@@ -50,17 +50,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def to_cpu_copy(value: Any) -> Any:
+def to_cpu_copy(value: Any, copies: dict[tuple[Any, ...], torch.Tensor] | None = None) -> Any:
     """A deep copy of a state dict with every tensor copied to CPU memory.
 
     This is all the training loop waits for: the copy is what makes the later upload safe while
-    the optimizer keeps changing the live tensors."""
+    the optimizer keeps changing the live tensors. Tensors that are views of one storage (tied
+    input and output embeddings) stay one tensor, so it is copied and saved once."""
+    copies = {} if copies is None else copies
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), value.dtype,
+               tuple(value.shape), value.stride())
+        if key not in copies:
+            copies[key] = value.detach().to("cpu", copy=True)
+        return copies[key]
     if isinstance(value, dict):
-        return {k: to_cpu_copy(v) for k, v in value.items()}
+        return {k: to_cpu_copy(v, copies) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(to_cpu_copy(v) for v in value)
+        return type(value)(to_cpu_copy(v, copies) for v in value)
     return value
 
 

@@ -1,7 +1,9 @@
 """Training data: read sources (local or S3, .txt or .jsonl), tokenize, and serve batches.
 
-Every dataset ends as a dict of equal-length tensors. Batches are addressed by a global micro-batch
-index, so the data position in a checkpoint is one integer and resuming is exact.
+Every dataset ends as a dict of equal-length tensors, padded to sequenceLength, with the real length
+of each row under LENGTHS where rows are padded. A micro-batch is cut to its longest row (rounded up
+to PAD_MULTIPLE), so no compute is spent on padding beyond that. Batches are addressed by a global
+micro-batch index, so the data position in a checkpoint is one integer and resuming is exact.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from kubeforge.storage import open_storage
 
 SFT_TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
 IGNORE_INDEX = -100
+#: The real (unpadded) tokens of each row: a dataset key that is not a model input.
+LENGTHS = "lengths"
+#: Micro-batch widths are a multiple of this: tensor-core friendly shapes, few distinct shapes.
+PAD_MULTIPLE = 8
+#: Length grouping sorts rows by length within windows of this many optimizer steps' rows (as HF does).
+GROUPING_WINDOW_STEPS = 50
 
 
 class DataError(JobError):
@@ -123,32 +131,75 @@ def pack_texts(texts: list[str], tokenizer: Any, sequence_length: int, what: str
     return {"input_ids": blocks, "labels": blocks}
 
 
+def _sft_tokens(prompt: str, response: str, tokenizer: Any, sequence_length: int) -> tuple[list[int], int]:
+    """One instruction/response pair as token ids (truncated) and where its response starts."""
+    head = tokenizer(SFT_TEMPLATE.format(prompt=prompt), add_special_tokens=False)["input_ids"]
+    tail = tokenizer(str(response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (head + tail)[:sequence_length]
+    return ids, min(len(head), len(ids))
+
+
 def sft_examples(prompts: list[str], responses: list[str], tokenizer: Any, sequence_length: int
                  ) -> dict[str, torch.Tensor]:
-    """Instruction/response pairs; the loss is on the response only."""
+    """Instruction/response pairs, one per row; the loss is on the response only."""
     count = len(prompts)
     input_ids = torch.full((count, sequence_length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((count, sequence_length), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((count, sequence_length), dtype=torch.long)
     for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-        head = tokenizer(SFT_TEMPLATE.format(prompt=prompt), add_special_tokens=False)["input_ids"]
-        tail = tokenizer(str(response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (head + tail)[:sequence_length]
+        ids, answer_start = _sft_tokens(prompt, response, tokenizer, sequence_length)
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention[row, : len(ids)] = 1
-        answer = slice(min(len(head), len(ids)), len(ids))
+        answer = slice(answer_start, len(ids))
         labels[row, answer] = input_ids[row, answer]
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, LENGTHS: attention.sum(1)}
+
+
+def packed_sft_examples(prompts: list[str], responses: list[str], tokenizer: Any, sequence_length: int
+                        ) -> dict[str, torch.Tensor]:
+    """Instruction/response pairs packed several to a row, in order, each kept whole.
+
+    Each pair's position_ids restart at 0 and there is no attention_mask: transformers' mask
+    utilities then read the pairs' boundaries from position_ids and let each pair attend only to
+    itself (a block-diagonal causal mask on eager and sdpa, varlen kernels on flash-attention).
+    The unused tail of a row is one more such block, of padding, with no loss."""
+    rows: list[list[tuple[list[int], int]]] = [[]]
+    used = 0
+    for prompt, response in zip(prompts, responses, strict=True):
+        ids, answer_start = _sft_tokens(prompt, response, tokenizer, sequence_length)
+        if used + len(ids) > sequence_length:
+            rows.append([])
+            used = 0
+        rows[-1].append((ids, answer_start))
+        used += len(ids)
+    count = len(rows)
+    input_ids = torch.full((count, sequence_length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((count, sequence_length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((count, sequence_length), dtype=torch.long)
+    lengths = torch.zeros(count, dtype=torch.long)
+    for row, pairs in enumerate(rows):
+        start = 0
+        for ids, answer_start in pairs:
+            end = start + len(ids)
+            input_ids[row, start:end] = torch.tensor(ids)
+            labels[row, start + answer_start : end] = input_ids[row, start + answer_start : end]
+            position_ids[row, start:end] = torch.arange(len(ids))
+            start = end
+        position_ids[row, start:] = torch.arange(sequence_length - start)
+        lengths[row] = start
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, LENGTHS: lengths}
 
 
 def classification_examples(texts: list[str], labels: list[int], tokenizer: Any, sequence_length: int
                             ) -> dict[str, torch.Tensor]:
+    # Padding on the right, whatever the tokenizer's default: micro-batches are cut from the right.
     encoded = tokenizer([str(t) for t in texts], max_length=sequence_length, truncation=True,
-                        padding="max_length", return_tensors="pt")
+                        padding="max_length", padding_side="right", return_tensors="pt")
     return {
         "input_ids": encoded["input_ids"],
         "attention_mask": encoded["attention_mask"],
         "labels": torch.tensor(labels, dtype=torch.long),
+        LENGTHS: encoded["attention_mask"].sum(1),
     }
 
 
@@ -160,44 +211,81 @@ def label_names(values: list[Any]) -> list[str]:
 # Serving batches
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """Model inputs cut to the longest row, and the token counts known before the forward pass."""
+
+    inputs: dict[str, torch.Tensor]
+    real_tokens: int  # tokens of data: what throughput is counted in
+    computed_tokens: int  # rows x width, padding included: what the forward pass computes
+
+
+def take(tensors: dict[str, torch.Tensor], rows: torch.Tensor | slice) -> MicroBatch:
+    """The chosen rows as model inputs, every sequence tensor cut to the batch's longest row."""
+    inputs = {name: tensor[rows] for name, tensor in tensors.items() if name != LENGTHS}
+    count, width = inputs["input_ids"].shape
+    if LENGTHS not in tensors:  # packed pretraining text: every row is full
+        return MicroBatch(inputs, count * width, count * width)
+    lengths = tensors[LENGTHS][rows]
+    longest = int(lengths.max()) if count else 0
+    width = min(width, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    inputs = {name: tensor[:, :width] if tensor.dim() == 2 else tensor for name, tensor in inputs.items()}
+    return MicroBatch(inputs, int(lengths.sum()), count * width)
+
+
 @dataclass
 class Batches:
-    """Shuffled, sharded micro-batches, addressed by a global index so a run can resume exactly."""
+    """Shuffled, sharded micro-batches, addressed by a global index so a run can resume exactly.
+
+    With group_by_length, each epoch's shuffled rows are sorted by length within windows of
+    GROUPING_WINDOW_STEPS optimizer steps and the resulting steps shuffled again: a micro-batch
+    holds rows of similar length (little padding) and is still a function of (seed, epoch, index).
+    All ranks compute the same order and take disjoint rows of the same step."""
 
     tensors: dict[str, torch.Tensor]
     batch_size: int
     seed: int
     rank: int
     world_size: int
+    group_by_length: bool = False
 
     _order: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        rows = len(next(iter(self.tensors.values())))
+        rows = len(self.tensors["input_ids"])
         self.per_epoch = rows // (self.batch_size * self.world_size)
         if self.per_epoch == 0:
             raise DataError(
                 f"the training set has {rows} sequences, fewer than training.batchSize "
                 f"({self.batch_size}) x resources.workers ({self.world_size})")
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.tensors["input_ids"]), generator=generator)
+        if not self.group_by_length or LENGTHS not in self.tensors:
+            return order
+        step_rows = self.batch_size * self.world_size
+        order = order[: self.per_epoch * step_rows]  # the rows this epoch serves, as without grouping
+        window = step_rows * GROUPING_WINDOW_STEPS
+        lengths = self.tensors[LENGTHS]
+        grouped = []
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            grouped.append(chunk[torch.sort(lengths[chunk], descending=True, stable=True).indices])
+        steps = torch.cat(grouped).view(self.per_epoch, step_rows)
+        return steps[torch.randperm(self.per_epoch, generator=generator)].flatten()
+
+    def __getitem__(self, index: int) -> MicroBatch:
         epoch, position = divmod(index, self.per_epoch)
         if self._order is None or self._order[0] != epoch:  # one shuffle per epoch, not per batch
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            rows = len(next(iter(self.tensors.values())))
-            self._order = (epoch, torch.randperm(rows, generator=generator))
-        order = self._order[1]
+            self._order = (epoch, self._epoch_order(epoch))
         start = (position * self.world_size + self.rank) * self.batch_size
-        chosen = order[start : start + self.batch_size]
-        return {name: tensor[chosen] for name, tensor in self.tensors.items()}
+        return take(self.tensors, self._order[1][start : start + self.batch_size])
 
 
 def eval_batches(tensors: dict[str, torch.Tensor], batch_size: int, limit: int, rank: int, world_size: int
                  ) -> list[dict[str, torch.Tensor]]:
-    """This rank's share of the first `limit` eval batches, in order."""
-    rows = len(next(iter(tensors.values())))
-    batches = []
-    for index in range(rank, min(limit, math.ceil(rows / batch_size)), world_size):
-        chosen = slice(index * batch_size, (index + 1) * batch_size)
-        batches.append({name: tensor[chosen] for name, tensor in tensors.items()})
-    return batches
+    """This rank's share of the first `limit` eval batches, in order, as model inputs."""
+    rows = len(tensors["input_ids"])
+    return [take(tensors, slice(index * batch_size, (index + 1) * batch_size)).inputs
+            for index in range(rank, min(limit, math.ceil(rows / batch_size)), world_size)]

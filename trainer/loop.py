@@ -215,16 +215,20 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
         else:
             train_records, eval_records = datasets.load_splits(data, spec.s3, data.prompt_field)
 
-            def encode(records: list[dict[str, Any]], what: str) -> dict[str, torch.Tensor]:
-                prompts = datasets.field_values(records, data.prompt_field, "promptField", what)
-                answers = datasets.field_values(records, data.response_field, "responseField", what)
-                return datasets.sft_examples([str(p) for p in prompts], [str(a) for a in answers], tokenizer, L)
+            def encode_pairs(records: list[dict[str, Any]], what: str, pack: bool) -> dict[str, torch.Tensor]:
+                prompts = [str(p) for p in datasets.field_values(records, data.prompt_field, "promptField", what)]
+                answers = [str(a) for a in datasets.field_values(records, data.response_field, "responseField", what)]
+                examples = datasets.packed_sft_examples if pack else datasets.sft_examples
+                return examples(prompts, answers, tokenizer, L)
 
-            train_set, eval_set = encode(train_records, "data.train"), encode(eval_records, "data.eval")
+            # Eval stays one pair per row: its loss is comparable with and without packing.
+            train_set = encode_pairs(train_records, "data.train", data.packing)
+            eval_set = encode_pairs(eval_records, "data.eval", False)
         model = load_finetune_model(job.spec, base_dir, tokenizer, labels)
 
     classify = labels is not None
-    batches = datasets.Batches(train_set, training.batch_size, training.seed, runtime.rank, runtime.world_size)
+    batches = datasets.Batches(train_set, training.batch_size, training.seed, runtime.rank, runtime.world_size,
+                               group_by_length=training.group_by_length)
     eval_batches = datasets.eval_batches(eval_set, training.batch_size, training.eval_batches,
                                          runtime.rank, runtime.world_size)
     accumulation = training.gradient_accumulation_steps
@@ -232,8 +236,13 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
     metrics.total_steps.set(total_steps)
 
     model.to(runtime.device)  # type: ignore[arg-type]  # transformers types .to through a decorator
+    # Training needs no key/value cache; without one, packed rows get their per-pair attention mask.
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False
+    # The fused kernel: one launch for all parameters instead of a loop over them (CPU and CUDA).
     optimizer = torch.optim.AdamW(param_groups(model, training.weight_decay), lr=training.learning_rate,
-                                  betas=(0.9, 0.95))
+                                  betas=(0.9, 0.95), fused=runtime.device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(training, total_steps))
     step = micro_batch = tokens_seen = 0
     history: list[dict[str, Any]] = []
@@ -301,14 +310,15 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and runtime.is_main),
                desc=job.name, unit="step", dynamic_ncols=True)
     window_loss = torch.zeros((), device=runtime.device)
-    window_steps = window_tokens = window_samples = 0
+    window_steps = window_tokens = window_computed = window_samples = 0
     window_start = time.perf_counter()
     train_loss: float | None = None
     model.train()
     while step < total_steps:
         for k in range(accumulation):
             fetch_started = time.perf_counter()
-            batch = {name: t.to(runtime.device, non_blocking=True) for name, t in batches[micro_batch].items()}
+            micro = batches[micro_batch]
+            batch = {name: t.to(runtime.device, non_blocking=True) for name, t in micro.inputs.items()}
             metrics.data_wait.inc(time.perf_counter() - fetch_started)
             micro_batch += 1
             last = k == accumulation - 1
@@ -317,9 +327,10 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
                 loss = wrapped(**batch).loss / accumulation
                 loss.backward()
             window_loss += loss.detach()
-            counted = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            window_tokens += counted
-            metrics.tokens.inc(counted)
+            window_tokens += micro.real_tokens  # counted on the host before the forward: no device sync
+            window_computed += micro.computed_tokens
+            metrics.tokens.inc(micro.real_tokens)
+            metrics.computed_tokens.inc(micro.computed_tokens)
             window_samples += len(batch["input_ids"])
         if training.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
@@ -350,10 +361,11 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
                 metrics.gpu_memory_reserved.set(torch.cuda.memory_reserved(runtime.device))
             bar.set_postfix(loss=f"{mean_loss:.3f}")
             if runtime.is_main and not progress:
-                log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s", step, total_steps, mean_loss,
-                         scheduler.get_last_lr()[0], tokens_per_second)
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s, computed %.2fx the real tokens", step,
+                         total_steps, mean_loss, scheduler.get_last_lr()[0], tokens_per_second,
+                         window_computed / max(window_tokens, 1))
             window_loss.zero_()
-            window_steps = window_tokens = window_samples = 0
+            window_steps = window_tokens = window_computed = window_samples = 0
             window_start = time.perf_counter()
         if step % training.eval_interval == 0 or step == total_steps:
             run_eval()
@@ -381,6 +393,8 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
         result["labels"] = labels
     if runtime.is_main:
         started = time.perf_counter()
+        if use_cache is not None:
+            model.config.use_cache = use_cache  # the exported model generates with its cache
         export_model(storage, unwrap_for_export(model), tokenizer,
                      yaml.safe_dump(job.to_manifest(), sort_keys=False), result, job.spec_hash())
         log.info("exported the model to %s in %.1fs", export, time.perf_counter() - started)

@@ -63,6 +63,8 @@ class TrainerMetrics:
                            (*LABELS, "metric"), registry=self.registry)
         # -- throughput ------------------------------------------------------------------------------
         self.tokens = counter("kubeforge_trainer_tokens_total", "Training tokens (not padding) this rank processed")
+        self.computed_tokens = counter("kubeforge_trainer_computed_tokens_total",
+                                       "Tokens this rank's forward passes computed, padding included")
         self.tokens_per_second = reading("kubeforge_trainer_tokens_per_second",
                                          "Training tokens per second on this rank over the last logging interval")
         self.samples_per_second = reading("kubeforge_trainer_samples_per_second",
