@@ -80,9 +80,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-SUMMARY_FIELDS = ("step", "totalSteps", "resumedFromStep", "trainLoss", "finalEval", "exportUri", "checkpointUri")
-
-
 def _read_train_spec(args: argparse.Namespace) -> Job:
     if args.spec_env:
         if args.spec_env not in os.environ:
@@ -99,7 +96,7 @@ def _read_train_spec(args: argparse.Namespace) -> Job:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """What a pod runs: one job, its URIs given by the operator (or defaulted as `run` does)."""
-    from kubeforge.trainer.loop import train
+    from kubeforge.trainer.loop import termination_summary, train
 
     job = _read_train_spec(args)
     root = args.checkpoint_uri or checkpoint_uri(job, DEFAULT_RUN_ROOT)
@@ -114,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             json.dump(result, handle, indent=2)
     if args.termination_log:
         # Kubernetes keeps at most 4 KiB of it in the pod's status: the operator reads the outcome there.
-        _write_termination_log(args.termination_log, {k: result[k] for k in SUMMARY_FIELDS})
+        _write_termination_log(args.termination_log, termination_summary(result))
     return 0
 
 

@@ -157,6 +157,48 @@ def label_names(values: list[Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# A job's data sets
+
+
+def pretrain_texts(data: PretrainData, s3: S3Spec | None) -> tuple[list[str], list[str]]:
+    """The train and eval documents of a pretraining job."""
+    train_records, eval_records = load_splits(data, s3, data.text_field)
+    return ([str(t) for t in field_values(train_records, data.text_field, "textField", "data.train")],
+            [str(t) for t in field_values(eval_records, data.text_field, "textField", "data.eval")])
+
+
+def classification_sets(data: FinetuneData, s3: S3Spec | None, tokenizer: Any, sequence_length: int
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """Train and eval tensors of a sequence-classification job, and its label names (those of data.train)."""
+    train_records, eval_records = load_splits(data, s3, data.text_field)
+    labels = label_names(field_values(train_records, data.label_field, "labelField", "data.train"))
+    index = {name: i for i, name in enumerate(labels)}
+
+    def encode(records: list[dict[str, Any]], what: str) -> dict[str, torch.Tensor]:
+        texts = field_values(records, data.text_field, "textField", what)
+        values = [str(v) for v in field_values(records, data.label_field, "labelField", what)]
+        unknown = sorted(set(values) - set(index))
+        if unknown:
+            raise DataError(f"{what}: labels {unknown} never appear in data.train")
+        return classification_examples(texts, [index[v] for v in values], tokenizer, sequence_length)
+
+    return encode(train_records, "data.train"), encode(eval_records, "data.eval"), labels
+
+
+def instruction_sets(data: FinetuneData, s3: S3Spec | None, tokenizer: Any, sequence_length: int
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train and eval tensors of a causal-lm finetuning job (prompt/response pairs)."""
+    train_records, eval_records = load_splits(data, s3, data.prompt_field)
+
+    def encode(records: list[dict[str, Any]], what: str) -> dict[str, torch.Tensor]:
+        prompts = field_values(records, data.prompt_field, "promptField", what)
+        answers = field_values(records, data.response_field, "responseField", what)
+        return sft_examples([str(p) for p in prompts], [str(a) for a in answers], tokenizer, sequence_length)
+
+    return encode(train_records, "data.train"), encode(eval_records, "data.eval")
+
+
+# ---------------------------------------------------------------------------------------------
 # Serving batches
 
 

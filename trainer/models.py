@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,16 @@ from transformers import (
     PreTrainedModel,
 )
 
-from kubeforge.spec import FinetuneSpec, JobError, ModelSpec
+from kubeforge.spec import FinetuneSpec, JobError, ModelSpec, S3Spec
+from kubeforge.storage import download_tree, open_storage
+from kubeforge.trainer.checkpoint import MANIFEST, fetch_verified
 
 log = logging.getLogger(__name__)
+
+
+class BaseModelError(JobError):
+    """A finetuning job's base model that cannot be found or is not a Hugging Face model; retrying
+    will not help."""
 
 
 def build_pretrain_model(spec: ModelSpec, tokenizer: Any, sequence_length: int) -> PreTrainedModel:
@@ -42,6 +50,27 @@ def build_pretrain_model(spec: ModelSpec, tokenizer: Any, sequence_length: int) 
     log.info("built a %s model with %.2fM parameters", spec.architecture,
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model
+
+
+def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path) -> Path:
+    """A local Hugging Face model directory for a base model URI (local directory or S3 prefix).
+
+    A kubeforge export is verified against its manifest; any other model directory is taken as is."""
+    local = Path(uri.removeprefix("file://"))
+    if not uri.startswith("s3://") and local.is_dir():
+        if not (local / "config.json").is_file():
+            raise BaseModelError(f"baseModel: {uri} has no config.json: not a Hugging Face model directory")
+        return local
+    storage = open_storage(uri, s3)
+    keys = storage.list()
+    if "config.json" not in keys:
+        raise BaseModelError(f"baseModel: no Hugging Face model (config.json) found at {uri}")
+    target = scratch / "base-model"
+    if MANIFEST in keys:
+        fetch_verified(storage, "", json.loads(storage.get_bytes(MANIFEST)), target)
+    else:
+        download_tree(storage, "", target)
+    return target
 
 
 def load_finetune_model(spec: FinetuneSpec, base_dir: Path, tokenizer: Any,
