@@ -40,7 +40,7 @@ import torch
 
 from kubeforge.spec import ModelSpec, S3Spec, TokenizerSpec
 from kubeforge.storage import Storage, join, open_storage
-from kubeforge.trainer import data as datasets
+from kubeforge.trainer import data
 from kubeforge.trainer.checkpoint import Checkpointer, UploadReport
 from kubeforge.trainer.loop import param_groups
 from kubeforge.trainer.models import build_pretrain_model
@@ -104,8 +104,8 @@ class Trainee:
     def __init__(self, size: str, batch_size: int, sequence_length: int):
         text = TRAIN_TEXT.read_text(encoding="utf-8")
         self.tokenizer = train_tokenizer([text], TokenizerSpec(vocab_size=2048))
-        packed = datasets.pack_texts([text], self.tokenizer, sequence_length, "train.txt")
-        self.batches = datasets.Batches(packed, batch_size, seed=0, rank=0, world_size=1)
+        packed = data.pack_texts([text], self.tokenizer, sequence_length, "train.txt")
+        self.batches = data.Batches(packed, batch_size, seed=0, rank=0, world_size=1)
         torch.manual_seed(0)
         self.model = build_pretrain_model(ModelSpec(size=size), self.tokenizer, sequence_length)
         self.model.config.use_cache = False

@@ -41,7 +41,7 @@ import torch
 from throughput import LOG_INTERVAL, StepStamps
 
 from kubeforge.spec import FinetuneJob, ModelSpec, TokenizerSpec, parse_job
-from kubeforge.trainer import data as datasets
+from kubeforge.trainer import data as trainer_data
 from kubeforge.trainer import distributed
 from kubeforge.trainer.loop import evaluate, train
 from kubeforge.trainer.models import build_pretrain_model, load_finetune_model
@@ -115,19 +115,19 @@ def make_task(name: str, data: Path, args: argparse.Namespace, scratch: Path) ->
     L = args.sequence_length
     labels = None
     if name == "classification":
-        labels = datasets.label_names([r["label"] for r in train_records])
+        labels = trainer_data.label_names([r["label"] for r in train_records])
 
         def encode(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             assert labels is not None
-            return datasets.classification_examples([str(r["text"]) for r in rows],
+            return trainer_data.classification_examples([str(r["text"]) for r in rows],
                                                     [labels.index(str(r["label"])) for r in rows], tokenizer, L)
     else:
         def encode(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            return datasets.sft_examples([str(r["prompt"]) for r in rows], [str(r["response"]) for r in rows],
+            return trainer_data.sft_examples([str(r["prompt"]) for r in rows], [str(r["response"]) for r in rows],
                                          tokenizer, L)
     eval_set = encode(eval_records)
     return Task(name, job, base, tokenizer, labels, encode(train_records),
-                datasets.eval_batches(eval_set, args.batch_size, len(eval_records), 0, 1))
+                trainer_data.eval_batches(eval_set, args.batch_size, len(eval_records), 0, 1))
 
 
 def final_metric(task: Task, model: torch.nn.Module) -> float:
@@ -159,10 +159,11 @@ def run_ours(task: Task) -> Run:
         train_set = task.train_set
     else:
         train_records = [json.loads(line) for line in Path(task.job.spec.data.train.uri).read_text().splitlines()]
-        train_set = datasets.packed_sft_examples([r["prompt"] for r in train_records],
+        train_set = trainer_data.packed_sft_examples([r["prompt"] for r in train_records],
                                                  [r["response"] for r in train_records], task.tokenizer,
                                                  training.sequence_length)
-    batches = datasets.Batches(train_set, training.batch_size, training.seed, 0, 1, group_by_length=True)
+    batches = trainer_data.Batches(train_set, training.batch_size, training.seed, 0, 1, group_by_length=True,
+                               pad_multiple=trainer_data.pad_multiple(torch.device("cpu")))
     served = [batches[i] for i in range(LOG_INTERVAL, steps)]
     seconds = window(handler.stamps, steps)
     real = sum(m.real_tokens for m in served)
@@ -206,9 +207,9 @@ def run_hf(task: Task, padded: bool) -> Run:
                 stamps[state.global_step] = time.perf_counter()
 
     rows = []
-    for i, length in enumerate(task.train_set[datasets.LENGTHS].tolist()):
+    for i, length in enumerate(task.train_set[trainer_data.LENGTHS].tolist()):
         keep = slice(None) if padded else slice(0, length)
-        row = {k: t[i][keep] if t.dim() == 2 else t[i] for k, t in task.train_set.items() if k != datasets.LENGTHS}
+        row = {k: t[i][keep] if t.dim() == 2 else t[i] for k, t in task.train_set.items() if k != trainer_data.LENGTHS}
         rows.append({k: v if padded else v.tolist() for k, v in row.items()})
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
     if padded:
@@ -216,7 +217,7 @@ def run_hf(task: Task, padded: bool) -> Run:
     elif task.classify:
         collate = DataCollatorWithPadding(task.tokenizer)
     else:
-        collate = DataCollatorForSeq2Seq(task.tokenizer, label_pad_token_id=datasets.IGNORE_INDEX)
+        collate = DataCollatorForSeq2Seq(task.tokenizer, label_pad_token_id=trainer_data.IGNORE_INDEX)
     collated: list[tuple[int, int]] = []  # (real, computed) tokens of each batch, in training order
 
     def counting(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

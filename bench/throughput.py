@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from kubeforge.spec import PretrainJob, parse_job
-from kubeforge.trainer import data as datasets
+from kubeforge.trainer import data
 from kubeforge.trainer.loop import train
 from kubeforge.trainer.models import build_pretrain_model
 from kubeforge.trainer.tokenization import train_tokenizer
@@ -156,10 +156,10 @@ def main() -> None:
 
     job = make_job(args)
     training = job.spec.training
-    train_records, _ = datasets.load_splits(job.spec.data, None, "text")
+    train_records, _ = data.load_splits(job.spec.data, None, "text")
     texts = [str(r["text"]) for r in train_records]
     tokenizer = train_tokenizer(texts, job.spec.tokenizer)  # what our loop trains from the same texts
-    packed = datasets.pack_texts(texts, tokenizer, training.sequence_length, "data.train")
+    packed = data.pack_texts(texts, tokenizer, training.sequence_length, "data.train")
     model = build_pretrain_model(job.spec.model, tokenizer, training.sequence_length)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"gpt2 size={args.size}: {parameters / 1e6:.2f}M parameters, {len(packed['input_ids'])} "

@@ -98,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """What a pod runs: one job, its URIs given by the operator (or defaulted as `run` does)."""
     if args.processes > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_processes(args)
-    from kubeforge.trainer.loop import train
+    from kubeforge.trainer.loop import termination_summary, train
 
     job = _read_train_spec(args)
     root = args.checkpoint_uri or checkpoint_uri(job, DEFAULT_RUN_ROOT)
@@ -113,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             json.dump(result, handle, indent=2)
     if args.termination_log:
         # Kubernetes keeps at most 4 KiB of it in the pod's status: the operator reads the outcome there.
-        _write_termination_log(args.termination_log, TrainerSummary.model_validate(result))
+        _write_termination_log(args.termination_log, termination_summary(result))
     return 0
 
 

@@ -14,7 +14,7 @@ import torch
 from conftest import EXAMPLES
 
 from kubeforge.spec import FinetuneJob, ModelSpec, TokenizerSpec, parse_job
-from kubeforge.trainer import data as datasets
+from kubeforge.trainer import data as trainer_data
 from kubeforge.trainer.checkpoint import step_prefix
 from kubeforge.trainer.loop import train
 from kubeforge.trainer.models import build_pretrain_model
@@ -36,17 +36,18 @@ def tokenizer() -> Any:
 
 def reviews(tokenizer: Any, sequence_length: int = 128) -> dict[str, torch.Tensor]:
     rows = records(REVIEWS)
-    return datasets.classification_examples([r["text"] for r in rows], [int(r["label"] == "positive") for r in rows],
-                                            tokenizer, sequence_length)
+    labels = [int(r["label"] == "positive") for r in rows]
+    return trainer_data.classification_examples([r["text"] for r in rows], labels, tokenizer, sequence_length)
 
 
-def test_a_micro_batch_is_cut_to_its_longest_row_rounded_up_to_eight(tokenizer: Any) -> None:
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_micro_batch_is_cut_to_its_longest_row_rounded_up_to_eight_on_gpus(tokenizer: Any, device: str) -> None:
     tensors = reviews(tokenizer)
-    lengths = tensors[datasets.LENGTHS]
+    lengths = tensors[trainer_data.LENGTHS]
     rows = torch.tensor([int(lengths.argmin()), int(lengths.argmax())])
-    micro = datasets.take(tensors, rows)
+    micro = trainer_data.take(tensors, rows, trainer_data.pad_multiple(torch.device(device)))
     longest = int(lengths.max())
-    width = -(-longest // 8) * 8
+    width = -(-longest // 8) * 8 if device == "cuda" else longest
     assert micro.inputs["input_ids"].shape == micro.inputs["attention_mask"].shape == (2, width)
     assert set(micro.inputs) == {"input_ids", "attention_mask", "labels"}  # lengths are no model input
     assert micro.real_tokens == int(lengths[rows].sum())
@@ -57,11 +58,11 @@ def test_a_micro_batch_is_cut_to_its_longest_row_rounded_up_to_eight(tokenizer: 
 
 def test_length_grouping_is_exact_on_resume_and_cuts_padding(tokenizer: Any) -> None:
     tensors = reviews(tokenizer)
-    grouped = datasets.Batches(tensors, batch_size=16, seed=3, rank=0, world_size=1, group_by_length=True)
-    plain = datasets.Batches(tensors, batch_size=16, seed=3, rank=0, world_size=1)
+    grouped = trainer_data.Batches(tensors, batch_size=16, seed=3, rank=0, world_size=1, group_by_length=True)
+    plain = trainer_data.Batches(tensors, batch_size=16, seed=3, rank=0, world_size=1)
     epoch = range(grouped.per_epoch)
 
-    def ratio(batches: datasets.Batches) -> float:
+    def ratio(batches: trainer_data.Batches) -> float:
         micro = [batches[i] for i in epoch]
         return sum(m.computed_tokens for m in micro) / sum(m.real_tokens for m in micro)
 
@@ -70,7 +71,7 @@ def test_length_grouping_is_exact_on_resume_and_cuts_padding(tokenizer: Any) -> 
     served = sorted(int(r) for i in epoch for r in grouped._order[1][i * 16 : (i + 1) * 16])  # type: ignore[index]
     assert len(set(served)) == len(served) == grouped.per_epoch * 16
     # A fresh instance (a resumed run) serves the very same micro-batches, in a later epoch too.
-    again = datasets.Batches(tensors, batch_size=16, seed=3, rank=0, world_size=1, group_by_length=True)
+    again = trainer_data.Batches(tensors, batch_size=16, seed=3, rank=0, world_size=1, group_by_length=True)
     for index in (grouped.per_epoch + 5, 7, 0):
         assert torch.equal(again[index].inputs["input_ids"], grouped[index].inputs["input_ids"])
     # ...and the next epoch is grouped anew rather than replayed.
@@ -80,10 +81,10 @@ def test_length_grouping_is_exact_on_resume_and_cuts_padding(tokenizer: Any) -> 
 def test_packed_pairs_attend_only_to_themselves_and_keep_the_response_loss(tokenizer: Any) -> None:
     pairs = records(INSTRUCTIONS)[:12]
     prompts, responses = [p["prompt"] for p in pairs], [p["response"] for p in pairs]
-    packed = datasets.packed_sft_examples(prompts, responses, tokenizer, 128)
-    single = datasets.sft_examples(prompts, responses, tokenizer, 128)
+    packed = trainer_data.packed_sft_examples(prompts, responses, tokenizer, 128)
+    single = trainer_data.sft_examples(prompts, responses, tokenizer, 128)
     assert len(packed["input_ids"]) <= len(pairs) // 2  # several pairs per row
-    assert int(packed[datasets.LENGTHS].sum()) == int(single[datasets.LENGTHS].sum())  # no pair lost
+    assert int(packed[trainer_data.LENGTHS].sum()) == int(single[trainer_data.LENGTHS].sum())  # no pair lost
     # The loss covers the same response tokens, packed or not.
     assert sorted(packed["labels"][packed["labels"] != -100].tolist()) == sorted(
         single["labels"][single["labels"] != -100].tolist())
@@ -94,10 +95,10 @@ def test_packed_pairs_attend_only_to_themselves_and_keep_the_response_loss(token
         model.config.use_cache = False
         model.set_attn_implementation(attention)
         model.eval()
-        row = datasets.take(packed, slice(0, 1)).inputs
+        row = trainer_data.take(packed, slice(0, 1)).inputs
         # The second pair of row 0: where it starts, and the logits it gets alone.
-        first = int(single[datasets.LENGTHS][0])
-        second = int(single[datasets.LENGTHS][1])
+        first = int(single[trainer_data.LENGTHS][0])
+        second = int(single[trainer_data.LENGTHS][1])
         with torch.no_grad():
             together = model(input_ids=row["input_ids"], position_ids=row["position_ids"]).logits
             alone = model(input_ids=single["input_ids"][1:2, :second]).logits

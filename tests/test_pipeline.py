@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import EXAMPLES, ROOT, run_cli
+from conftest import EXAMPLES, ROOT, example, run_cli, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,12 @@ def test_rerunning_a_finished_pipeline_trains_nothing_again(pipeline: dict[str, 
     for again, before in zip(json.loads(result.stdout), (pipeline["pretrain"], pipeline["finetune"]), strict=True):
         assert again["resumedFromStep"] == again["step"] == before["step"]
         assert again["finalEval"]["loss"] == pytest.approx(before["finalEval"]["loss"], rel=1e-5)
+
+
+def test_a_base_model_that_is_no_model_fails_for_good_naming_the_field(tmp_path: Path) -> None:
+    job = example("finetune-lora-classify.yaml")[0]
+    job["spec"]["baseModel"] = {"uri": str(tmp_path)}  # a directory, but no config.json in it
+    result = run_cli("train", "--spec", str(write_manifest(tmp_path / "job.yaml", job)),
+                     "--checkpoint-uri", str(tmp_path / "out"), timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]  # permanent: a retry cannot help
+    assert f"error: baseModel: {tmp_path} has no config.json" in result.stderr

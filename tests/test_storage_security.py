@@ -17,8 +17,7 @@ from conftest import run_cli, tiny_pretrain, write_manifest
 from kubeforge.spec import S3Spec
 from kubeforge.storage import LocalStorage, StorageError, download_tree, local_path, open_storage
 from kubeforge.trainer.checkpoint import Checkpointer, read_manifest, step_prefix, write_committed
-from kubeforge.trainer.data import DataError
-from kubeforge.trainer.loop import fetch_model_dir
+from kubeforge.trainer.models import BaseModelError, fetch_model_dir
 
 
 class PlantedCode:
@@ -130,7 +129,7 @@ def test_a_base_model_with_only_pickled_weights_is_refused(tmp_path: Path) -> No
     base.mkdir()
     (base / "config.json").write_text("{}")
     torch.save({"weight": torch.ones(1)}, base / "pytorch_model.bin")
-    with pytest.raises(DataError, match=r"baseModel: .* has no \.safetensors weights"):
+    with pytest.raises(BaseModelError, match=r"baseModel: .* has no \.safetensors weights"):
         fetch_model_dir(str(base), None, tmp_path / "scratch")
 
 

@@ -17,7 +17,6 @@ import logging
 import pickle
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +33,6 @@ from kubeforge.storage import Storage, StorageError, download_tree, join
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-EXPORT = EXPORT_DIR
 MANIFEST = "manifest.json"
 
 
@@ -165,7 +163,6 @@ class Checkpointer:
         self.background = background
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._pending: Future[UploadReport] | None = None
-        self._lock = threading.Lock()
         self.last_error: BaseException | None = None
 
     # -- reading ---------------------------------------------------------------------------------
@@ -203,14 +200,14 @@ class Checkpointer:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def save(self, step: int, state: dict[str, Any], extra: dict[str, Any] | None = None) -> float:
+    def save(self, step: int, state: dict[str, Any]) -> float:
         """Snapshot `state` and upload it (in the background by default).
 
         Returns the seconds the caller was blocked."""
         started = time.perf_counter()
         self.wait()
         snapshot = to_cpu_copy(state)
-        manifest = {"step": step, "specHash": self.spec_hash, "rank": self.rank, **(extra or {})}
+        manifest = {"step": step, "specHash": self.spec_hash, "rank": self.rank}
         if self.background:
             self._pending = self._executor.submit(self._upload, step, snapshot, manifest)
         else:
@@ -279,7 +276,7 @@ def export_model(storage: Storage, model: Any, tokenizer: Any, job_yaml: str, re
     """Save the final model in Hugging Face format (+ tokenizer, the job and its result) under
     export/, committed by its manifest like a checkpoint."""
     # A previous export stops counting before any of its files is overwritten.
-    storage.delete([join(EXPORT, MANIFEST)])
+    storage.delete([join(EXPORT_DIR, MANIFEST)])
     with tempfile.TemporaryDirectory(prefix="kubeforge-export-") as scratch:
         root = Path(scratch)
         model.save_pretrained(root)
@@ -287,4 +284,4 @@ def export_model(storage: Storage, model: Any, tokenizer: Any, job_yaml: str, re
         (root / "job.yaml").write_text(job_yaml)
         (root / "result.json").write_text(json.dumps(result, indent=2))
         files: dict[str, Any] = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
-        return write_committed(storage, EXPORT, files, {"step": result["step"], "specHash": spec_hash})
+        return write_committed(storage, EXPORT_DIR, files, {"step": result["step"], "specHash": spec_hash})

@@ -2,7 +2,7 @@
 
 Every dataset ends as a dict of equal-length tensors, padded to sequenceLength, with the real length
 of each row under LENGTHS where rows are padded. A micro-batch is cut to its longest row (rounded up
-to PAD_MULTIPLE), so no compute is spent on padding beyond that. Batches are addressed by a global
+to a multiple of 8 on GPUs), so no compute is spent on padding beyond that. Batches are addressed by a global
 micro-batch index, so the data position in a checkpoint is one integer and resuming is exact.
 """
 
@@ -24,8 +24,9 @@ SFT_TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
 IGNORE_INDEX = -100
 #: The real (unpadded) tokens of each row: a dataset key that is not a model input.
 LENGTHS = "lengths"
-#: Micro-batch widths are a multiple of this: tensor-core friendly shapes, few distinct shapes.
-PAD_MULTIPLE = 8
+#: Micro-batch widths on a GPU are a multiple of this: tensor-core friendly shapes, few distinct
+#: shapes. On a CPU rounding up buys nothing and only adds padding.
+GPU_PAD_MULTIPLE = 8
 #: Length grouping sorts rows by length within windows of this many optimizer steps' rows (as HF does).
 GROUPING_WINDOW_STEPS = 50
 
@@ -208,6 +209,50 @@ def label_names(values: list[Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# A job's data sets
+
+
+def pretrain_texts(data: PretrainData, s3: S3Spec | None) -> tuple[list[str], list[str]]:
+    """The train and eval documents of a pretraining job."""
+    train_records, eval_records = load_splits(data, s3, data.text_field)
+    return ([str(t) for t in field_values(train_records, data.text_field, "textField", "data.train")],
+            [str(t) for t in field_values(eval_records, data.text_field, "textField", "data.eval")])
+
+
+def classification_sets(data: FinetuneData, s3: S3Spec | None, tokenizer: Any, sequence_length: int
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """Train and eval tensors of a sequence-classification job, and its label names (those of data.train)."""
+    train_records, eval_records = load_splits(data, s3, data.text_field)
+    labels = label_names(field_values(train_records, data.label_field, "labelField", "data.train"))
+    index = {name: i for i, name in enumerate(labels)}
+
+    def encode(records: list[dict[str, Any]], what: str) -> dict[str, torch.Tensor]:
+        texts = field_values(records, data.text_field, "textField", what)
+        values = [str(v) for v in field_values(records, data.label_field, "labelField", what)]
+        unknown = sorted(set(values) - set(index))
+        if unknown:
+            raise DataError(f"{what}: labels {unknown} never appear in data.train")
+        return classification_examples(texts, [index[v] for v in values], tokenizer, sequence_length)
+
+    return encode(train_records, "data.train"), encode(eval_records, "data.eval"), labels
+
+
+def instruction_sets(data: FinetuneData, s3: S3Spec | None, tokenizer: Any, sequence_length: int
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train and eval tensors of a causal-lm finetuning job (prompt/response pairs); training pairs
+    packed several to a row with data.packing."""
+    train_records, eval_records = load_splits(data, s3, data.prompt_field)
+
+    def encode(records: list[dict[str, Any]], what: str, pack: bool) -> dict[str, torch.Tensor]:
+        prompts = [str(p) for p in field_values(records, data.prompt_field, "promptField", what)]
+        answers = [str(a) for a in field_values(records, data.response_field, "responseField", what)]
+        return (packed_sft_examples if pack else sft_examples)(prompts, answers, tokenizer, sequence_length)
+
+    # Eval stays one pair per row: its loss is comparable with and without packing.
+    return encode(train_records, "data.train", data.packing), encode(eval_records, "data.eval", False)
+
+
+# ---------------------------------------------------------------------------------------------
 # Serving batches
 
 
@@ -220,15 +265,20 @@ class MicroBatch:
     computed_tokens: int  # rows x width, padding included: what the forward pass computes
 
 
-def take(tensors: dict[str, torch.Tensor], rows: torch.Tensor | slice) -> MicroBatch:
-    """The chosen rows as model inputs, every sequence tensor cut to the batch's longest row."""
+def pad_multiple(device: torch.device) -> int:
+    return GPU_PAD_MULTIPLE if device.type == "cuda" else 1
+
+
+def take(tensors: dict[str, torch.Tensor], rows: torch.Tensor | slice, multiple: int = 1) -> MicroBatch:
+    """The chosen rows as model inputs, every sequence tensor cut to the batch's longest row
+    (rounded up to `multiple`)."""
     inputs = {name: tensor[rows] for name, tensor in tensors.items() if name != LENGTHS}
     count, width = inputs["input_ids"].shape
     if LENGTHS not in tensors:  # packed pretraining text: every row is full
         return MicroBatch(inputs, count * width, count * width)
     lengths = tensors[LENGTHS][rows]
     longest = int(lengths.max()) if count else 0
-    width = min(width, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    width = min(width, -(-longest // multiple) * multiple)
     inputs = {name: tensor[:, :width] if tensor.dim() == 2 else tensor for name, tensor in inputs.items()}
     return MicroBatch(inputs, int(lengths.sum()), count * width)
 
@@ -248,6 +298,7 @@ class Batches:
     rank: int
     world_size: int
     group_by_length: bool = False
+    pad_multiple: int = 1  # micro-batch widths are rounded up to a multiple of this
 
     _order: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
@@ -280,7 +331,7 @@ class Batches:
         if self._order is None or self._order[0] != epoch:  # one shuffle per epoch, not per batch
             self._order = (epoch, self._epoch_order(epoch))
         start = (position * self.world_size + self.rank) * self.batch_size
-        return take(self.tensors, self._order[1][start : start + self.batch_size])
+        return take(self.tensors, self._order[1][start : start + self.batch_size], self.pad_multiple)
 
 
 def eval_batches(tensors: dict[str, torch.Tensor], batch_size: int, limit: int, rank: int, world_size: int

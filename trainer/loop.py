@@ -1,4 +1,9 @@
-"""The training loop: spec in, exported Hugging Face model out, resumable at every checkpoint."""
+"""The training loop: spec in, exported Hugging Face model out, resumable at every checkpoint.
+
+Read `Trainer` top to bottom: `__init__` sets a run up (resuming from the newest checkpoint),
+`train` is the loop, `train_step` one optimizer step, and `state_dict`/`load_state_dict` are the one
+definition of what a checkpoint holds.
+"""
 
 from __future__ import annotations
 
@@ -8,31 +13,32 @@ import random
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from kubeforge.spec import FinetuneJob, Job, PretrainJob, S3Spec, TrainingSpec, export_uri
-from kubeforge.storage import StorageError, download_tree, open_storage
-from kubeforge.trainer import data as datasets
-from kubeforge.trainer import distributed
-from kubeforge.trainer.checkpoint import (
-    MANIFEST,
-    Checkpointer,
-    UploadReport,
-    export_model,
-    fetch_verified,
-    read_manifest,
+from kubeforge.spec import FinetuneJob, Job, PretrainJob, TrainingSpec, export_uri
+from kubeforge.status import TrainerSummary
+from kubeforge.storage import StorageError, open_storage
+from kubeforge.trainer import data, distributed
+from kubeforge.trainer.checkpoint import Checkpointer, UploadReport, export_model
+from kubeforge.trainer.flops import training_flops_per_token
+from kubeforge.trainer.metrics import ThroughputWindow, TrainerMetrics
+from kubeforge.trainer.models import (
+    BaseModelError,
+    build_pretrain_model,
+    fetch_model_dir,
+    load_finetune_model,
+    unwrap_for_export,
 )
-from kubeforge.trainer.flops import model_flops_utilization, peak_flops, training_flops_per_token
-from kubeforge.trainer.metrics import TrainerMetrics
-from kubeforge.trainer.models import build_pretrain_model, load_finetune_model, unwrap_for_export
 from kubeforge.trainer.tokenization import ensure_pad_token, from_json, train_tokenizer
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -62,45 +68,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path) -> Path:
-    """A local Hugging Face model directory for a base model URI (local directory or S3 prefix).
-
-    A kubeforge export is fetched as its manifest lists and verified against it; another model
-    directory is fetched whole. Either way its weights must be safetensors: a pickled
-    pytorch_model.bin can run code when loaded."""
-    local = Path(uri.removeprefix("file://"))
-    if not uri.startswith("s3://") and local.is_dir():
-        if not (local / "config.json").is_file():
-            raise datasets.DataError(f"baseModel: {uri} has no config.json: not a Hugging Face model directory")
-        _require_safetensors(local, uri)
-        return local
-    storage = open_storage(uri, s3)
-    keys = storage.list()
-    if "config.json" not in keys:
-        raise datasets.DataError(f"baseModel: no Hugging Face model (config.json) found at {uri}")
-    target = scratch / "base-model"
-    if MANIFEST in keys:
-        manifest = read_manifest(storage, "")
-        if manifest is None:
-            raise StorageError(f"baseModel.uri: {uri} has a manifest that does not match its files: "
-                               "refusing to use it")
-        fetch_verified(storage, "", manifest, target, field="baseModel.uri")
-    else:
-        download_tree(storage, "", target, field="baseModel.uri")
-    _require_safetensors(target, uri)
-    return target
-
-
-def _require_safetensors(model_dir: Path, uri: str) -> None:
-    if not any(model_dir.glob("*.safetensors")):
-        raise datasets.DataError(
-            f"baseModel: {uri} has no .safetensors weights; kubeforge does not load pickled weights "
-            "(pytorch_model.bin) because loading them can run code: save the model with "
-            "save_pretrained(..., safe_serialization=True)")
-
-
-def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], classify: bool,
-             num_labels: int, runtime: distributed.Runtime, dtype: torch.dtype | None) -> dict[str, float]:
+def eval_metrics(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], classify: bool,
+                 num_labels: int, runtime: distributed.Runtime, dtype: torch.dtype | None) -> dict[str, float]:
     """Loss and perplexity; accuracy and macro F1 for classification. Summed over every rank."""
     model.eval()
     loss_sum = weight = 0.0
@@ -118,7 +87,7 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], cla
                     counts[1, label] += (predicted == label).sum()
                     counts[2, label] += (actual == label).sum()
             else:
-                n = float((batch["labels"][:, 1:] != datasets.IGNORE_INDEX).sum())
+                n = float((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
             loss_sum += float(output.loss) * n
             weight += n
     model.train()
@@ -135,6 +104,311 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], cla
     return metrics
 
 
+class Workload(NamedTuple):
+    """What a job trains: its tokenizer, data and model."""
+
+    tokenizer: PreTrainedTokenizerBase
+    train_set: dict[str, torch.Tensor]
+    eval_set: dict[str, torch.Tensor]
+    model: torch.nn.Module
+    labels: list[str] | None  # the class names of a sequence-classification job
+
+
+def pretrain_workload(job: PretrainJob, saved_tokenizer: bytes | None) -> Workload:
+    """A new model, with the tokenizer trained on the corpus (or the one a checkpoint saved)."""
+    sequence_length = job.spec.training.sequence_length
+    train_texts, eval_texts = data.pretrain_texts(job.spec.data, job.spec.s3)
+    tokenizer: PreTrainedTokenizerBase = (from_json(saved_tokenizer.decode()) if saved_tokenizer is not None
+                                          else train_tokenizer(train_texts, job.spec.tokenizer))
+    return Workload(tokenizer, data.pack_texts(train_texts, tokenizer, sequence_length, "data.train"),
+                    data.pack_texts(eval_texts, tokenizer, sequence_length, "data.eval"),
+                    build_pretrain_model(job.spec.model, tokenizer, sequence_length), None)
+
+
+def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Path) -> Workload:
+    """The base model (with LoRA adapters for method lora) and its tokenizer."""
+    if base_model_uri is None:
+        raise BaseModelError("baseModel: no base model URI was resolved for this job")
+    from transformers import AutoTokenizer
+
+    base_dir = fetch_model_dir(base_model_uri, job.spec.s3, scratch)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    ensure_pad_token(tokenizer)
+    sequence_length = job.spec.training.sequence_length
+    labels: list[str] | None = None
+    if job.spec.task == "sequence-classification":
+        train_set, eval_set, labels = data.classification_sets(job.spec.data, job.spec.s3, tokenizer, sequence_length)
+    else:
+        train_set, eval_set = data.instruction_sets(job.spec.data, job.spec.s3, tokenizer, sequence_length)
+    return Workload(tokenizer, train_set, eval_set, load_finetune_model(job.spec, base_dir, tokenizer, labels),
+                    labels)
+
+
+@dataclass
+class TrainState:
+    """Where a run stands. A checkpoint holds it under these names in state.pt."""
+
+    step: int = 0  # optimizer steps done
+    micro_batch: int = 0  # the data position: the global index of the next micro-batch (data.Batches)
+    tokens_seen: int = 0  # training tokens up to the last logged step
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def termination_summary(result: dict[str, Any]) -> TrainerSummary:
+    """The part of a run's result the operator reads back from the pod's termination message."""
+    return TrainerSummary.model_validate(result)
+
+
+class Trainer:
+    """One job's run: `__init__` builds it (restoring the newest checkpoint), `train` runs it."""
+
+    def __init__(self, job: Job, runtime: distributed.Runtime, checkpoint_root: str,
+                 base_model_uri: str | None, progress: bool, scratch: Path):
+        # One screen of setup, kept whole: its order is the order the seeded RNG is drawn from
+        # (tokenizer, data, model weights) before a checkpoint's RNG state replaces it.
+        spec, training = job.spec, job.spec.training
+        self.job, self.runtime, self.training = job, runtime, training
+        self.checkpoint_root, self.progress = checkpoint_root, progress
+        random.seed(training.seed)
+        torch.manual_seed(training.seed)
+
+        self.metrics = TrainerMetrics(job.name, job.namespace, job.kind, runtime.rank)
+        self.metrics.serve(spec.metrics.port and spec.metrics.port + runtime.local_rank)
+        self.storage = open_storage(checkpoint_root, spec.s3)
+        self.checkpointer = Checkpointer(self.storage, keep=spec.checkpoint.keep, spec_hash=job.spec_hash(),
+                                         rank=runtime.rank, on_uploaded=self._uploaded,
+                                         on_failed=lambda _: self.metrics.checkpoint_failures.inc())
+        self.metrics.count_uploads_pending(self.checkpointer.uploads_pending)
+        restored = self._newest_checkpoint(scratch / "resume")
+
+        if isinstance(job, PretrainJob):
+            workload = pretrain_workload(job, restored["tokenizer.json"] if restored else None)
+        else:
+            assert isinstance(job, FinetuneJob)
+            workload = finetune_workload(job, base_model_uri, scratch)
+        self.tokenizer, self.model, self.labels = workload.tokenizer, workload.model, workload.labels
+        self.batches = data.Batches(workload.train_set, training.batch_size, training.seed, runtime.rank,
+                                    runtime.world_size, training.group_by_length, data.pad_multiple(runtime.device))
+        self.eval_batches = data.eval_batches(workload.eval_set, training.batch_size, training.eval_batches,
+                                              runtime.rank, runtime.world_size)
+        self.total_steps: int = training.max_steps or max(1, math.ceil(  # the spec sets maxSteps or epochs
+            training.epochs * self.batches.per_epoch / training.gradient_accumulation_steps))  # type: ignore[operator]
+        self.metrics.total_steps.set(self.total_steps)
+
+        self.model.to(runtime.device)
+        # Training needs no key/value cache; without one, packed rows get their per-pair attention mask.
+        self.model_config: Any = cast(Any, getattr(self.model, "config", None))  # a transformers model's config
+        self.use_cache = getattr(self.model_config, "use_cache", None)
+        if self.use_cache is not None:
+            self.model_config.use_cache = False
+        # The fused kernel: one launch for all parameters instead of a loop over them (CPU and CUDA).
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, training.weight_decay),
+                                           lr=training.learning_rate, betas=(0.9, 0.95),
+                                           fused=runtime.device.type in ("cpu", "cuda"))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(training, self.total_steps))
+        self.state = TrainState()
+        if restored:
+            self.load_state_dict(restored)
+        self.resumed_from = self.state.step
+        self.metrics.resumed_from_step.set(self.resumed_from)
+        self.wrapped = (DistributedDataParallel(self.model, device_ids=[runtime.device.index]
+                                                if runtime.device.type == "cuda" else None)
+                        if runtime.distributed else self.model)
+        self.dtype = distributed.autocast_dtype(training.precision, runtime.device)
+        config = self.model_config
+        flops_per_token = training_flops_per_token(sum(p.numel() for p in self.model.parameters()),
+                                                   getattr(config, "num_hidden_layers", 0),
+                                                   getattr(config, "hidden_size", 0), training.sequence_length)
+        self.window = ThroughputWindow(self.metrics, runtime.device, flops_per_token,
+                                       bf16=self.dtype == torch.bfloat16)
+        self.train_loss: float | None = None  # the mean over the last logging window
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        """Train to total_steps, evaluating, logging and checkpointing at their intervals; then export."""
+        training, checkpoint_interval = self.training, self.job.spec.checkpoint.interval_steps
+        if self.state.step == 0:
+            self.evaluate()  # the starting point that later evaluations are judged against
+        if self.runtime.is_main:
+            log.info("training %s/%s %s: steps %d..%d on %s x%d", self.job.namespace, self.job.name, self.job.kind,
+                     self.state.step, self.total_steps, self.runtime.device.type, self.runtime.world_size)
+        bar = self._progress_bar()
+        self.window.restart()
+        self.model.train()
+        while self.state.step < self.total_steps:
+            self.train_step()
+            step, last = self.state.step, self.state.step == self.total_steps
+            bar.update(1)
+            if step % training.log_interval == 0 or last:
+                self.log_window(bar)
+            if step % training.eval_interval == 0 or last:
+                self.evaluate()
+            if step % checkpoint_interval == 0 or last:
+                self.save_checkpoint()
+        bar.close()
+
+        # A run resumed from its final checkpoint trains no step: it still evaluates what it exports.
+        history = self.state.eval_history
+        final = history[-1] if history and history[-1]["step"] == self.state.step else self.evaluate()
+        self.checkpointer.close()
+        if self.runtime.is_main and self.checkpointer.last_error is not None:
+            # The export must never stand for a model whose last checkpoint did not commit.
+            raise StorageError(f"the final checkpoint could not be written: {self.checkpointer.last_error}")
+        result = self.result(final)
+        if self.runtime.is_main:
+            self.export(result)
+        return result
+
+    def train_step(self) -> None:
+        """One optimizer step over gradient_accumulation_steps micro-batches; across ranks, gradients
+        are synchronised on the last micro-batch only."""
+        accumulation = self.training.gradient_accumulation_steps
+        device, dtype = self.runtime.device, self.dtype
+        for k in range(accumulation):
+            micro = self._next_batch()
+            batch = micro.inputs
+            last = k == accumulation - 1
+            sync = self.wrapped.no_sync() if self.runtime.distributed and not last else nullcontext()  # type: ignore[operator]
+            with sync, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = self.wrapped(**batch).loss / accumulation
+                loss.backward()
+            self.window.count_micro_batch(loss, micro.real_tokens, micro.computed_tokens, len(batch["input_ids"]))
+        if self.training.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.window.count_step(self.state.step)
+
+    def _next_batch(self) -> data.MicroBatch:
+        """The next micro-batch, on the device; the time it takes counts as waiting for data."""
+        fetch_started = time.perf_counter()
+        micro = self.batches[self.state.micro_batch]
+        micro = replace(micro, inputs={name: t.to(self.runtime.device, non_blocking=True)
+                                       for name, t in micro.inputs.items()})
+        self.metrics.data_wait.inc(time.perf_counter() - fetch_started)
+        self.state.micro_batch += 1
+        return micro
+
+    def log_window(self, bar: tqdm[Any]) -> None:
+        """Close the logging window: its loss and throughput go to the metrics, the bar and the log."""
+        learning_rate = float(self.scheduler.get_last_lr()[0])
+        report = self.window.close(learning_rate)
+        self.train_loss = report.mean_loss
+        self.state.tokens_seen += report.tokens
+        if not math.isfinite(report.mean_loss):
+            log.error("loss is %s at step %d", report.mean_loss, self.state.step)
+        bar.set_postfix(loss=f"{report.mean_loss:.3f}")
+        if self.runtime.is_main and not self.progress:
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s, computed %.2fx the real tokens", self.state.step,
+                     self.total_steps, report.mean_loss, learning_rate, report.tokens_per_second,
+                     report.padding_ratio)
+
+    def _progress_bar(self) -> tqdm[Any]:
+        """A progress bar on rank 0 when asked for (`kubeforge run`), else a silent one."""
+        from tqdm import tqdm
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # its shard-writing bars would interleave with ours
+        return tqdm(total=self.total_steps, initial=self.state.step,
+                    disable=not (self.progress and self.runtime.is_main),
+                    desc=self.job.name, unit="step", dynamic_ncols=True)
+
+    # -- evaluation and export ---------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate on the eval split; the result joins the history (checkpointed) and the metrics."""
+        result = eval_metrics(self.model, self.eval_batches, self.labels is not None, len(self.labels or []),
+                              self.runtime, self.dtype)
+        self.state.eval_history.append({"step": self.state.step, **result})
+        self.metrics.eval_loss.set(result["loss"])
+        for name, value in result.items():
+            self.metrics.eval_metric(name, value)
+        if self.runtime.is_main:
+            log.info("eval at step %d: %s", self.state.step, ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
+
+    def result(self, final_eval: dict[str, float]) -> dict[str, Any]:
+        """The run's result: returned, exported as result.json, summarised for the operator."""
+        result: dict[str, Any] = {
+            "job": self.job.name, "namespace": self.job.namespace, "kind": self.job.kind, "step": self.state.step,
+            "totalSteps": self.total_steps, "resumedFromStep": self.resumed_from,
+            "tokensSeen": self.state.tokens_seen, "trainLoss": self.train_loss,
+            "finalEval": {k: v for k, v in final_eval.items() if k != "step"},
+            "evalHistory": self.state.eval_history,
+            "device": self.runtime.device.type, "workers": self.runtime.world_size,
+            "checkpointUri": self.checkpoint_root, "exportUri": export_uri(self.checkpoint_root),
+        }
+        if self.labels is not None:
+            result["labels"] = self.labels
+        return result
+
+    def export(self, result: dict[str, Any]) -> None:
+        """The model in Hugging Face format (LoRA merged), with its tokenizer, job and result."""
+        started = time.perf_counter()
+        if self.use_cache is not None:
+            self.model_config.use_cache = self.use_cache  # the exported model generates with its cache
+        export_model(self.storage, unwrap_for_export(self.model), self.tokenizer,
+                     yaml.safe_dump(self.job.to_manifest(), sort_keys=False), result, self.job.spec_hash())
+        log.info("exported the model to %s in %.1fs", result["exportUri"], time.perf_counter() - started)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds, by file name. load_state_dict reads back the same names."""
+        device = self.runtime.device
+        files: dict[str, Any] = {
+            "model.pt": self.model.state_dict(),
+            "optimizer.pt": self.optimizer.state_dict(),
+            "state.pt": {
+                "scheduler": self.scheduler.state_dict(), **asdict(self.state),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            },
+        }
+        if isinstance(self.job, PretrainJob):
+            # The model's vocabulary is that of the tokenizer this job trained.
+            files["tokenizer.json"] = self.tokenizer.backend_tokenizer.to_str().encode()
+        return files
+
+    def load_state_dict(self, files: dict[str, Any]) -> None:
+        """Restore what state_dict saved. tokenizer.json is read before: the model is built from it."""
+        saved = files["state.pt"]
+        self.model.load_state_dict(files["model.pt"])
+        self.optimizer.load_state_dict(files["optimizer.pt"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        rng = saved["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if self.runtime.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], self.runtime.device)
+        self.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
+
+    def save_checkpoint(self) -> None:
+        """Snapshot the state and upload it in the background. Every rank holds the same weights:
+        rank 0 writes them."""
+        if self.runtime.is_main:
+            self.metrics.checkpoint_blocked.observe(self.checkpointer.save(self.state.step, self.state_dict()))
+
+    def _newest_checkpoint(self, target: Path) -> dict[str, Any]:
+        """The files of the newest committed checkpoint by name, or {} to start afresh."""
+        newest = self.checkpointer.latest()
+        if newest is None:
+            return {}
+        files = self.checkpointer.load(newest, target)
+        self.metrics.last_checkpoint_step.set(newest.step)
+        if self.runtime.is_main:
+            log.info("resuming from checkpoint step %d at %s/%s", newest.step, self.storage.uri, newest.prefix)
+        return files
+
+    def _uploaded(self, report: UploadReport) -> None:
+        self.metrics.checkpoint_duration.observe(report.seconds)
+        self.metrics.checkpoint_bytes.inc(report.bytes_written)
+        self.metrics.last_checkpoint_step.set(report.step)
+
+
 def train(job: Job, *, checkpoint_root: str, base_model_uri: str | None = None,
           progress: bool = False) -> dict[str, Any]:
     """Run one job to completion (resuming from its newest checkpoint) and return its result."""
@@ -142,260 +416,6 @@ def train(job: Job, *, checkpoint_root: str, base_model_uri: str | None = None,
     runtime = distributed.start(resources.gpus_per_worker, resources.allow_cpu_fallback)
     try:
         with tempfile.TemporaryDirectory(prefix="kubeforge-train-") as scratch:
-            return _train(job, runtime, checkpoint_root, base_model_uri, progress, Path(scratch))
+            return Trainer(job, runtime, checkpoint_root, base_model_uri, progress, Path(scratch)).train()
     finally:
         distributed.stop()
-
-
-def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_model_uri: str | None,
-           progress: bool, scratch: Path) -> dict[str, Any]:
-    spec, training = job.spec, job.spec.training
-    random.seed(training.seed)
-    torch.manual_seed(training.seed)
-
-    metrics = TrainerMetrics(job.name, job.namespace, job.kind, runtime.rank)
-    metrics.serve(spec.metrics.port and spec.metrics.port + runtime.local_rank)
-    storage = open_storage(checkpoint_root, spec.s3)
-
-    def uploaded(report: UploadReport) -> None:
-        metrics.checkpoint_duration.observe(report.seconds)
-        metrics.checkpoint_bytes.inc(report.bytes_written)
-        metrics.last_checkpoint_step.set(report.step)
-
-    checkpointer = Checkpointer(storage, keep=spec.checkpoint.keep, spec_hash=job.spec_hash(),
-                                rank=runtime.rank, on_uploaded=uploaded,
-                                on_failed=lambda _: metrics.checkpoint_failures.inc())
-    metrics.count_uploads_pending(checkpointer.uploads_pending)
-    resume_from = checkpointer.latest()
-    restored = checkpointer.load(resume_from, scratch / "resume") if resume_from else {}
-    if resume_from:
-        metrics.last_checkpoint_step.set(resume_from.step)
-        if runtime.is_main:
-            log.info("resuming from checkpoint step %d at %s/%s", resume_from.step, storage.uri,
-                     resume_from.prefix)
-
-    # -- tokenizer, data and model -------------------------------------------------------------
-    L = training.sequence_length
-    labels: list[str] | None = None
-    if isinstance(job, PretrainJob):
-        field = spec.data.text_field
-        train_records, eval_records = datasets.load_splits(spec.data, spec.s3, field)
-        train_texts = [str(t) for t in datasets.field_values(train_records, field, "textField", "data.train")]
-        eval_texts = [str(t) for t in datasets.field_values(eval_records, field, "textField", "data.eval")]
-        tokenizer: PreTrainedTokenizerBase = (from_json(restored["tokenizer.json"].decode()) if restored
-                                              else train_tokenizer(train_texts, job.spec.tokenizer))
-        train_set = datasets.pack_texts(train_texts, tokenizer, L, "data.train")
-        eval_set = datasets.pack_texts(eval_texts, tokenizer, L, "data.eval")
-        model = build_pretrain_model(job.spec.model, tokenizer, L)
-    else:
-        assert isinstance(job, FinetuneJob)
-        if base_model_uri is None:
-            raise datasets.DataError("baseModel: no base model URI was resolved for this job")
-        from transformers import AutoTokenizer
-
-        base_dir = fetch_model_dir(base_model_uri, spec.s3, scratch)
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        ensure_pad_token(tokenizer)
-        data = job.spec.data
-        if job.spec.task == "sequence-classification":
-            train_records, eval_records = datasets.load_splits(data, spec.s3, data.text_field)
-            label_values = datasets.field_values(train_records, data.label_field, "labelField", "data.train")
-            labels = datasets.label_names(label_values)
-            index = {name: i for i, name in enumerate(labels)}
-
-            def encode(records: list[dict[str, Any]], what: str) -> dict[str, torch.Tensor]:
-                texts = datasets.field_values(records, data.text_field, "textField", what)
-                values = [str(v) for v in datasets.field_values(records, data.label_field, "labelField", what)]
-                unknown = sorted(set(values) - set(index))
-                if unknown:
-                    raise datasets.DataError(f"{what}: labels {unknown} never appear in data.train")
-                return datasets.classification_examples(texts, [index[v] for v in values], tokenizer, L)
-
-            train_set, eval_set = encode(train_records, "data.train"), encode(eval_records, "data.eval")
-        else:
-            train_records, eval_records = datasets.load_splits(data, spec.s3, data.prompt_field)
-
-            def encode_pairs(records: list[dict[str, Any]], what: str, pack: bool) -> dict[str, torch.Tensor]:
-                prompts = [str(p) for p in datasets.field_values(records, data.prompt_field, "promptField", what)]
-                answers = [str(a) for a in datasets.field_values(records, data.response_field, "responseField", what)]
-                examples = datasets.packed_sft_examples if pack else datasets.sft_examples
-                return examples(prompts, answers, tokenizer, L)
-
-            # Eval stays one pair per row: its loss is comparable with and without packing.
-            train_set = encode_pairs(train_records, "data.train", data.packing)
-            eval_set = encode_pairs(eval_records, "data.eval", False)
-        model = load_finetune_model(job.spec, base_dir, tokenizer, labels)
-
-    classify = labels is not None
-    batches = datasets.Batches(train_set, training.batch_size, training.seed, runtime.rank, runtime.world_size,
-                               group_by_length=training.group_by_length)
-    eval_batches = datasets.eval_batches(eval_set, training.batch_size, training.eval_batches,
-                                         runtime.rank, runtime.world_size)
-    accumulation = training.gradient_accumulation_steps
-    total_steps = training.max_steps or max(1, math.ceil(training.epochs * batches.per_epoch / accumulation))  # type: ignore[operator]
-    metrics.total_steps.set(total_steps)
-
-    model.to(runtime.device)  # type: ignore[arg-type]  # transformers types .to through a decorator
-    # Training needs no key/value cache; without one, packed rows get their per-pair attention mask.
-    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
-    if use_cache is not None:
-        model.config.use_cache = False
-    # The fused kernel: one launch for all parameters instead of a loop over them (CPU and CUDA).
-    optimizer = torch.optim.AdamW(param_groups(model, training.weight_decay), lr=training.learning_rate,
-                                  betas=(0.9, 0.95), fused=runtime.device.type in ("cpu", "cuda"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(training, total_steps))
-    step = micro_batch = tokens_seen = 0
-    history: list[dict[str, Any]] = []
-    if restored:
-        state = restored["state.pt"]
-        model.load_state_dict(restored["model.pt"])
-        optimizer.load_state_dict(restored["optimizer.pt"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if runtime.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], runtime.device)
-        step, micro_batch, tokens_seen = state["step"], state["micro_batch"], state["tokens_seen"]
-        history = state["eval_history"]
-    resumed_from = step
-    metrics.resumed_from_step.set(resumed_from)
-    wrapped = (DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
-                                       else None) if runtime.distributed else model)
-    dtype = distributed.autocast_dtype(training.precision, runtime.device)
-    config = getattr(model, "config", None)
-    flops_per_token = training_flops_per_token(sum(p.numel() for p in model.parameters()),
-                                               getattr(config, "num_hidden_layers", 0),
-                                               getattr(config, "hidden_size", 0), L)
-    peak = None  # MFU and GPU memory exist only on a GPU, and MFU only on one in the table of peaks
-    if runtime.device.type == "cuda":
-        peak = peak_flops(torch.cuda.get_device_name(runtime.device), bf16=dtype == torch.bfloat16)
-        metrics.gpu_memory_total.set(torch.cuda.get_device_properties(runtime.device).total_memory)
-
-    def run_eval() -> dict[str, float]:
-        result = evaluate(model, eval_batches, classify, len(labels or []), runtime, dtype)
-        history.append({"step": step, **result})
-        metrics.eval_loss.set(result["loss"])
-        for name, value in result.items():
-            metrics.eval_metric(name, value)
-        if runtime.is_main:
-            log.info("eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
-        return result
-
-    def save_checkpoint() -> None:
-        if not runtime.is_main:
-            return
-        trainer_state = {
-            "scheduler": scheduler.state_dict(), "step": step, "micro_batch": micro_batch,
-            "tokens_seen": tokens_seen, "eval_history": history,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda" else None},
-        }
-        files: dict[str, Any] = {"model.pt": model.state_dict(), "optimizer.pt": optimizer.state_dict(),
-                                 "state.pt": trainer_state}
-        if isinstance(job, PretrainJob):
-            files["tokenizer.json"] = tokenizer.backend_tokenizer.to_str().encode()
-        metrics.checkpoint_blocked.observe(checkpointer.save(step, files))
-
-    if step == 0:
-        run_eval()  # the starting point that later evaluations are judged against
-    if runtime.is_main:
-        log.info("training %s/%s %s: steps %d..%d on %s x%d", job.namespace, job.name, job.kind, step,
-                 total_steps, runtime.device.type, runtime.world_size)
-
-    from tqdm import tqdm
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # its shard-writing bars would interleave with ours
-
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and runtime.is_main),
-               desc=job.name, unit="step", dynamic_ncols=True)
-    window_loss = torch.zeros((), device=runtime.device)
-    window_steps = window_tokens = window_computed = window_samples = 0
-    window_start = time.perf_counter()
-    train_loss: float | None = None
-    model.train()
-    while step < total_steps:
-        for k in range(accumulation):
-            fetch_started = time.perf_counter()
-            micro = batches[micro_batch]
-            batch = {name: t.to(runtime.device, non_blocking=True) for name, t in micro.inputs.items()}
-            metrics.data_wait.inc(time.perf_counter() - fetch_started)
-            micro_batch += 1
-            last = k == accumulation - 1
-            sync = wrapped.no_sync() if runtime.distributed and not last else nullcontext()  # type: ignore[operator]
-            with sync, torch.autocast(runtime.device.type, dtype=dtype, enabled=dtype is not None):
-                loss = wrapped(**batch).loss / accumulation
-                loss.backward()
-            window_loss += loss.detach()
-            window_tokens += micro.real_tokens  # counted on the host before the forward: no device sync
-            window_computed += micro.computed_tokens
-            metrics.tokens.inc(micro.real_tokens)
-            metrics.computed_tokens.inc(micro.computed_tokens)
-            window_samples += len(batch["input_ids"])
-        if training.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_steps += 1
-        metrics.step.set(step)
-        metrics.last_step_time.set(time.time())
-        bar.update(1)
-
-        if step % training.log_interval == 0 or step == total_steps:
-            elapsed = time.perf_counter() - window_start
-            mean_loss = train_loss = float(window_loss) / window_steps
-            if not math.isfinite(mean_loss):
-                log.error("loss is %s at step %d", mean_loss, step)
-            tokens_seen += window_tokens
-            metrics.loss.set(mean_loss)
-            metrics.learning_rate.set(float(scheduler.get_last_lr()[0]))
-            tokens_per_second = window_tokens / elapsed
-            metrics.tokens_per_second.set(tokens_per_second)
-            metrics.samples_per_second.set(window_samples / elapsed)
-            if peak:
-                metrics.mfu.set(model_flops_utilization(tokens_per_second, flops_per_token, peak))
-            if runtime.device.type == "cuda":
-                metrics.gpu_memory_allocated.set(torch.cuda.memory_allocated(runtime.device))
-                metrics.gpu_memory_reserved.set(torch.cuda.memory_reserved(runtime.device))
-            bar.set_postfix(loss=f"{mean_loss:.3f}")
-            if runtime.is_main and not progress:
-                log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s, computed %.2fx the real tokens", step,
-                         total_steps, mean_loss, scheduler.get_last_lr()[0], tokens_per_second,
-                         window_computed / max(window_tokens, 1))
-            window_loss.zero_()
-            window_steps = window_tokens = window_computed = window_samples = 0
-            window_start = time.perf_counter()
-        if step % training.eval_interval == 0 or step == total_steps:
-            run_eval()
-        if step % spec.checkpoint.interval_steps == 0 or step == total_steps:
-            save_checkpoint()
-    bar.close()
-
-    # A run resumed from its final checkpoint trains no step: it still evaluates what it exports.
-    final = history[-1] if history and history[-1]["step"] == step else run_eval()
-    checkpointer.close()
-    if runtime.is_main and checkpointer.last_error is not None:
-        # The export below must never stand for a model whose last checkpoint did not commit.
-        raise StorageError(f"the final checkpoint could not be written: {checkpointer.last_error}")
-
-    export = export_uri(checkpoint_root)
-    result: dict[str, Any] = {
-        "job": job.name, "namespace": job.namespace, "kind": job.kind, "step": step,
-        "totalSteps": total_steps, "resumedFromStep": resumed_from, "tokensSeen": tokens_seen,
-        "trainLoss": train_loss,
-        "finalEval": {k: v for k, v in final.items() if k != "step"}, "evalHistory": history,
-        "device": runtime.device.type, "workers": runtime.world_size,
-        "checkpointUri": checkpoint_root, "exportUri": export,
-    }
-    if labels is not None:
-        result["labels"] = labels
-    if runtime.is_main:
-        started = time.perf_counter()
-        if use_cache is not None:
-            model.config.use_cache = use_cache  # the exported model generates with its cache
-        export_model(storage, unwrap_for_export(model), tokenizer,
-                     yaml.safe_dump(job.to_manifest(), sort_keys=False), result, job.spec_hash())
-        log.info("exported the model to %s in %.1fs", export, time.perf_counter() - started)
-    return result

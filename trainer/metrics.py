@@ -11,8 +11,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+from kubeforge.trainer.flops import model_flops_utilization, peak_flops
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ class Reading:
 
 class TrainerMetrics:
     def __init__(self, job: str, namespace: str, kind: str, rank: int):
+        # Longer than a screen because it is the table of every series, one declaration each.
         self.registry = CollectorRegistry()
         labels = {"job_name": job, "namespace": namespace, "kind": kind, "rank": str(rank)}
         self._labels = labels
@@ -113,3 +118,71 @@ class TrainerMetrics:
             address = os.environ.get("POD_IP") or "0.0.0.0"
             start_http_server(port, addr=address, registry=self.registry)
             log.info("metrics on %s:%d/metrics", address, port)
+
+
+@dataclass(frozen=True)
+class WindowReport:
+    """The figures of one logging window."""
+
+    mean_loss: float
+    tokens: int
+    tokens_per_second: float
+    padding_ratio: float  # tokens computed per token of data
+
+
+class ThroughputWindow:
+    """The logging window: loss, tokens and samples summed between two logged steps, turned into
+    the loss and throughput readings when it closes.
+
+    Counting a micro-batch adds the loss on the device and integers on the host: the window reads
+    the loss back (a host sync) only when it closes, once per logging interval."""
+
+    def __init__(self, metrics: TrainerMetrics, device: torch.device, flops_per_token: float, bf16: bool):
+        self._metrics = metrics
+        self._device = device
+        self._flops_per_token = flops_per_token
+        self._peak: float | None = None  # MFU and GPU memory exist only on a GPU, MFU only on one we know
+        if device.type == "cuda":
+            self._peak = peak_flops(torch.cuda.get_device_name(device), bf16=bf16)
+            metrics.gpu_memory_total.set(torch.cuda.get_device_properties(device).total_memory)
+        self._loss = torch.zeros((), device=device)
+        self._steps = self._tokens = self._computed = self._samples = 0
+        self._started = time.perf_counter()
+
+    def restart(self) -> None:
+        """Begin a new window now: what was counted so far is dropped."""
+        self._loss.zero_()
+        self._steps = self._tokens = self._computed = self._samples = 0
+        self._started = time.perf_counter()
+
+    def count_micro_batch(self, loss: torch.Tensor, tokens: int, computed_tokens: int, samples: int) -> None:
+        """`tokens` of data, `computed_tokens` with padding: both known on the host before the forward."""
+        self._loss += loss.detach()
+        self._tokens += tokens
+        self._computed += computed_tokens
+        self._metrics.tokens.inc(tokens)
+        self._metrics.computed_tokens.inc(computed_tokens)
+        self._samples += samples
+
+    def count_step(self, step: int) -> None:
+        self._steps += 1
+        self._metrics.step.set(step)
+        self._metrics.last_step_time.set(time.time())
+
+    def close(self, learning_rate: float) -> WindowReport:
+        """Publish the window's readings and start the next window."""
+        elapsed = time.perf_counter() - self._started
+        report = WindowReport(float(self._loss) / self._steps, self._tokens, self._tokens / elapsed,
+                              self._computed / max(self._tokens, 1))
+        metrics = self._metrics
+        metrics.loss.set(report.mean_loss)
+        metrics.learning_rate.set(learning_rate)
+        metrics.tokens_per_second.set(report.tokens_per_second)
+        metrics.samples_per_second.set(self._samples / elapsed)
+        if self._peak:
+            metrics.mfu.set(model_flops_utilization(report.tokens_per_second, self._flops_per_token, self._peak))
+        if self._device.type == "cuda":
+            metrics.gpu_memory_allocated.set(torch.cuda.memory_allocated(self._device))
+            metrics.gpu_memory_reserved.set(torch.cuda.memory_reserved(self._device))
+        self.restart()
+        return report

@@ -15,9 +15,16 @@ from transformers import (
     PreTrainedModel,
 )
 
-from kubeforge.spec import FinetuneSpec, JobError, ModelSpec
+from kubeforge.spec import FinetuneSpec, JobError, ModelSpec, S3Spec
+from kubeforge.storage import StorageError, download_tree, open_storage
+from kubeforge.trainer.checkpoint import MANIFEST, fetch_verified, read_manifest
 
 log = logging.getLogger(__name__)
+
+
+class BaseModelError(JobError):
+    """A finetuning job's base model that cannot be found or is not a Hugging Face model; retrying
+    will not help."""
 
 
 def build_pretrain_model(spec: ModelSpec, tokenizer: Any, sequence_length: int) -> PreTrainedModel:
@@ -42,6 +49,43 @@ def build_pretrain_model(spec: ModelSpec, tokenizer: Any, sequence_length: int) 
     log.info("built a %s model with %.2fM parameters", spec.architecture,
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model
+
+
+def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path) -> Path:
+    """A local Hugging Face model directory for a base model URI (local directory or S3 prefix).
+
+    A kubeforge export is fetched as its manifest lists and verified against it; another model
+    directory is fetched whole. Either way its weights must be safetensors: a pickled
+    pytorch_model.bin can run code when loaded."""
+    local = Path(uri.removeprefix("file://"))
+    if not uri.startswith("s3://") and local.is_dir():
+        if not (local / "config.json").is_file():
+            raise BaseModelError(f"baseModel: {uri} has no config.json: not a Hugging Face model directory")
+        _require_safetensors(local, uri)
+        return local
+    storage = open_storage(uri, s3)
+    keys = storage.list()
+    if "config.json" not in keys:
+        raise BaseModelError(f"baseModel: no Hugging Face model (config.json) found at {uri}")
+    target = scratch / "base-model"
+    if MANIFEST in keys:
+        manifest = read_manifest(storage, "")
+        if manifest is None:
+            raise StorageError(f"baseModel.uri: {uri} has a manifest that does not match its files: "
+                               "refusing to use it")
+        fetch_verified(storage, "", manifest, target, field="baseModel.uri")
+    else:
+        download_tree(storage, "", target, field="baseModel.uri")
+    _require_safetensors(target, uri)
+    return target
+
+
+def _require_safetensors(model_dir: Path, uri: str) -> None:
+    if not any(model_dir.glob("*.safetensors")):
+        raise BaseModelError(
+            f"baseModel: {uri} has no .safetensors weights; kubeforge does not load pickled weights "
+            "(pytorch_model.bin) because loading them can run code: save the model with "
+            "save_pretrained(..., safe_serialization=True)")
 
 
 def load_finetune_model(spec: FinetuneSpec, base_dir: Path, tokenizer: Any,
