@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +249,9 @@ async def test_failures_stop_at_the_backoff_limit_or_at_once_when_permanent(
     flaky = pretrain(s3_data, "flaky", 20, backoffLimit=1)
     flaky["spec"]["data"]["train"]["uri"] = "s3://no-such-bucket-kf/data/train.txt"  # a storage error: retryable
     hopeless = pretrain(s3_data, "hopeless", 20, backoffLimit=5)
-    hopeless["spec"]["data"]["train"]["uri"] = f"s3://{bucket}/nothing-here/"  # no data: permanent
+    hopeless["spec"]["data"]["train"]["uri"] = f"s3://{bucket}/data/nothing-here/"  # no data: permanent
+    # The bucket that is not there is one this namespace may use: the storage error is what is tested.
+    settings = replace(settings, allowed_uri_prefixes=(*settings.allowed_uri_prefixes, "s3://no-such-bucket-kf"))
     async with operator(cluster, settings):
         await cluster.apply([flaky, hopeless])
         failed = await cluster.wait_for(lambda: phase_is(cluster, PTJ, "flaky", "Failed"), 120, "flaky to fail")
@@ -336,7 +339,7 @@ async def test_the_operator_command_runs_standalone_next_to_the_crds_alone(clust
     there is no peering object to join: it says so, runs standalone and reconciles a job at once."""
     kubeconfig = cluster.kubeconfig or str(_kubeconfig_for(cluster.url, tmp_path / "kubeconfig"))
     env = {**os.environ, "KUBECONFIG": kubeconfig, "KUBEFORGE_METRICS_PORT": str(free_port()),
-           "KUBEFORGE_STORAGE_ROOT": "s3://kubeforge/jobs"}
+           "KUBEFORGE_STORAGE_ROOT": "s3://kubeforge/jobs", "KUBEFORGE_ALLOWED_URI_PREFIXES": "s3://kubeforge/data"}
     log_path = tmp_path / "operator.log"
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
@@ -350,7 +353,10 @@ async def test_the_operator_command_runs_standalone_next_to_the_crds_alone(clust
         await cluster.wait_for(lambda: logged("running standalone"), 60, "the operator to say it runs standalone")
         assert "ClusterKopfPeering/kubeforge" in log_path.read_text()
         started = time.monotonic()
-        await cluster.apply(tiny_pretrain("bare"))
+        bare = tiny_pretrain("bare")
+        for split in ("train", "eval"):  # the shared corpora, as a cluster's users keep them
+            bare["spec"]["data"][split]["uri"] = f"s3://kubeforge/data/shakespeare/{split}.txt"
+        await cluster.apply(bare)
         await cluster.wait_for(lambda: job_pods(cluster, "bare"), 10, f"the job's pod\n{log_path.read_text()}")
         await cluster.wait_for(lambda: phase_is(cluster, PTJ, "bare", "Pending", "Running"), 10 - (
             time.monotonic() - started), f"the job's phase\n{log_path.read_text()}")

@@ -20,6 +20,9 @@ those bound to a node it plays. Who binds them depends on the API server:
   `secretKeyRef`, `configMapKeyRef`, `envFrom` secrets/config maps; a missing secret holds the pod in
   `CreateContainerConfigError`), and resolves `HOST.SUBDOMAIN[.NS[.svc...]]` values naming a pod
   behind a headless Service (MASTER_ADDR=w0.job-ptj) to that pod's IP, waiting for it (bounded);
+- gives each rendezvous its own port: in a cluster every pod has its own network namespace, so
+  every gang's rank 0 listens on MASTER_PORT 29500; here all pods share this machine's, and torch's
+  store listens on every address, so MASTER_PORT becomes a free port chosen once per MASTER_ADDR;
 - runs the `trainer` container (else the first) as a subprocess: `kubeforge ...` as
   `python -m kubeforge ...`, `python ...` with this interpreter, anything else as it is; its
   terminationMessagePath in argv becomes a per-pod temp file; stdout+stderr go to a per-pod log;
@@ -41,6 +44,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -488,6 +492,21 @@ async def wait_schedulable(client: KubeClient, name: str, timeout: float) -> Non
         if time.monotonic() >= deadline:
             raise AssertionError(f"node {name} still not schedulable after {timeout}s: taints {taints}")
         await asyncio.sleep(0.2)
+
+
+#: The port each rendezvous address got (MASTER_ADDR, a pod IP here -> a free port), shared by the
+#: kubelets of one test process so that every rank of a gang is told the same port.
+_RENDEZVOUS_PORTS: dict[str, int] = {}
+_RENDEZVOUS_LOCK = threading.Lock()
+
+
+def _rendezvous_port(address: str) -> int:
+    with _RENDEZVOUS_LOCK:
+        if address not in _RENDEZVOUS_PORTS:
+            with contextlib.closing(socket.socket()) as probe:
+                probe.bind(("127.0.0.1", 0))
+                _RENDEZVOUS_PORTS[address] = probe.getsockname()[1]
+        return _RENDEZVOUS_PORTS[address]
 
 
 class Kubelet:
@@ -1038,6 +1057,8 @@ class Kubelet:
             elif "resourceFieldRef" in value_from:
                 env[var["name"]] = "0"
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        if "MASTER_PORT" in env and "MASTER_ADDR" in env:
+            env["MASTER_PORT"] = str(_rendezvous_port(env["MASTER_ADDR"]))
         return {**base, **env}
 
     @staticmethod
