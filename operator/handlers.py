@@ -26,7 +26,8 @@ def _pod_entry(body: kopf.Body) -> dict[str, Any]:
     metadata = body["metadata"]
     return {"metadata": {"name": metadata["name"], "labels": dict(metadata.get("labels") or {}),
                          "annotations": dict(metadata.get("annotations") or {}),
-                         "deletionTimestamp": metadata.get("deletionTimestamp")},
+                         "deletionTimestamp": metadata.get("deletionTimestamp"),
+                         "ownerReferences": copy.deepcopy(list(metadata.get("ownerReferences") or []))},
             "status": copy.deepcopy(dict(body.get("status") or {}))}
 
 
@@ -70,13 +71,19 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
         # appears and its ticks never overlap, so no two reconciliations of a job race on a status the
         # other has not written yet. A spec change (suspend, say) takes effect within a resync interval.
         @kopf.timer(kind.group, kind.version, kind.plural, interval=settings.resync_seconds, registry=registry)
-        def reconcile_job(body: kopf.Body, patch: kopf.Patch, **indexes: Any) -> None:
+        def reconcile_job(body: kopf.Body, **indexes: Any) -> None:
             cached = CachedView(indexes["job_pods"], indexes["pretrain_jobs"])  # Kopf passes indexes by id
-            operator.reconcile(copy.deepcopy(dict(body)), patch, cached)
+            operator.reconcile(copy.deepcopy(dict(body)), cached)
 
         @kopf.on.delete(kind.group, kind.version, kind.plural, optional=True, registry=registry)
         def deleted(body: kopf.Body, **_: Any) -> None:
             operator.forget(copy.deepcopy(dict(body)))
+
+    @kopf.on.probe(id="reconciling", registry=registry)
+    def reconciling(**_: Any) -> bool:
+        # A probe that raises makes /healthz answer 500: Kubernetes restarts the operator.
+        operator.check_liveness()
+        return True
 
     return registry
 

@@ -24,6 +24,12 @@ class OperatorSettings:
     #: The cluster's CPU fallback policy: False makes jobs wait for GPUs even when their spec allows
     #: fallback (a job's own allowCpuFallback: false always wins).
     allow_cpu_fallback: bool = True
+    #: A failed reconciliation of a job is retried after this many seconds, doubled at each
+    #: consecutive failure up to error_backoff_max_seconds.
+    error_backoff_seconds: float = 1.0
+    error_backoff_max_seconds: float = 60.0
+    #: Liveness (/healthz) fails when jobs exist and none was reconciled for this long.
+    liveness_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorSettings:
@@ -40,6 +46,10 @@ class OperatorSettings:
             namespaces=namespaces,
             image_pull_policy=env.get("KUBEFORGE_IMAGE_PULL_POLICY", defaults.image_pull_policy),
             allow_cpu_fallback=_flag(env.get("KUBEFORGE_ALLOW_CPU_FALLBACK"), defaults.allow_cpu_fallback),
+            error_backoff_seconds=float(env.get("KUBEFORGE_ERROR_BACKOFF_SECONDS", defaults.error_backoff_seconds)),
+            error_backoff_max_seconds=float(env.get("KUBEFORGE_ERROR_BACKOFF_MAX_SECONDS",
+                                                    defaults.error_backoff_max_seconds)),
+            liveness_seconds=float(env.get("KUBEFORGE_LIVENESS_SECONDS", defaults.liveness_seconds)),
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -131,3 +132,16 @@ def test_pod_shape_changes_with_resources_but_not_with_training() -> None:
     assert pod_shape(job(resources={"workers": 2})) != base
     assert pod_shape(job(suspend=True)) == base
     assert pod_shape(job(training={"maxSteps": 900})) == base
+
+
+def test_every_accepted_name_makes_valid_object_names() -> None:
+    """The longest name the CRD accepts still yields a Service that is a DNS-1035 label and label
+    values of at most 63 characters (`7b-pretrain` and 60 characters are refused: test_spec)."""
+    dns_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    for name in ("a" * 59, "x", "a-1"):
+        named = job(with_change(example("pretrain-tiny.yaml")[0], "metadata.name", name))
+        service = get_service(named)["metadata"]["name"]
+        assert dns_1035.match(service) and len(service) <= 63, service
+        for pod in get_pods(named, 12, LaunchPlan("s3://b/c", None, False), SETTINGS):
+            assert all(len(value) <= 63 for value in pod["metadata"]["labels"].values())
+            assert len(pod["metadata"]["name"]) <= 253 and dns_1035.match(pod["spec"]["subdomain"])

@@ -85,6 +85,9 @@ BAD_INPUTS = [
     (FINETUNE, "spec.lora.targetModules", [], "spec.lora.targetModules", "at least 1 item"),
     (FINETUNE, "spec.model", {"size": "tiny"}, "spec.model", "unknown field"),
     (FINETUNE, "spec.data.labelField", "", "spec.data.labelField", "at least 1 character"),
+    # The name becomes the Service `<name>-ptj`: a DNS-1035 label of at most 63 characters.
+    (PRETRAIN, "metadata.name", "7b-pretrain", "metadata.name", "starts with a letter"),
+    (PRETRAIN, "metadata.name", "a" * 60, "metadata.name", "at most 59 characters"),
 ]
 
 
