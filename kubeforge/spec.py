@@ -241,7 +241,7 @@ class _JobSpec(_Model):
         120, ge=1, le=3600, description="seconds a stopped worker (suspend, eviction, preemption) has to commit "
         "a checkpoint before it is killed: the pods' terminationGracePeriodSeconds")
     stall_timeout_seconds: int | None = Field(
-        1800, ge=60, description="restart the gang (reason Stalled, counted against backoffLimit) when the "
+        1800, ge=10, description="restart the gang (reason Stalled, counted against backoffLimit) when the "
         "trainer reports no new step for this long; needs metrics.port; null disables it")
 
 

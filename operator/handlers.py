@@ -81,8 +81,12 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
 
     @kopf.on.probe(id="reconciling", registry=registry)
     def reconciling(**_: Any) -> bool:
-        # A probe that raises makes /healthz answer 500: Kubernetes restarts the operator.
-        operator.check_liveness()
+        # A probe that fails permanently makes /healthz answer 500 (Kubernetes restarts the operator);
+        # any other exception Kopf retries, with /healthz hanging meanwhile.
+        try:
+            operator.check_liveness()
+        except RuntimeError as exc:
+            raise kopf.PermanentError(str(exc)) from exc
         return True
 
     return registry

@@ -47,7 +47,8 @@ def with_defaults(schema: dict[str, Any], value: Any) -> Any:
             out[name] = copy.deepcopy(sub["default"])
         if name in out:
             out[name] = with_defaults(sub, out[name])
-    return out
+    # Unchanged objects stay the same object: the emulator keeps references into metadata.
+    return value if out == value else out
 
 
 @functools.cache  # parsing dominates; the API server emulator evaluates the same rules on every write
