@@ -19,6 +19,8 @@ from kubeforge.spec import KINDS
 
 #: Threads that run the (sync) handlers; the API client keeps as many connections alive.
 WORKERS = 16
+#: Seconds between Kopf's retries of a failed API request: 594 s in all.
+API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21) + (30,) * 18
 
 
 def _pod_entry(body: kopf.Body) -> dict[str, Any]:
@@ -99,3 +101,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = "kubeforge.io/operator"
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = WORKERS
+    # Kopf retries an API request that fails (5xx, 429, no connection) after each of these delays,
+    # then gives up, and a watch that gives up stops the whole operator. Its default (54 s in all)
+    # makes a one-minute API server outage fatal; these ride out about 10 minutes, twice the
+    # liveness limit (KUBEFORGE_LIVENESS_SECONDS), which restarts an operator that gets nothing done.
+    settings.networking.error_backoffs = API_ERROR_BACKOFFS
