@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from kubeforge.spec import KINDS
+from kubeforge.spec import JOB_NAME, JOB_NAME_MAX_LENGTH, KINDS
 from kubeforge.status import JobStatus
 
 PRINTER_COLUMNS = [
@@ -112,7 +112,9 @@ def crd(kind: str) -> dict[str, Any]:
                     "properties": {
                         "apiVersion": {"type": "string"},
                         "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
+                        # The only metadata a CRD may constrain: names the operator can derive objects from.
+                        "metadata": {"type": "object", "properties": {"name": {
+                            "type": "string", "maxLength": JOB_NAME_MAX_LENGTH, "pattern": JOB_NAME}}},
                         "spec": spec_schema,
                         "status": status_schema(),
                     },

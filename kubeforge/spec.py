@@ -25,6 +25,10 @@ API_GROUP = "kubeforge.io"
 VERSION = "v1alpha1"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+#: A job's name: its headless Service is `<name>-ptj` (or -ftj), a DNS-1035 label (a letter first, at
+#: most 63 characters), and the name is the value of the pods' job-name label.
+JOB_NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+JOB_NAME_MAX_LENGTH = 63 - len("-ptj")
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 STORAGE_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+|file://.+)$"
 HTTP_URL = r"^https?://"
@@ -32,6 +36,8 @@ HTTP_URL = r"^https?://"
 #: What each pattern means, for error messages people can act on.
 PATTERN_MEANINGS = {
     DNS_LABEL: "a lowercase DNS label (a-z, 0-9 and '-', starting and ending alphanumeric)",
+    JOB_NAME: "a lowercase DNS label that starts with a letter (a-z, 0-9 and '-', ending alphanumeric): "
+              "the job's Service is named after it",
     QUANTITY: "a Kubernetes quantity such as 2, 500m or 8Gi",
     STORAGE_URI: "an s3://bucket/prefix URI (bucket of 3-63 characters) or a local path",
     HTTP_URL: "an http:// or https:// URL",
@@ -133,6 +139,8 @@ class DataSource(_Model):
 class PretrainData(_Model):
     """Training and eval data."""
 
+    model_config = ConfigDict(json_schema_extra=IMMUTABLE)
+
     train: DataSource = Field(..., description="the training data")
     eval: DataSource | None = Field(None, description="held-out data; when absent, evalFraction of train")
     eval_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="held out of train when eval is absent")
@@ -143,6 +151,7 @@ class TrainingSpec(_Model):
     """Optimisation: length, batch, schedule, precision, evaluation."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        *IMMUTABLE["x-kubernetes-validations"],
         {"rule": "has(self.maxSteps) != has(self.epochs)", "message": "set exactly one of maxSteps or epochs"},
         {"rule": "!has(self.maxSteps) || !has(self.warmupSteps) || self.warmupSteps < self.maxSteps",
          "message": "warmupSteps must be below maxSteps"},
@@ -180,6 +189,8 @@ class TrainingSpec(_Model):
 
 class CheckpointSpec(_Model):
     """Where and how often checkpoints are written, and how many are kept."""
+
+    model_config = ConfigDict(json_schema_extra=IMMUTABLE)
 
     uri: str | None = Field(None, pattern=STORAGE_URI,
                             description="s3://bucket/prefix or a directory; default: derived from the job")
@@ -590,6 +601,12 @@ class _JobSpec(_Model):
         None, ge=0, description="delete the finished job (and its pods) this many seconds after it ends")
     clean_pod_policy: Literal["All", "Running", "None"] = Field(
         "All", description="which pods to delete when the job finishes")
+    termination_grace_period_seconds: int = Field(
+        120, ge=1, le=3600, description="seconds a stopped worker (suspend, eviction, preemption) has to commit "
+        "a checkpoint before it is killed: the pods' terminationGracePeriodSeconds")
+    stall_timeout_seconds: int | None = Field(
+        1800, ge=10, description="restart the gang (reason Stalled, counted against backoffLimit) when the "
+        "trainer reports no new step for this long; needs metrics.port; null disables it")
 
 
 class PretrainSpec(_JobSpec):
@@ -600,8 +617,10 @@ class PretrainSpec(_JobSpec):
     data: PretrainData
 
 
+#: The fields that may change after creation (the others are immutable: CEL `self == oldSelf`).
 RUN_POLICY_FIELDS = {"suspend", "backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished",
-                     "clean_pod_policy", "resources", "metrics", "pod_template", "gang"}
+                     "clean_pod_policy", "termination_grace_period_seconds", "stall_timeout_seconds",
+                     "base_model_wait_seconds", "resources", "metrics", "pod_template", "gang"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,6 +650,8 @@ class BaseModelSpec(_Model):
 class LoraSpec(_Model):
     """LoRA adapters (peft)."""
 
+    model_config = ConfigDict(json_schema_extra=IMMUTABLE)
+
     r: int = Field(8, ge=1, le=1024, description="rank of the adapter matrices")
     alpha: int = Field(16, ge=1, description="adapter scaling (alpha / r)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
@@ -658,6 +679,9 @@ class FinetuneSpec(_JobSpec):
     ]})
 
     base_model: BaseModelSpec = Field(..., description="the model to start from")
+    base_model_wait_seconds: int = Field(
+        604800, ge=1, description="fail (reason BaseModelTimeout) when baseModel.fromPretrainJob has not "
+        "succeeded this long after the FinetuneJob was created")
     task: Literal["causal-lm", "sequence-classification"] = Field("causal-lm", json_schema_extra=IMMUTABLE,
                                                                   description="causal-lm: prompt/response SFT")
     method: Literal["full", "lora"] = Field("lora", json_schema_extra=IMMUTABLE,
@@ -685,7 +709,7 @@ class ObjectMeta(BaseModel):
     # Objects read back from a cluster carry uid, resourceVersion, managedFields...: ignore them.
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    name: str = Field(..., max_length=63, pattern=DNS_LABEL)
+    name: str = Field(..., max_length=JOB_NAME_MAX_LENGTH, pattern=JOB_NAME)
     namespace: str = Field("default", max_length=63, pattern=DNS_LABEL)
     uid: str | None = None
     labels: dict[str, str] = {}

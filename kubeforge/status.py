@@ -62,6 +62,8 @@ class JobStatus(_Reported):
     message: str | None = Field(None, description="why it is in this phase, for people")
     conditions: list[Condition] = Field([], description="the job's conditions, one per type")
     restarts: int = Field(0, ge=0, description="gang restarts so far: pods of attempt N are named `-aN`")
+    disruptions: int = Field(0, ge=0, description="the restarts caused by an evicted or preempted worker "
+                                                "(DisruptionTarget): they do not count against backoffLimit")
     observed_generation: int | None = Field(None, description="the metadata.generation this status is for")
     start_time: str | None = Field(None, description="when every worker first ran (RFC 3339)")
     completion_time: str | None = Field(None, description="when the job succeeded or failed (RFC 3339)")
@@ -75,6 +77,9 @@ class JobStatus(_Reported):
     loss: float | None = Field(None, description="the training loss of the last logging interval")
     eval_metrics: dict[str, float] | None = Field(None, description="the last evaluation's metrics, by name")
     last_checkpoint_step: int | None = Field(None, description="the step of the newest committed checkpoint")
+    last_step_time: str | None = Field(
+        None, description="when the trainer last reported a new step, or the gang started running (RFC 3339): "
+                          "stallTimeoutSeconds counts from it")
 
     @classmethod
     def read(cls, status: dict[str, Any] | None) -> JobStatus:

@@ -251,6 +251,8 @@ def build_pod(job: Job, rank: int, attempt: int, plan: LaunchPlan, settings: Ope
         shm["sizeLimit"] = template.shm_size
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # SIGTERM (suspend, eviction, preemption) gives the trainer this long to commit a checkpoint.
+        "terminationGracePeriodSeconds": job.spec.termination_grace_period_seconds,
         "hostname": f"w{rank}",
         "subdomain": group_name(job),
         "automountServiceAccountToken": False,  # the trainer never talks to the API server

@@ -83,6 +83,12 @@ class Cluster:
     def delete_pod(self, namespace: str, name: str) -> None:
         call_kubeapi(self.core.delete_namespaced_pod, name, namespace, tolerate=NOT_FOUND)
 
+    def patch_status(self, kind: str, namespace: str, name: str, changed: dict[str, Any]) -> None:
+        """Merge `changed` into the job's status (the status subresource)."""
+        names = KINDS[kind]
+        call_kubeapi(self.custom.patch_namespaced_custom_object_status, names.group, names.version, namespace,
+                     names.plural, name, {"status": changed})
+
     def delete_job(self, job: Job) -> None:
         kind = KINDS[job.kind]
         call_kubeapi(self.custom.delete_namespaced_custom_object, kind.group, kind.version, job.namespace,

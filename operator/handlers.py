@@ -19,6 +19,8 @@ from kubeforge.spec import KINDS
 
 #: Threads that run the (sync) handlers; the API client keeps as many connections alive.
 WORKERS = 16
+#: Seconds between Kopf's retries of a failed API request: 594 s in all.
+API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21) + (30,) * 18
 
 
 def _pod_entry(body: kopf.Body) -> dict[str, Any]:
@@ -26,7 +28,8 @@ def _pod_entry(body: kopf.Body) -> dict[str, Any]:
     metadata = body["metadata"]
     return {"metadata": {"name": metadata["name"], "labels": dict(metadata.get("labels") or {}),
                          "annotations": dict(metadata.get("annotations") or {}),
-                         "deletionTimestamp": metadata.get("deletionTimestamp")},
+                         "deletionTimestamp": metadata.get("deletionTimestamp"),
+                         "ownerReferences": copy.deepcopy(list(metadata.get("ownerReferences") or []))},
             "status": copy.deepcopy(dict(body.get("status") or {}))}
 
 
@@ -82,15 +85,25 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
         # appears and its ticks never overlap, so no two reconciliations of a job race on a status the
         # other has not written yet. A spec change (suspend, say) takes effect within a resync interval.
         @kopf.timer(kind.group, kind.version, kind.plural, interval=settings.resync_seconds, registry=registry)
-        def reconcile_job(body: kopf.Body, patch: kopf.Patch, **indexes: Any) -> None:
+        def reconcile_job(body: kopf.Body, **indexes: Any) -> None:
             if not ours(body["metadata"]["namespace"], indexes):
                 return  # watched (the operator may watch every namespace) but not this operator's to act on
             cached = CachedView(indexes["job_pods"], indexes["pretrain_jobs"])  # Kopf passes indexes by id
-            operator.reconcile(copy.deepcopy(dict(body)), patch, cached)
+            operator.reconcile(copy.deepcopy(dict(body)), cached)
 
         @kopf.on.delete(kind.group, kind.version, kind.plural, optional=True, registry=registry)
         def deleted(body: kopf.Body, **_: Any) -> None:
             operator.forget(copy.deepcopy(dict(body)))
+
+    @kopf.on.probe(id="reconciling", registry=registry)
+    def reconciling(**_: Any) -> bool:
+        # A probe that fails permanently makes /healthz answer 500 (Kubernetes restarts the operator);
+        # any other exception Kopf retries, with /healthz hanging meanwhile.
+        try:
+            operator.check_liveness()
+        except RuntimeError as exc:
+            raise kopf.PermanentError(str(exc)) from exc
+        return True
 
     return registry
 
@@ -102,3 +115,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = "kubeforge.io/operator"
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = WORKERS
+    # Kopf retries an API request that fails (5xx, 429, no connection) after each of these delays,
+    # then gives up, and a watch that gives up stops the whole operator. Its default (54 s in all)
+    # makes a one-minute API server outage fatal; these ride out about 10 minutes, twice the
+    # liveness limit (KUBEFORGE_LIVENESS_SECONDS), which restarts an operator that gets nothing done.
+    settings.networking.error_backoffs = API_ERROR_BACKOFFS

@@ -12,6 +12,7 @@ that observations cannot give back is the gang attempt (`restarts`), the start a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -70,6 +71,8 @@ class Observed:
     cpu_fallback_allowed: bool = True
     #: Which storage URIs the job's namespace may use (OperatorSettings.uri_policy); None: any.
     uri_policy: UriPolicy | None = None
+    #: metadata.creationTimestamp: a FinetuneJob's wait for its base model counts from it.
+    created: datetime | None = None
 
 
 @dataclass
@@ -163,6 +166,10 @@ def reconcile(seen: Observed, now: datetime) -> Plan:
     """The job's status and what to do about it, from what is observed now."""
     decision = _Decision(seen, now)
     _decide(decision)
+    # A predecessor's pods (same name, another uid) would hold the names this job's pods need.
+    ours = owned(seen.pods, seen.job)
+    decision.delete_pods += [p["metadata"]["name"] for p in seen.pods
+                             if p not in ours and not p["metadata"].get("deletionTimestamp")]
     return decision.plan()
 
 
@@ -178,7 +185,13 @@ def _decide(decision: _Decision) -> None:
         _after_finish(decision)
         return
 
-    live = [p for p in seen.pods if not p["metadata"].get("deletionTimestamp")]
+    if not seen.checkpoint_uri.startswith("s3://"):
+        decision.phase(FAILED, "CheckpointNotDurable",
+                       f"spec.checkpoint.uri {seen.checkpoint_uri!r} is a path inside the pod: its checkpoints and "
+                       "model would be lost with the pod; use an s3:// URI (local paths are for `kubeforge run`)")
+        return
+
+    live = [p for p in owned(seen.pods, seen.job) if not p["metadata"].get("deletionTimestamp")]
     refused = uri_violations(job, seen.uri_policy) if seen.uri_policy else []
     if refused:
         decision.delete_pods = [p["metadata"]["name"] for p in live]
@@ -210,10 +223,41 @@ def _decide(decision: _Decision) -> None:
         _launch(decision, attempt, base_uri)
 
 
+def _owner_uid(pod: dict[str, Any]) -> str | None:
+    return next((ref.get("uid") for ref in pod["metadata"].get("ownerReferences") or [] if ref.get("controller")),
+                None)
+
+
+def owned(pods: list[dict[str, Any]], job: Job) -> list[dict[str, Any]]:
+    """The job's own pods: a job deleted and created again under its name must not adopt its
+    predecessor's pods, which carry the same labels (and names) but the old job's uid."""
+    uid = job.metadata.uid
+    return [p for p in pods if uid is None or _owner_uid(p) == uid]
+
+
+def _non_finite(values: dict[str, float | None]) -> str | None:
+    """'name=value' of the first NaN or infinite value, or None when all are finite (or absent)."""
+    return next((f"{name}={value}" for name, value in values.items()
+                 if value is not None and not math.isfinite(value)), None)
+
+
+def _loss_not_finite(decision: _Decision, which: str, pods: list[dict[str, Any]]) -> None:
+    decision.delete_pods += [p["metadata"]["name"] for p in pods if p["metadata"]["name"] not in decision.delete_pods]
+    decision.phase(FAILED, "LossNotFinite",
+                   f"the trainer reported {which}: training diverged (lower training.learningRate, or raise "
+                   "training.warmupSteps or maxGradNorm's clipping) and a retry would diverge again")
+
+
 def _follow_gang(decision: _Decision, current: list[dict[str, Any]], attempt: int, base_uri: str | None) -> None:
     """What the pods of the current attempt say: progress, and whether the gang runs, failed or finished."""
     job, status = decision.seen.job, decision.status
     spec = job.spec
+    progress = decision.seen.progress
+    if progress is not None:
+        bad = _non_finite({"loss": progress.loss, **{f"eval {k}": v for k, v in progress.eval_metrics.items()}})
+        if bad:
+            _loss_not_finite(decision, bad, current)
+            return
     _report_progress(decision)
     if any(p["metadata"].get("annotations", {}).get(ANNOTATION_POD_SHAPE) != pod_shape(job) for p in current):
         decision.condition("SpecChangePending", True, "PodsOutdated",
@@ -231,17 +275,35 @@ def _follow_gang(decision: _Decision, current: list[dict[str, Any]], attempt: in
         _succeed(decision, current)
     elif all(phase in (RUNNING, SUCCEEDED) for phase in phases.values()):
         status.start_time = status.start_time or _iso(decision.now)
+        status.last_step_time = status.last_step_time or _iso(decision.now)
+        if _stalled(decision):
+            _gang_failure(decision, current, [], [], attempt, stalled=True)
+            return
         decision.phase(RUNNING, "Training", f"{workers} worker(s) training")
     else:
         decision.phase(RESTARTING if attempt else PENDING, "PodsStarting",
                        f"{sum(p == RUNNING for p in phases.values())}/{workers} workers running")
 
 
+def _stalled(decision: _Decision) -> bool:
+    """Whether the trainer has reported no new step for spec.stallTimeoutSeconds (only measurable
+    when it reports progress at all: metrics.port)."""
+    spec, status = decision.seen.job.spec, decision.status
+    if not spec.stall_timeout_seconds or not spec.metrics.port or not status.last_step_time:
+        return False
+    return decision.now - parse_time(status.last_step_time) >= timedelta(seconds=spec.stall_timeout_seconds)
+
+
 def _base_model(decision: _Decision) -> str | None:
-    """The base model URI of a FinetuneJob, or None (and a WaitingForBaseModel condition) while unknown."""
+    """The base model URI of a FinetuneJob, or None (and a WaitingForBaseModel condition) while unknown.
+
+    Once resolved, the URI is kept in status and used from then on: the base PretrainJob may be
+    deleted later (its TTL) without the finetune noticing."""
     job = decision.seen.job
     if not isinstance(job, FinetuneJob):
         return None
+    if decision.before.base_model_uri:
+        return decision.before.base_model_uri
     wanted = job.spec.base_model
     if wanted.uri:
         decision.status.base_model_uri = wanted.uri
@@ -252,7 +314,10 @@ def _base_model(decision: _Decision) -> str | None:
     if base is None:
         reason, message = "BaseModelMissing", f"PretrainJob {name} does not exist in namespace {job.namespace}"
     elif base_status.phase == FAILED:
-        reason, message = "BaseModelFailed", f"PretrainJob {name} failed: {base_status.message or ''}"
+        message = f"its base model, PretrainJob {name}, failed: {base_status.message or base_status.reason}"
+        decision.condition("WaitingForBaseModel", False, "BaseModelFailed", message)
+        decision.phase(FAILED, "BaseModelFailed", message)
+        return None
     elif base_status.phase != SUCCEEDED or not base_status.export_uri:
         progress = base_status.step_progress
         reason = "BaseModelNotReady"
@@ -263,6 +328,12 @@ def _base_model(decision: _Decision) -> str | None:
                            f"starting from PretrainJob {name}: {base_status.export_uri}")
         decision.status.base_model_uri = base_status.export_uri
         return base_status.export_uri
+    created, limit = decision.seen.created, job.spec.base_model_wait_seconds
+    if created is not None and decision.now - created >= timedelta(seconds=limit):
+        message = f"{message}; gave up after baseModelWaitSeconds ({limit}s)"
+        decision.condition("WaitingForBaseModel", False, "BaseModelTimeout", message)
+        decision.phase(FAILED, "BaseModelTimeout", message)
+        return None
     decision.condition("WaitingForBaseModel", True, reason, message)
     decision.phase(PENDING, "WaitingForBaseModel", message)
     return None
@@ -297,10 +368,26 @@ def _launch(decision: _Decision, attempt: int, base_uri: str | None) -> None:
         decision.phase(PENDING, "PodsCreated", f"{resources.workers} worker(s) created")
 
 
+def _disrupted(pod: dict[str, Any]) -> bool:
+    """Whether Kubernetes stopped the pod on purpose (eviction, preemption, node drain): its
+    DisruptionTarget condition."""
+    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+               for c in pod.get("status", {}).get("conditions") or [])
+
+
 def _gang_failure(decision: _Decision, current: list[dict[str, Any]], failed: list[dict[str, Any]],
-                  vanished: list[int], attempt: int) -> None:
-    job = decision.seen.job
+                  vanished: list[int], attempt: int, stalled: bool = False) -> None:
+    job, status = decision.seen.job, decision.status
     decision.delete_pods += [p["metadata"]["name"] for p in current]
+    # Evicted pods may already be terminating (no longer `current`): look at every pod of this attempt.
+    disrupted = sorted(p["metadata"]["labels"][LABEL_RANK] for p in owned(decision.seen.pods, decision.seen.job)
+                       if p["metadata"]["labels"].get(LABEL_ATTEMPT) == str(attempt) and _disrupted(p))
+    if disrupted and not stalled:
+        status.restarts, status.disruptions, status.last_step_time = attempt + 1, status.disruptions + 1, None
+        decision.phase(RESTARTING, "Disrupted",
+                       f"worker(s) {', '.join(disrupted)} evicted or preempted (DisruptionTarget); replacing all "
+                       f"{job.spec.resources.workers} worker(s), not counted against backoffLimit")
+        return
     causes = []
     for pod in failed:
         code, detail = _failure(pod)
@@ -310,15 +397,19 @@ def _gang_failure(decision: _Decision, current: list[dict[str, Any]], failed: li
             return
         causes.append(f"worker {rank} exited with code {code}: {detail}")
     causes += [f"worker {rank} disappeared (its node may be gone)" for rank in vanished]
+    if stalled:
+        causes.append(f"no new step since {status.last_step_time} (stallTimeoutSeconds "
+                      f"{job.spec.stall_timeout_seconds}): the trainer is hung")
     cause = "; ".join(causes)
-    if attempt >= job.spec.backoff_limit:
-        decision.phase(FAILED, "BackoffLimitExceeded",
-                       f"{attempt} restart(s), backoffLimit {job.spec.backoff_limit}: {cause}")
+    counted = attempt - status.disruptions
+    if counted >= job.spec.backoff_limit:
+        decision.phase(FAILED, "Stalled" if stalled else "BackoffLimitExceeded",
+                       f"{counted} restart(s), backoffLimit {job.spec.backoff_limit}: {cause}")
         return
-    decision.status.restarts = attempt + 1
-    decision.phase(RESTARTING, "GangRestart",
+    status.restarts, status.last_step_time = attempt + 1, None
+    decision.phase(RESTARTING, "Stalled" if stalled else "GangRestart",
                    f"{cause}; replacing all {job.spec.resources.workers} worker(s) "
-                   f"(restart {attempt + 1} of at most {job.spec.backoff_limit})")
+                   f"(restart {counted + 1} of at most {job.spec.backoff_limit})")
 
 
 def _report_progress(decision: _Decision) -> None:
@@ -326,6 +417,8 @@ def _report_progress(decision: _Decision) -> None:
     if progress is None:
         return
     status = decision.status
+    if progress.step != decision.before.step:
+        status.last_step_time = _iso(decision.now)
     status.step, status.total_steps = progress.step, progress.total_steps
     status.step_progress = f"{progress.step}/{progress.total_steps}"
     if progress.loss is not None:
@@ -341,6 +434,11 @@ def _succeed(decision: _Decision, current: list[dict[str, Any]]) -> None:
     rank0 = next((p for p in current if p["metadata"]["labels"][LABEL_RANK] == "0"), current[0])
     summary = _outcome(rank0)
     if isinstance(summary, TrainerSummary):
+        bad = _non_finite({"trainLoss": summary.train_loss,
+                           **{f"finalEval {k}": v for k, v in summary.final_eval.items()}})
+        if bad:
+            _loss_not_finite(decision, bad, [])
+            return
         status.step, status.total_steps = summary.step, summary.total_steps
         status.step_progress = f"{summary.step}/{summary.total_steps}"
         status.last_checkpoint_step = summary.step

@@ -47,6 +47,12 @@ class OperatorSettings:
     gang_defaults: GangSpec = field(default_factory=GangSpec)
     #: The schedulerName of pods in a coscheduling PodGroup: scheduler-plugins runs as a second scheduler.
     coscheduling_scheduler: str = "scheduler-plugins-scheduler"
+    #: A failed reconciliation of a job is retried after this many seconds, doubled at each
+    #: consecutive failure up to error_backoff_max_seconds.
+    error_backoff_seconds: float = 1.0
+    error_backoff_max_seconds: float = 60.0
+    #: Liveness (/healthz) fails when jobs exist and none was reconciled for this long.
+    liveness_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorSettings:
@@ -74,6 +80,10 @@ class OperatorSettings:
             pod_defaults=_model(PodTemplateSpec, "KUBEFORGE_POD_DEFAULTS", env),
             gang_defaults=_model(GangSpec, "KUBEFORGE_GANG_DEFAULTS", env),
             coscheduling_scheduler=env.get("KUBEFORGE_COSCHEDULING_SCHEDULER") or defaults.coscheduling_scheduler,
+            error_backoff_seconds=float(env.get("KUBEFORGE_ERROR_BACKOFF_SECONDS", defaults.error_backoff_seconds)),
+            error_backoff_max_seconds=float(env.get("KUBEFORGE_ERROR_BACKOFF_MAX_SECONDS",
+                                                    defaults.error_backoff_max_seconds)),
+            liveness_seconds=float(env.get("KUBEFORGE_LIVENESS_SECONDS", defaults.liveness_seconds)),
         )
 
     def uri_policy(self) -> UriPolicy:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -249,3 +250,14 @@ def test_volcano_and_coscheduling_get_a_pod_group_of_all_workers() -> None:
     assert build_pod_group(job(), settings)["apiVersion"] == "scheduling.x-k8s.io/v1alpha1"  # type: ignore[index]
     assert build_pod_group(volcano, settings)["apiVersion"] == "scheduling.volcano.sh/v1beta1"  # type: ignore[index]
     assert build_pod(job(), 0, 0, GPU_PLAN, settings)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "default"
+def test_every_accepted_name_makes_valid_object_names() -> None:
+    """The longest name the CRD accepts still yields a Service that is a DNS-1035 label and label
+    values of at most 63 characters (`7b-pretrain` and 60 characters are refused: test_spec)."""
+    dns_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    for name in ("a" * 59, "x", "a-1"):
+        named = job(with_change(example("pretrain-tiny.yaml")[0], "metadata.name", name))
+        service = build_service(named)["metadata"]["name"]
+        assert dns_1035.match(service) and len(service) <= 63, service
+        for pod in build_pods(named, 12, LaunchPlan("s3://b/c", None, False), SETTINGS):
+            assert all(len(value) <= 63 for value in pod["metadata"]["labels"].values())
+            assert len(pod["metadata"]["name"]) <= 253 and dns_1035.match(pod["spec"]["subdomain"])

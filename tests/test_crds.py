@@ -47,7 +47,8 @@ def with_defaults(schema: dict[str, Any], value: Any) -> Any:
             out[name] = copy.deepcopy(sub["default"])
         if name in out:
             out[name] = with_defaults(sub, out[name])
-    return out
+    # Unchanged objects stay the same object: the emulator keeps references into metadata.
+    return value if out == value else out
 
 
 @functools.cache  # parsing dominates; the API server emulator evaluates the same rules on every write
@@ -153,6 +154,8 @@ REJECTED_BY_SCHEMA = [
     (FINETUNE, "spec.lora.targetModules", []),
     (FINETUNE, "spec.lora.dropout", 1.0),
     (FINETUNE, "spec.task", "translation"),
+    (PRETRAIN, "metadata.name", "7b-pretrain"),  # its Service, 7b-pretrain-ptj, would not be a DNS-1035 label
+    (FINETUNE, "metadata.name", "a" * 60),  # a-...-ftj would be longer than 63
 ]
 
 
@@ -190,4 +193,25 @@ def test_what_is_trained_cannot_change_but_run_policy_can() -> None:
     full = with_change(with_change(FINETUNE, "spec.lora", DELETE), "spec.method", "full")
     assert ".spec.method: cannot change after the job is created" in admit(full, old=FINETUNE)
     assert admit(with_change(PRETRAIN, "spec.suspend", True), old=PRETRAIN) == []
-    assert admit(with_change(PRETRAIN, "spec.training.maxSteps", 600), old=PRETRAIN) == []
+    for path, value in [("spec.training.maxSteps", 600), ("spec.data.train.uri", "s3://other/train.txt"),
+                        ("spec.checkpoint.uri", "s3://other/ckpt")]:
+        field = ".".join(path.split(".")[:2])
+        assert admit(with_change(PRETRAIN, path, value), old=PRETRAIN) == [
+            f".{field}: cannot change after the job is created"], path
+    assert ".spec.lora: cannot change after the job is created" in admit(
+        with_change(FINETUNE, "spec.lora.r", 4), old=FINETUNE)
+
+
+def test_only_the_run_policy_may_change_after_creation() -> None:
+    """Every spec field is immutable (CEL self == oldSelf) except the run policy and where S3 is."""
+    mutable = {"suspend": True, "backoffLimit": 7, "activeDeadlineSeconds": 60, "ttlSecondsAfterFinished": 5,
+               "cleanPodPolicy": "None", "terminationGracePeriodSeconds": 30, "stallTimeoutSeconds": 600,
+               "resources": {"workers": 2}, "metrics": {"port": 0}, "s3": {"credentialsSecret": "other"},
+               "baseModelWaitSeconds": 60, "podTemplate": {"labels": {"team": "nlp"}}, "gang": {"queueName": "q"}}
+    for job in (PRETRAIN, FINETUNE):
+        fields = set(schema_of(job["kind"])["properties"]["spec"]["properties"])
+        changeable = {f for f in fields if f in mutable and admit(with_change(job, f"spec.{f}", mutable[f]),
+                                                                  old=job) == []}
+        immutable = {f for f in fields - changeable
+                     if "self == oldSelf" in str(schema_of(job["kind"])["properties"]["spec"]["properties"][f])}
+        assert changeable | immutable == fields, fields - changeable - immutable

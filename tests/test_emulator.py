@@ -67,7 +67,7 @@ async def test_create_stamps_metadata_and_changes_bump_it(api: KubeClient) -> No
     assert int(other["metadata"]["resourceVersion"]) > first  # one counter across kinds
     assert other["metadata"]["uid"] != meta["uid"]
 
-    changed = await api.patch("PretrainJob", "tiny", {"spec": {"training": {"maxSteps": 400}}}, "default")
+    changed = await api.patch("PretrainJob", "tiny", {"spec": {"backoffLimit": 5}}, "default")
     assert changed["metadata"]["generation"] == 2
     labelled = await api.patch("PretrainJob", "tiny", {"metadata": {"labels": {"a": "b"}}}, "default")
     assert labelled["metadata"]["generation"] == 2  # metadata is not the spec

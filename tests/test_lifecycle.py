@@ -146,6 +146,8 @@ def test_finetune_waits_for_its_pretrain_job() -> None:
     assert "step 10/300" in waiting.status["message"]
     failed = decide(finetune, base_job={"status": {"phase": "Failed", "message": "out of memory"}})
     assert condition(failed, "WaitingForBaseModel")["reason"] == "BaseModelFailed" and failed.launch is None
+    assert failed.status["phase"] == "Failed" and failed.status["reason"] == "BaseModelFailed"
+    assert "PretrainJob tiny-shakespeare, failed: out of memory" in failed.status["message"]
     done = {"status": {"phase": "Succeeded", "exportUri": "s3://models/kf/default/pretrainjob/tiny/export"}}
     ready = decide(finetune, status=waiting.status, base_job=done)
     assert ready.launch is not None and ready.launch.base_model_uri == done["status"]["exportUri"]
@@ -179,3 +181,126 @@ def test_the_uid_names_the_default_checkpoint_location() -> None:
     from kubeforge.spec import checkpoint_uri
 
     assert checkpoint_uri(job(), SETTINGS.storage_root) == f"s3://models/kf/default/pretrainjob/tiny-shakespeare-{UID[:8]}"
+
+
+def running(the_job: Any, **status: Any) -> dict[str, Any]:
+    return {"phase": "Running", "restarts": 0, "startTime": "2026-11-23T11:00:00Z", **status}
+
+
+def test_a_non_finite_loss_fails_the_job_and_never_reaches_status() -> None:
+    diverged = Progress(step=120, total_steps=500, loss=float("nan"))
+    plan = decide(job(), status=running(job()), observed_pods=pods(job()), progress=diverged)
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "LossNotFinite"
+    assert "loss=nan" in plan.status["message"] and plan.delete_pods == ["tiny-shakespeare-ptj-w0-a0"]
+    json.dumps(plan.status, allow_nan=False)  # what a real API server accepts
+    infinite_eval = Progress(step=120, total_steps=500, loss=2.0, eval_metrics={"perplexity": float("inf")})
+    assert decide(job(), status=running(job()), observed_pods=pods(job()),
+                  progress=infinite_eval).status["reason"] == "LossNotFinite"
+
+
+def test_a_trainer_summary_with_a_nan_loss_fails_the_job() -> None:
+    # What a diverged trainer writes: Python's json writes NaN, which is not JSON.
+    message = ('{"step":300,"totalSteps":300,"resumedFromStep":0,"trainLoss":NaN,"finalEval":{},'
+               f'"exportUri":"{CKPT}/export","checkpointUri":"{CKPT}"}}')
+    plan = decide(job(), status=running(job()), observed_pods=pods(job(), phases=["Succeeded"], message=message))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "LossNotFinite"
+    assert "trainLoss=nan" in plan.status["message"]
+    json.dumps(plan.status, allow_nan=False)
+
+
+def test_a_predecessors_pods_are_not_adopted_but_deleted() -> None:
+    """A job deleted and created again under the same name: the old job's Succeeded pod (same name,
+    same labels, another owner uid) is not this job's success."""
+    old = pods(job(), phases=["Succeeded"], message="")
+    old[0]["metadata"]["ownerReferences"][0]["uid"] = "0ld0ld00-0000-4000-8000-000000000000"
+    plan = decide(job(), observed_pods=old)
+    assert plan.status["phase"] == "Pending" and plan.launch is not None
+    assert plan.delete_pods == ["tiny-shakespeare-ptj-w0-a0"]
+
+
+def test_a_local_checkpoint_uri_is_refused_in_a_cluster() -> None:
+    plan = reconcile(Observed(job=job(), status={}, pods=[], gpu_nodes=True, checkpoint_uri="/tmp/ckpt"), NOW)
+    assert plan.launch is None
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "CheckpointNotDurable"
+    assert "spec.checkpoint.uri '/tmp/ckpt'" in plan.status["message"]
+
+
+def test_the_base_model_is_resolved_once_and_kept() -> None:
+    finetune = job(example("finetune-lora-classify.yaml")[0])
+    done = {"status": {"phase": "Succeeded", "exportUri": "s3://models/kf/base/export"}}
+    started = decide(finetune, base_job=done)
+    assert started.status["baseModelUri"] == "s3://models/kf/base/export"
+    # The PretrainJob expired (its TTL) after the finetune started: nothing changes for the finetune.
+    later = decide(finetune, status=started.status, observed_pods=pods(finetune, phases=["Failed"], exit_code=1))
+    assert later.status["phase"] == "Restarting" and later.status["baseModelUri"] == "s3://models/kf/base/export"
+    relaunched = decide(finetune, status=later.status, base_job=None)
+    assert relaunched.launch is not None and relaunched.launch.base_model_uri == "s3://models/kf/base/export"
+
+
+def test_waiting_for_a_base_model_has_a_deadline() -> None:
+    finetune = job(example("finetune-lora-classify.yaml")[0], baseModelWaitSeconds=3600)
+    created = NOW - timedelta(seconds=3599)
+    assert decide(finetune, created=created).status["phase"] == "Pending"
+    timed_out = decide(finetune, created=created, now=NOW + timedelta(seconds=1))
+    assert timed_out.status["phase"] == "Failed" and timed_out.status["reason"] == "BaseModelTimeout"
+    assert "baseModelWaitSeconds (3600s)" in timed_out.status["message"]
+
+
+def test_an_evicted_worker_restarts_the_gang_without_using_a_retry() -> None:
+    limited = job(backoffLimit=1)
+    evicted = pods(limited, phases=["Failed"], exit_code=143, message="")
+    evicted[0]["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True",
+                                           "reason": "PreemptionByScheduler"}]
+    plan = decide(limited, status=running(limited), observed_pods=evicted)
+    assert plan.status["phase"] == "Restarting" and plan.status["reason"] == "Disrupted"
+    assert plan.status["restarts"] == 1 and plan.status["disruptions"] == 1
+    # A real failure after that still has its one retry.
+    failed = pods(limited, attempt=1, phases=["Failed"], exit_code=1, message="boom")
+    again = decide(limited, status=plan.status, observed_pods=failed)
+    assert again.status["phase"] == "Restarting" and again.status["restarts"] == 2
+    last = decide(limited, status=again.status,
+                  observed_pods=pods(limited, attempt=2, phases=["Failed"], exit_code=1, message="boom"))
+    assert last.status["phase"] == "Failed" and last.status["reason"] == "BackoffLimitExceeded"
+
+
+def test_pods_get_a_grace_period_to_checkpoint_in() -> None:
+    assert pods(job(terminationGracePeriodSeconds=300))[0]["spec"]["terminationGracePeriodSeconds"] == 300
+    assert pods(job())[0]["spec"]["terminationGracePeriodSeconds"] == 120
+
+
+def test_a_trainer_that_stops_stepping_is_restarted_as_stalled() -> None:
+    stalling = job(stallTimeoutSeconds=600, backoffLimit=1, metrics={"port": 9090})
+    first = decide(stalling, status=running(stalling), observed_pods=pods(stalling),
+                   progress=Progress(step=40, total_steps=500))
+    assert first.status["lastStepTime"] == "2026-11-23T12:00:00Z"
+    stuck = Progress(step=40, total_steps=500)
+    still = decide(stalling, status=first.status, observed_pods=pods(stalling), progress=stuck,
+                   now=NOW + timedelta(seconds=599))
+    assert still.status["phase"] == "Running" and still.delete_pods == []
+    stalled = decide(stalling, status=first.status, observed_pods=pods(stalling), progress=stuck,
+                     now=NOW + timedelta(seconds=600))
+    assert stalled.status["phase"] == "Restarting" and stalled.status["reason"] == "Stalled"
+    assert stalled.status["restarts"] == 1 and stalled.delete_pods == ["tiny-shakespeare-ptj-w0-a0"]
+    assert "no new step since 2026-11-23T12:00:00Z" in stalled.status["message"]
+    # Stalled restarts count against backoffLimit: the second stall fails the job.
+    second = decide(stalling, status={**stalled.status, "lastStepTime": "2026-11-23T12:00:00Z"},
+                    observed_pods=pods(stalling, attempt=1), progress=stuck, now=NOW + timedelta(seconds=1200))
+    assert second.status["phase"] == "Failed" and second.status["reason"] == "Stalled"
+
+
+def test_a_step_that_moves_keeps_a_job_from_stalling() -> None:
+    stalling = job(stallTimeoutSeconds=600, metrics={"port": 9090})
+    first = decide(stalling, status=running(stalling), observed_pods=pods(stalling),
+                   progress=Progress(step=40, total_steps=500))
+    moved = decide(stalling, status=first.status, observed_pods=pods(stalling),
+                   progress=Progress(step=41, total_steps=500), now=NOW + timedelta(seconds=599))
+    later = decide(stalling, status=moved.status, observed_pods=pods(stalling),
+                   progress=Progress(step=41, total_steps=500), now=NOW + timedelta(seconds=900))
+    assert later.status["phase"] == "Running"
+
+
+def test_without_progress_metrics_there_is_no_stall_to_see() -> None:
+    silent = job(stallTimeoutSeconds=600, metrics={"port": 0})
+    first = decide(silent, status=running(silent), observed_pods=pods(silent))
+    later = decide(silent, status=first.status, observed_pods=pods(silent), now=NOW + timedelta(days=1))
+    assert later.status["phase"] == "Running"

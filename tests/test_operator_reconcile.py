@@ -29,6 +29,8 @@ class RecordedCluster:
     def __init__(self, pods: list[dict[str, Any]]):
         self.listed_pods = pods
         self.calls: list[tuple[str, str]] = []
+        #: The status fields the operator wrote (the status subresource's merge patches).
+        self.written_status: dict[str, Any] = {}
 
     def pods(self, job: Any) -> list[dict[str, Any]]:
         self.calls.append(("list", "pods"))
@@ -51,10 +53,13 @@ class RecordedCluster:
     def delete_job(self, job: Any) -> None:
         self.calls.append(("delete-job", job.name))
 
+    def patch_status(self, kind: str, namespace: str, name: str, changed: dict[str, Any]) -> None:
+        self.written_status.update(changed)
+
 
 class Patch:
-    def __init__(self) -> None:
-        self.status: dict[str, Any] = {}
+    def __init__(self, status: dict[str, Any]) -> None:
+        self.status = status
 
 
 @pytest.fixture(autouse=True)
@@ -88,10 +93,10 @@ def view(job_body: dict[str, Any], pods: list[dict[str, Any]]) -> CachedView:
 
 def reconcile(cluster: RecordedCluster, job_body: dict[str, Any], cached: CachedView | None,
               metrics: OperatorMetrics | None = None) -> Patch:
-    patch = Patch()
-    Operator(SETTINGS, cluster, metrics or OperatorMetrics()).reconcile(  # type: ignore[arg-type]
-        copy.deepcopy(job_body), patch, cached)  # type: ignore[arg-type]
-    return patch
+    written = Operator(SETTINGS, cluster, metrics or OperatorMetrics()).reconcile(  # type: ignore[arg-type]
+        copy.deepcopy(job_body), cached)
+    assert written == cluster.written_status
+    return Patch(written)
 
 
 def test_a_new_job_is_launched_after_a_fresh_list() -> None:

@@ -101,6 +101,9 @@ BAD_INPUTS = [
     (FINETUNE, "spec.data.labelField", "", "spec.data.labelField", "at least 1 character"),
     (FINETUNE, "spec.data.packing", True, "spec", "data.packing is only valid with task: causal-lm"),
     (FINETUNE, "spec.training.groupByLength", "sometimes", "spec.training.groupByLength", "valid boolean"),
+    # The name becomes the Service `<name>-ptj`: a DNS-1035 label of at most 63 characters.
+    (PRETRAIN, "metadata.name", "7b-pretrain", "metadata.name", "starts with a letter"),
+    (PRETRAIN, "metadata.name", "a" * 60, "metadata.name", "at most 59 characters"),
 ]
 
 

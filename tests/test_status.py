@@ -28,7 +28,8 @@ EVERY_FIELD = JobStatus(
                           last_transition_time="2026-11-23T12:00:00Z", observed_generation=3)],
     start_time="2026-11-23T12:00:00Z", completion_time="2026-11-23T13:00:00Z", checkpoint_uri="s3://b/j",
     base_model_uri="s3://b/base/export", export_uri="s3://b/j/export", device="gpu", step=120, total_steps=500,
-    step_progress="120/500", loss=3.21, eval_metrics={"perplexity": 33.1}, last_checkpoint_step=100)
+    step_progress="120/500", loss=3.21, eval_metrics={"perplexity": 33.1}, last_checkpoint_step=100,
+    last_step_time="2026-11-23T12:59:00Z", disruptions=1)
 
 
 def status_schema(kind: str) -> dict[str, Any]:
