@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from kubeforge.spec import EXPORT_DIR, JobError
+from kubeforge.spec import EXPORT_DIR, Job, JobError
 from kubeforge.storage import Storage, StorageError, download_tree, join
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,12 @@ class UploadReport:
     bytes_written: int
 
 
+def job_identity(job: Job) -> dict[str, str]:
+    """What a manifest records of the job that wrote it (the uid only in a cluster)."""
+    identity = {"namespace": job.namespace, "kind": job.kind, "name": job.name}
+    return {**identity, "uid": job.metadata.uid} if job.metadata.uid else identity
+
+
 def _same_job(owner: dict[str, Any], job: dict[str, str]) -> bool:
     """One job: same namespace, kind and name, and the same uid where both know one (a job deleted
     and created again under its name is another job; a run outside a cluster knows no uid)."""
@@ -289,7 +295,8 @@ class Checkpointer:
             step = int(directory.removeprefix("step-"))
             manifest, problem = check_manifest(storage.get_bytes(join(prefix, MANIFEST)), sizes, prefix)
             if manifest is not None and manifest.get("step") != step:
-                manifest, problem = None, f"its manifest is for step {manifest.get('step')}"
+                problem = f"its manifest is for step {manifest.get('step')}, not {step}"
+                manifest = None
             found.append(_Found(step, prefix, manifest, problem))
         return found
 

@@ -16,6 +16,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from kubeforge.spec import FinetuneJob, Job, PretrainJob, S3Spec, TrainingSpec, export_uri
+from kubeforge.status import Preempted
 from kubeforge.storage import StorageError, download_tree, open_storage
 from kubeforge.trainer import data as datasets
 from kubeforge.trainer import distributed
@@ -25,6 +26,7 @@ from kubeforge.trainer.checkpoint import (
     UploadReport,
     export_model,
     fetch_verified,
+    job_identity,
     read_manifest,
 )
 from kubeforge.trainer.flops import model_flops_utilization, peak_flops, training_flops_per_token
@@ -140,21 +142,22 @@ def train(job: Job, *, checkpoint_root: str, base_model_uri: str | None = None,
     """Run one job to completion (resuming from its newest checkpoint) and return its result."""
     resources = job.spec.resources
     runtime = distributed.start(resources.gpus_per_worker, resources.allow_cpu_fallback)
+    metrics = TrainerMetrics(job.name, job.namespace, job.kind, runtime.rank)
     try:
-        with tempfile.TemporaryDirectory(prefix="kubeforge-train-") as scratch:
-            return _train(job, runtime, checkpoint_root, base_model_uri, progress, Path(scratch))
+        metrics.serve(job.spec.metrics.port and job.spec.metrics.port + runtime.local_rank)
+        with distributed.GracefulStop() as stop, tempfile.TemporaryDirectory(prefix="kubeforge-train-") as scratch:
+            return _train(job, runtime, metrics, stop, checkpoint_root, base_model_uri, progress, Path(scratch))
     finally:
+        metrics.close()
         distributed.stop()
 
 
-def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_model_uri: str | None,
-           progress: bool, scratch: Path) -> dict[str, Any]:
+def _train(job: Job, runtime: distributed.Runtime, metrics: TrainerMetrics, stop: distributed.GracefulStop,
+           checkpoint_root: str, base_model_uri: str | None, progress: bool, scratch: Path) -> dict[str, Any]:
     spec, training = job.spec, job.spec.training
     random.seed(training.seed)
     torch.manual_seed(training.seed)
 
-    metrics = TrainerMetrics(job.name, job.namespace, job.kind, runtime.rank)
-    metrics.serve(spec.metrics.port and spec.metrics.port + runtime.local_rank)
     storage = open_storage(checkpoint_root, spec.s3)
 
     def uploaded(report: UploadReport) -> None:
@@ -163,16 +166,20 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
         metrics.last_checkpoint_step.set(report.step)
 
     checkpointer = Checkpointer(storage, keep=spec.checkpoint.keep, spec_hash=job.spec_hash(),
-                                rank=runtime.rank, on_uploaded=uploaded,
+                                rank=runtime.rank, job=job_identity(job), on_uploaded=uploaded,
                                 on_failed=lambda _: metrics.checkpoint_failures.inc())
     metrics.count_uploads_pending(checkpointer.uploads_pending)
-    resume_from = checkpointer.latest()
-    restored = checkpointer.load(resume_from, scratch / "resume") if resume_from else {}
+    resume_from = checkpointer.resume(scratch / "resume")
     if resume_from:
-        metrics.last_checkpoint_step.set(resume_from.step)
+        metrics.last_checkpoint_step.set(resume_from.checkpoint.step)
         if runtime.is_main:
-            log.info("resuming from checkpoint step %d at %s/%s", resume_from.step, storage.uri,
-                     resume_from.prefix)
+            log.info("resuming from checkpoint step %d at %s/%s", resume_from.checkpoint.step, storage.uri,
+                     resume_from.checkpoint.prefix)
+    elif spec.checkpoint.warm_start_from:
+        resume_from = checkpointer.warm_start(open_storage(spec.checkpoint.warm_start_from, spec.s3), scratch / "warm")
+        if runtime.is_main:
+            log.info("warm start from the weights of %s/%s", resume_from.uri, resume_from.checkpoint.prefix)
+    restored = resume_from.files if resume_from else {}
 
     # -- tokenizer, data and model -------------------------------------------------------------
     L = training.sequence_length
@@ -246,9 +253,11 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(training, total_steps))
     step = micro_batch = tokens_seen = 0
     history: list[dict[str, Any]] = []
-    if restored:
-        state = restored["state.pt"]
+    if resume_from:
+        checkpointer.check_model(resume_from, model.state_dict())
         model.load_state_dict(restored["model.pt"])
+    if resume_from and not resume_from.warm_start:
+        state = restored["state.pt"]
         optimizer.load_state_dict(restored["optimizer.pt"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -281,7 +290,7 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
             log.info("eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(synchronous: bool = False) -> None:
         if not runtime.is_main:
             return
         trainer_state = {
@@ -294,7 +303,7 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
                                  "state.pt": trainer_state}
         if isinstance(job, PretrainJob):
             files["tokenizer.json"] = tokenizer.backend_tokenizer.to_str().encode()
-        metrics.checkpoint_blocked.observe(checkpointer.save(step, files))
+        metrics.checkpoint_blocked.observe(checkpointer.save(step, files, synchronous=synchronous))
 
     if step == 0:
         run_eval()  # the starting point that later evaluations are judged against
@@ -369,8 +378,16 @@ def _train(job: Job, runtime: distributed.Runtime, checkpoint_root: str, base_mo
             window_start = time.perf_counter()
         if step % training.eval_interval == 0 or step == total_steps:
             run_eval()
-        if step % spec.checkpoint.interval_steps == 0 or step == total_steps:
-            save_checkpoint()
+        # Every rank asks, every step: all stop at the same step, and the last step always finishes the job.
+        stopping = step < total_steps and stop.agreed(runtime)
+        if step % spec.checkpoint.interval_steps == 0 or step == total_steps or stopping:
+            save_checkpoint(synchronous=stopping)
+        if stopping:
+            if runtime.is_main and checkpointer.last_error is not None:
+                raise StorageError(f"stopped on SIGTERM at step {step}, but its checkpoint could not be "
+                                   f"written: {checkpointer.last_error}")
+            checkpointer.close()
+            raise Preempted(f"stopped on SIGTERM at step {step} of {total_steps}, its checkpoint committed")
     bar.close()
 
     # A run resumed from its final checkpoint trains no step: it still evaluates what it exports.
