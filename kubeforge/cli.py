@@ -1,7 +1,8 @@
 """`kubeforge`: run jobs with no cluster, train inside a pod, validate manifests.
 
 Exit codes (the operator reads them): 0 done; 2 the job can never succeed as written (bad spec, bad
-data), so do not retry; anything else may succeed on a retry.
+data), so do not retry; 143 stopped on SIGTERM with its step's checkpoint committed (a rerun loses no
+step); anything else may succeed on a retry.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from kubeforge.spec import (
     load_job_file,
     load_jobs,
 )
-from kubeforge.status import EXIT_PERMANENT, TrainerError, TrainerSummary, termination_message
+from kubeforge.status import (
+    EXIT_PERMANENT,
+    EXIT_PREEMPTED,
+    Preempted,
+    TrainerError,
+    TrainerSummary,
+    termination_message,
+)
 from kubeforge.storage import StorageError
 
 DEFAULT_RUN_ROOT = "kubeforge-runs"
@@ -325,6 +333,8 @@ def _dispatch(args: argparse.Namespace) -> Any:
         code = args.handler(args)
     except JobError as exc:
         code, message = EXIT_PERMANENT, str(exc)
+    except Preempted as exc:
+        code, message = EXIT_PREEMPTED, str(exc)
     except StorageError as exc:
         code, message = 1, str(exc)
     except Exception as exc:

@@ -196,6 +196,11 @@ class CheckpointSpec(_Model):
                             description="s3://bucket/prefix or a directory; default: derived from the job")
     interval_steps: int = Field(100, ge=1, description="steps between checkpoints (one is always written at the end)")
     keep: int = Field(3, ge=1, le=1000, description="complete checkpoints kept; the newest is never deleted")
+    warm_start_from: str | None = Field(
+        None, pattern=STORAGE_URI,
+        description="another job's checkpoint URI: with no checkpoint of its own yet, this job starts from the "
+                    "weights of the newest verified checkpoint there (step 0, fresh optimizer); without it, "
+                    "checkpoints of another job at checkpoint.uri are refused")
 
 
 class S3Spec(_Model):
@@ -731,8 +736,10 @@ class _Job(_Model):
         return self.metadata.namespace
 
     def spec_hash(self) -> str:
-        """Identifies what is trained; written into every checkpoint manifest."""
-        trained = self.spec.model_dump(mode="json", by_alias=True, exclude=RUN_POLICY_FIELDS)  # type: ignore[attr-defined]
+        """Identifies what is trained; written into every checkpoint manifest, and a resume refuses
+        checkpoints of another. Where and how often checkpoints are written is not part of it."""
+        excluded = RUN_POLICY_FIELDS | {"checkpoint"}
+        trained = self.spec.model_dump(mode="json", by_alias=True, exclude=excluded)  # type: ignore[attr-defined]
         return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_manifest(self) -> dict[str, Any]:

@@ -18,6 +18,14 @@ from pydantic.alias_generators import to_camel
 #: The trainer's exit code for a job that can never succeed as written (bad spec, bad data): the
 #: operator fails the job instead of restarting it. Any other non-zero code may succeed on a retry.
 EXIT_PERMANENT = 2
+#: The trainer's exit code after a graceful stop on SIGTERM (suspend, pod deletion, drain, eviction,
+#: preemption): its step finished and a checkpoint committed, so a rerun loses no step. 128 + SIGTERM,
+#: as a process killed by the signal would report: retryable, and no sign of a fault in the job.
+EXIT_PREEMPTED = 143
+
+
+class Preempted(RuntimeError):
+    """The trainer stopped on SIGTERM at a step boundary, after committing that step's checkpoint."""
 
 Phase = Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
 PENDING: Final = "Pending"

@@ -17,6 +17,29 @@ import yaml
 
 pytest_plugins = ["k8s.cluster"]  # the cluster (emulator or real) and kubelet fixtures
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fault-size", choices=["ci", "full"], default="ci",
+                     help="fault-injection counts: ci (a few of each, minutes) or full (docs/reliability.md's)")
+
+
+#: One row per fault test (fault, injected, what held, figures), printed as a table at the end.
+FAULT_RESULTS: list[tuple[str, str, str, str]] = []
+
+
+@pytest.fixture(scope="session")
+def fault_size(request: pytest.FixtureRequest) -> str:
+    return str(request.config.getoption("--fault-size"))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FAULT_RESULTS:
+        terminalreporter.section("fault injection")
+        terminalreporter.write_line("| fault | injected | held | figures |")
+        terminalreporter.write_line("|---|---|---|---|")
+        for row in FAULT_RESULTS:
+            terminalreporter.write_line("| " + " | ".join(row) + " |")
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 KUBEFORGE = [sys.executable, "-m", "kubeforge"]

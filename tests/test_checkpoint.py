@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kubeforge.storage import LocalStorage, StorageError
-from kubeforge.trainer.checkpoint import CHECKPOINTS, Checkpointer, step_prefix
+from kubeforge.trainer.checkpoint import CHECKPOINTS, Checkpointer, CheckpointMismatch, step_prefix
 
 
 def state(value: float) -> dict[str, object]:
@@ -37,19 +37,62 @@ def test_a_checkpoint_counts_only_once_its_manifest_is_written(tmp_path: Path) -
     assert latest is not None and latest.step == 10
 
 
-def test_retention_keeps_the_newest_k_and_never_the_in_flight_one(tmp_path: Path) -> None:
+def test_retention_keeps_the_newest_k_and_touches_only_committed_checkpoints(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
-    (tmp_path / step_prefix(1)).mkdir(parents=True)  # a crash leftover, older than every commit
+    user = tmp_path / CHECKPOINTS / "checkpoint-5"  # a user's own directory, named like a checkpoint
+    user.mkdir(parents=True)
+    (user / "model.pt").write_bytes(b"mine")
+    (tmp_path / step_prefix(1)).mkdir(parents=True)  # a crash leftover: no manifest, not ours to judge
     (tmp_path / step_prefix(1) / "model.pt").write_bytes(b"x")
     (tmp_path / step_prefix(999)).mkdir(parents=True)  # newer than every commit: maybe still uploading
     (tmp_path / step_prefix(999) / "model.pt").write_bytes(b"x")
-    checkpointer = Checkpointer(storage, keep=2, spec_hash="abc", rank=0)
-    for step in (10, 20, 30, 40):
+    checkpointer = Checkpointer(storage, keep=2, spec_hash="abc", rank=0, background=False)
+    checkpointer.save(10, state(10.0))
+    (tmp_path / step_prefix(10) / "notes.txt").write_text("a file no manifest lists")
+    for step in (20, 30, 40):
         checkpointer.save(step, state(float(step)))
     checkpointer.close()
     assert [c.step for c in checkpointer.committed()] == [30, 40]
     remaining = sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir())
-    assert remaining == ["step-00000030", "step-00000040", "step-00000999"]
+    assert remaining == ["checkpoint-5", "step-00000001", "step-00000010", "step-00000030", "step-00000040",
+                         "step-00000999"]
+    assert [p.name for p in (tmp_path / step_prefix(10)).iterdir()] == ["notes.txt"]
+    assert (user / "model.pt").read_bytes() == b"mine"
+
+
+class FlakyStorage(LocalStorage):
+    """A directory whose reads of one key fail, as an S3 endpoint answering 500 would."""
+
+    def __init__(self, root: Path, failing: str):
+        super().__init__(root)
+        self.failing = failing
+
+    def get_bytes(self, key: str) -> bytes:
+        if key == self.failing:
+            raise StorageError(f"read from {key}: 500 Internal Server Error")
+        return super().get_bytes(key)
+
+
+def test_a_failed_read_during_retention_deletes_nothing(tmp_path: Path) -> None:
+    writer = Checkpointer(LocalStorage(tmp_path), keep=1, spec_hash="abc", rank=0, background=False)
+    writer.save(10, state(10.0))
+    flaky = Checkpointer(FlakyStorage(tmp_path, f"{step_prefix(10)}/manifest.json"), keep=1, spec_hash="abc",
+                         rank=0, background=False)
+    flaky.save(20, state(20.0))
+    flaky.close()
+    assert flaky.last_error is None  # the new checkpoint committed; only retention was skipped
+    assert [c.step for c in writer.committed()] == [10, 20]
+
+
+def test_a_quarantined_checkpoint_is_neither_counted_nor_deleted_by_retention(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(LocalStorage(tmp_path), keep=1, spec_hash="abc", rank=0, background=False)
+    checkpointer.save(10, state(10.0))
+    checkpointer.quarantine(step_prefix(10), "test")
+    checkpointer.save(20, state(20.0))
+    checkpointer.save(30, state(30.0))
+    assert [c.step for c in checkpointer.committed()] == [30]
+    assert sorted(p.name for p in (tmp_path / step_prefix(10)).iterdir()) == [
+        "QUARANTINED", "manifest.json", "model.pt", "state.pt", "tokenizer.json"]
 
 
 def test_keep_one_still_keeps_the_newest(tmp_path: Path) -> None:
@@ -116,3 +159,110 @@ def test_a_failed_upload_is_reported_and_training_can_go_on(tmp_path: Path) -> N
     checkpointer.save(1, state(1.0))
     checkpointer.close()
     assert checkpointer.last_error is not None
+
+
+JOB = {"namespace": "default", "kind": "PretrainJob", "name": "tiny", "uid": "0123-4567"}
+
+
+def flip_a_byte(directory: Path) -> None:
+    model = directory / "model.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+
+
+def truncate(directory: Path) -> None:
+    model = directory / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+
+
+def remove_a_file(directory: Path) -> None:
+    (directory / "optimizer.pt").unlink()
+
+
+def garble_the_manifest(directory: Path) -> None:
+    (directory / "manifest.json").write_text('{"step": 20, "files": [')
+
+
+CORRUPTIONS = {"byte flip": (flip_a_byte, "does not match its manifest"),
+               "truncation": (truncate, "model.pt has 100 bytes"),
+               "missing file": (remove_a_file, "optimizer.pt is missing"),
+               "bad manifest": (garble_the_manifest, "not a kubeforge manifest")}
+
+
+def full_state(value: float) -> dict[str, object]:
+    return {**state(value), "optimizer.pt": {"exp_avg": torch.full((4, 4), value)}}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_resume_falls_back_past_a_corrupt_newest_and_quarantines_it(tmp_path: Path, corruption: str) -> None:
+    corrupt, reason = CORRUPTIONS[corruption]
+    checkpointer = Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB, background=False)
+    checkpointer.save(10, full_state(10.0))
+    checkpointer.save(20, full_state(20.0))
+    corrupt(tmp_path / step_prefix(20))
+
+    restored = Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB).resume(tmp_path / "r")
+    assert restored is not None and restored.checkpoint.step == 10
+    assert torch.equal(restored.files["model.pt"]["weight"], torch.full((4, 4), 10.0))
+    marker = json.loads((tmp_path / step_prefix(20) / "QUARANTINED").read_text())
+    assert reason in marker["reason"] and marker["by"] == JOB
+    assert (tmp_path / step_prefix(20) / "manifest.json").exists()  # kept for whoever investigates
+    again = Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB).resume(tmp_path / "r2")
+    assert again is not None and again.checkpoint.step == 10
+
+
+def test_a_transient_read_error_on_resume_quarantines_nothing(tmp_path: Path) -> None:
+    Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB, background=False).save(
+        10, full_state(10.0))
+    flaky = Checkpointer(FlakyStorage(tmp_path, f"{step_prefix(10)}/manifest.json"), keep=3, spec_hash="abc",
+                         rank=0, job=JOB)
+    with pytest.raises(StorageError, match="500"):
+        flaky.resume(tmp_path / "r")
+    assert not (tmp_path / step_prefix(10) / "QUARANTINED").exists()
+
+
+@pytest.mark.parametrize(("reader", "message"), [
+    ({**JOB, "name": "other"}, "belongs to PretrainJob default/tiny (uid 0123-4567), not to PretrainJob default/other"),
+    ({**JOB, "uid": "89ab"}, "belongs to PretrainJob default/tiny (uid 0123-4567), not to"),
+])
+def test_another_jobs_checkpoints_are_refused_permanently(tmp_path: Path, reader: dict[str, str],
+                                                          message: str) -> None:
+    Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB, background=False).save(
+        10, full_state(10.0))
+    with pytest.raises(CheckpointMismatch, match="spec.checkpoint.uri") as refused:
+        Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=reader).resume(tmp_path / "r")
+    assert message in str(refused.value) and "warmStartFrom" in str(refused.value)
+    assert not (tmp_path / step_prefix(10) / "QUARANTINED").exists()  # valid, only not ours
+
+
+def test_the_same_job_without_a_uid_resumes(tmp_path: Path) -> None:
+    """`kubeforge train` by hand on a cluster job's checkpoints: no uid to compare, the names agree."""
+    Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB, background=False).save(
+        10, full_state(10.0))
+    local = {k: v for k, v in JOB.items() if k != "uid"}
+    restored = Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=local).resume(tmp_path / "r")
+    assert restored is not None and restored.checkpoint.step == 10
+
+
+def test_a_changed_spec_is_refused_permanently(tmp_path: Path) -> None:
+    Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB, background=False).save(
+        10, full_state(10.0))
+    with pytest.raises(CheckpointMismatch, match=r"spec.checkpoint.uri: .* another spec of this job \(spec hash abc, "
+                                                 r"now def\)"):
+        Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="def", rank=0, job=JOB).resume(tmp_path / "r")
+
+
+def test_a_model_of_another_shape_is_refused_and_a_warm_start_names_its_field(tmp_path: Path) -> None:
+    source = tmp_path / "other-job"
+    Checkpointer(LocalStorage(source), keep=3, spec_hash="abc", rank=0, job=JOB, background=False).save(
+        10, full_state(10.0))
+    mine = Checkpointer(LocalStorage(tmp_path / "mine"), keep=3, spec_hash="def", rank=0,
+                        job={**JOB, "name": "other"})
+    warm = mine.warm_start(LocalStorage(source), tmp_path / "r")
+    assert warm.warm_start and warm.checkpoint.step == 10
+    mine.check_model(warm, {"weight": torch.zeros(4, 4)})  # same shape: fine
+    with pytest.raises(CheckpointMismatch, match="spec.checkpoint.warmStartFrom: .* another shape"):
+        mine.check_model(warm, {"weight": torch.zeros(8, 4)})
+    with pytest.raises(CheckpointMismatch, match="spec.checkpoint.warmStartFrom: .* holds no verified checkpoint"):
+        mine.warm_start(LocalStorage(tmp_path / "empty"), tmp_path / "r2")

@@ -6,7 +6,7 @@ tests/fake_trainer.py as the trainer (the pod contract without torch: these rows
 operator). Faults: the operator SIGKILLed at random moments; the API server answering 5xx/429 (a
 proxy in front of it); 200 fuzzed manifests; a NaN loss and a hung trainer among healthy jobs.
 
-`.venv/bin/pytest -m faults` runs them at CI size; KUBEFORGE_FAULT_SCALE=full at the sizes of
+`.venv/bin/pytest -m faults` runs them at CI size; `--fault-size full` at the sizes of
 docs/reliability.md. Each test prints a `FAULT |` line: the row of the table there.
 """
 
@@ -40,13 +40,10 @@ from k8s.kubelet import ApiError, Kubelet
 pytestmark = pytest.mark.faults
 
 PTJ = "PretrainJob"
-FULL = os.environ.get("KUBEFORGE_FAULT_SCALE") == "full"
-#: The sizes of each row: docs/reliability.md's (full) and CI's.
+#: The sizes of each row, per --fault-size: docs/reliability.md's (full) and CI's.
 SCALE = {
-    "operator_kills": 10 if FULL else 3,
-    "api_fault_rounds": 3 if FULL else 1,
-    "api_fault_seconds": 60.0 if FULL else 20.0,
-    "fuzzed_manifests": 200 if FULL else 60,
+    "ci": {"operator_kills": 3, "api_fault_rounds": 1, "api_fault_seconds": 20.0, "fuzzed_manifests": 60},
+    "full": {"operator_kills": 10, "api_fault_rounds": 3, "api_fault_seconds": 60.0, "fuzzed_manifests": 200},
 }
 LIVENESS_SECONDS = 5.0
 #: Kopf caches a probe's result this long (kopf/_core/engines/probing.py).
@@ -325,10 +322,11 @@ def tracebacks(operator: OperatorProcess) -> int:
 # The rows
 
 
-async def test_operator_killed_at_random_moments(cluster: Any, fake_kubelet: Kubelet, tmp_path: Path) -> None:
+async def test_operator_killed_at_random_moments(cluster: Any, fake_kubelet: Kubelet, tmp_path: Path,
+                                                fault_size: str) -> None:
     """SIGKILL the operator at random moments while jobs are created, run and finish: no job gets a
     duplicate pod or a spurious gang restart, and every job reaches its final phase."""
-    kills = SCALE["operator_kills"]
+    kills = SCALE[fault_size]["operator_kills"]
     rng = random.Random(11)
     names = [f"kill-{i}" for i in range(kills + 2)]
     async with operator_process(cluster, cluster.url, tmp_path) as operator:
@@ -354,13 +352,14 @@ async def test_operator_killed_at_random_moments(cluster: Any, fake_kubelet: Kub
     assert extra_pods == 0 and pods.most_alive_per_rank == 1 and restarts == 0
 
 
-async def test_api_server_answering_errors(cluster: Any, fake_kubelet: Kubelet, tmp_path: Path) -> None:
+async def test_api_server_answering_errors(cluster: Any, fake_kubelet: Kubelet, tmp_path: Path,
+                                          fault_size: str) -> None:
     """The API server answers every operator request with 500/503/429 for a while, rounds apart, and
     drops the operator's watches: every job still reaches its final phase, the operator process
     stays up, counts the failed reconciliations, and its liveness fails while it cannot work."""
     if cluster.real:
         pytest.skip("the fault proxy forwards plain HTTP without credentials: the emulator only")
-    rounds, window = SCALE["api_fault_rounds"], SCALE["api_fault_seconds"]
+    rounds, window = SCALE[fault_size]["api_fault_rounds"], SCALE[fault_size]["api_fault_seconds"]
     names = [f"api-{i}" for i in range(4)]
     rate = 10
     steps = int(rate * (rounds * (window + 10) + 15))  # still training when the last round ends
@@ -462,11 +461,12 @@ def fuzzed(rng: random.Random, index: int) -> tuple[dict[str, Any], str]:
     return job, f"{path}={str(value)[:20]!r}"
 
 
-async def test_fuzzed_manifests(cluster: Any, fake_kubelet: Kubelet, tmp_path: Path) -> None:
+async def test_fuzzed_manifests(cluster: Any, fake_kubelet: Kubelet, tmp_path: Path,
+                               fault_size: str) -> None:
     """Each manifest is refused by the CRD schema (naming the field) or reaches the operator, which
     fails it as InvalidSpec naming the field or (a valid job after all) keeps it Suspended; the
     operator raises no exception."""
-    count = SCALE["fuzzed_manifests"]
+    count = SCALE[fault_size]["fuzzed_manifests"]
     rng = random.Random(2026)
     refused, admitted, unnamed = 0, [], []
     async with operator_process(cluster, cluster.url, tmp_path) as operator:

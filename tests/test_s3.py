@@ -199,26 +199,30 @@ def test_pretrain_to_s3_keeps_the_newest_checkpoints_and_exports_a_loadable_mode
 def test_resume_from_s3_ignores_an_uncommitted_newer_checkpoint(
         s3_endpoint: str, s3_env: dict[str, str], bucket: str, tmp_path: Path) -> None:
     uri = f"s3://{bucket}/jobs/tiny"
-    train(pretrain_manifest(tmp_path, max_steps=20), uri, tmp_path / "first.json", s3_env)
+    manifest = pretrain_manifest(tmp_path, max_steps=30)
+    train(manifest, uri, tmp_path / "first.json", s3_env)
     first = json.loads((tmp_path / "first.json").read_text())
-    assert first["step"] == 20
+    assert first["step"] == 30
 
-    # A writer killed mid-upload: files of a newer step, but no manifest committing them.
+    # As if killed after committing step 20: step 30's checkpoint never happened...
     client = s3_client(s3_endpoint)
+    step_30 = "jobs/tiny/checkpoints/step-00000030/"
+    client.delete_objects(Bucket=bucket, Delete={"Objects": [
+        {"Key": step_30 + name} for name in bucket_objects(s3_endpoint, bucket, step_30)]})
+    # ...and a writer killed mid-upload left files of a newer step, but no manifest committing them.
     for name in ("model.pt", "optimizer.pt", "state.pt"):
         client.put_object(Bucket=bucket, Key=f"jobs/tiny/checkpoints/step-00000090/{name}", Body=b"half")
 
-    process = train(pretrain_manifest(tmp_path, max_steps=30), uri, tmp_path / "second.json", s3_env)
+    process = train(manifest, uri, tmp_path / "second.json", s3_env)
     resumed = re.findall(r"resuming from checkpoint step (\d+)", process.stderr)
     assert resumed == ["20"], process.stderr
     assert "step-00000090: no complete manifest" in process.stderr
 
     second = json.loads((tmp_path / "second.json").read_text())
     assert (second["resumedFromStep"], second["step"], second["totalSteps"]) == (20, 30, 30)
-    # The resumed run continued the first one's history instead of starting over.
-    assert [h["step"] for h in second["evalHistory"]][: len(first["evalHistory"])] == [
-        h["step"] for h in first["evalHistory"]]
-    assert second["evalHistory"][-1]["step"] == 30
+    # The resumed run continued the first one's history instead of starting over, to the same end.
+    assert [h["step"] for h in second["evalHistory"]] == [h["step"] for h in first["evalHistory"]] == [0, 20, 30]
+    assert abs(second["finalEval"]["loss"] - first["finalEval"]["loss"]) < 1e-4
     logged = [int(s) for s in re.findall(r"step (\d+)/30 loss", process.stderr)]
     assert logged == [25, 30], process.stderr  # it trained steps 21..30 only
 

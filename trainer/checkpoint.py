@@ -5,8 +5,15 @@ Layout under a job's checkpoint URI:
     checkpoints/step-00000050/{model.pt, optimizer.pt, state.pt, tokenizer.json, manifest.json}
     export/{config.json, model.safetensors, tokenizer files, job.yaml, result.json, manifest.json}
 
-A checkpoint exists only once its manifest (files, sizes, sha256, step, spec hash) is written, and
-readers trust nothing else: a writer killed mid-upload leaves a directory that is ignored.
+A checkpoint exists only once its manifest (files, sizes, sha256, step, spec hash, the job that wrote
+it, the model's shape) is written, and readers trust nothing else: a writer killed mid-upload leaves a
+directory without a manifest, which is ignored.
+
+A checkpoint whose manifest is there but does not hold (unreadable, a file missing or of another
+size, a sha256 that differs, a file that is not tensors) is quarantined when a resume meets it: a
+`QUARANTINED` object next to its manifest says why, nothing is deleted, and no reader trusts it
+again; resume falls back to the next older one. Retention counts and deletes only committed,
+unquarantined checkpoints, and only the files their manifests list.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import hashlib
 import json
 import logging
 import pickle
+import re
 import shutil
 import tempfile
 import time
@@ -27,13 +35,26 @@ from typing import Any
 
 import torch
 
-from kubeforge.spec import EXPORT_DIR
+from kubeforge.spec import EXPORT_DIR, Job, JobError
 from kubeforge.storage import Storage, StorageError, download_tree, join
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+#: Next to the manifest of a checkpoint that failed verification: its presence means "never trust".
+QUARANTINE = "QUARANTINED"
+#: The directories kubeforge writes under checkpoints/; nothing else there is ever touched.
+STEP_DIRECTORY = re.compile(r"step-(\d{8,})")
+
+
+class CorruptCheckpoint(StorageError):
+    """A committed checkpoint whose files are not what its manifest says: never to be trusted."""
+
+
+class CheckpointMismatch(JobError):
+    """Checkpoints at the job's URI that this job must not resume (another job's, another model, a
+    changed spec): permanent, retrying would meet them again."""
 
 
 def step_prefix(step: int) -> str:
@@ -71,7 +92,9 @@ def to_cpu_copy(value: Any, copies: dict[tuple[Any, ...], torch.Tensor] | None =
 def write_committed(storage: Storage, prefix: str, files: dict[str, Any], manifest: dict[str, Any]) -> int:
     """Write files (objects for torch.save, bytes, or local Paths) under prefix, then the manifest.
 
-    Returns the bytes written."""
+    Returns the bytes written. A previous commit at this prefix (and a quarantine of it) stops
+    counting before any of its files is overwritten."""
+    storage.delete([join(prefix, MANIFEST), join(prefix, QUARANTINE)])
     entries: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kubeforge-ckpt-") as scratch:
         for name, payload in files.items():
@@ -91,6 +114,27 @@ def write_committed(storage: Storage, prefix: str, files: dict[str, Any], manife
     return sum(e["size"] for e in entries) + len(body)
 
 
+def check_manifest(body: bytes, sizes: dict[str, int], prefix: str) -> tuple[dict[str, Any] | None, str]:
+    """The manifest in body if every file it lists is in `sizes` (a listing) at its size, else
+    (None, what is wrong)."""
+    try:
+        manifest = json.loads(body)
+        listed = {entry["name"]: int(entry["size"]) for entry in manifest["files"]}
+        for entry in manifest["files"]:
+            str(entry["sha256"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        return None, "its manifest is not a kubeforge manifest"
+    if not listed:
+        return None, "its manifest lists no files"
+    for name, size in listed.items():
+        present = sizes.get(join(prefix, name))
+        if present is None:
+            return None, f"{name} is missing"
+        if present != size:
+            return None, f"{name} has {present} bytes, its manifest says {size}"
+    return manifest, ""
+
+
 def read_manifest(storage: Storage, prefix: str) -> dict[str, Any] | None:
     """The manifest under prefix if it is complete and every file it lists is there at its size.
 
@@ -98,14 +142,10 @@ def read_manifest(storage: Storage, prefix: str) -> dict[str, Any] | None:
     authorship: it lives in the same prefix, so whoever can write there can write a matching one.
     That is why nothing read through it may run code (see `load_tensors`)."""
     try:
-        manifest = json.loads(storage.get_bytes(join(prefix, MANIFEST)))
-        listed = {entry["name"]: int(entry["size"]) for entry in manifest.get("files", [])}
-    except (StorageError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        body = storage.get_bytes(join(prefix, MANIFEST))
+    except StorageError:
         return None
-    present = storage.sizes(prefix)
-    if not listed or any(present.get(join(prefix, name)) != size for name, size in listed.items()):
-        return None
-    return manifest
+    return check_manifest(body, storage.sizes(prefix), prefix)[0]
 
 
 def fetch_verified(storage: Storage, prefix: str, manifest: dict[str, Any], target: Path, field: str) -> None:
@@ -114,7 +154,7 @@ def fetch_verified(storage: Storage, prefix: str, manifest: dict[str, Any], targ
     for entry, path in zip(manifest["files"], download_tree(storage, prefix, target, field=field, only=names),
                            strict=True):
         if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
-            raise StorageError(f"{field}: {storage.uri}/{join(prefix, entry['name'])} does not match its "
+            raise CorruptCheckpoint(f"{field}: {storage.uri}/{join(prefix, entry['name'])} does not match its "
                                "manifest: refusing to use it")
 
 
@@ -127,7 +167,27 @@ def load_tensors(path: Path, where: str) -> Any:
     except pickle.UnpicklingError as exc:
         # torch's message advises weights_only=False; only its line naming the object is relevant here.
         what = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "unsupported object")
-        raise StorageError(f"{where}: holds more than tensors, refusing to load it ({what})") from None
+        raise CorruptCheckpoint(f"{where}: holds more than tensors, refusing to load it ({what})") from None
+    except (RuntimeError, EOFError, OSError) as exc:  # torch's errors for a truncated or garbled file
+        raise CorruptCheckpoint(f"{where}: not a readable torch file ({exc})") from None
+
+
+def model_shape(state_dict: dict[str, Any]) -> str:
+    """A digest of a model's parameter names and shapes: what a checkpoint can be loaded into."""
+    described = sorted(f"{name}:{tuple(t.shape)}" for name, t in state_dict.items() if isinstance(t, torch.Tensor))
+    return hashlib.sha256("\n".join(described).encode()).hexdigest()[:16]
+
+
+def load_checkpoint(storage: Storage, checkpoint: Committed, target: Path, field: str) -> dict[str, Any]:
+    """The saved objects of a checkpoint by file name (bytes for non-torch files); CorruptCheckpoint
+    when a file is not what its manifest says. `field` names the spec field the URI came from."""
+    fetch_verified(storage, checkpoint.prefix, checkpoint.manifest, target, field=field)
+    loaded: dict[str, Any] = {}
+    for entry in checkpoint.manifest["files"]:
+        path = target / entry["name"]
+        where = f"{field}: {storage.uri}/{join(checkpoint.prefix, entry['name'])}"
+        loaded[entry["name"]] = load_tensors(path, where) if entry["name"].endswith(".pt") else path.read_bytes()
+    return loaded
 
 
 @dataclass(frozen=True)
@@ -138,10 +198,51 @@ class Committed:
 
 
 @dataclass(frozen=True)
+class Restored:
+    """A verified checkpoint's saved objects by file name (bytes for non-torch files)."""
+
+    checkpoint: Committed
+    files: dict[str, Any]
+    #: The storage it was read from.
+    uri: str
+    #: From spec.checkpoint.warmStartFrom: its weights only, training starts at step 0.
+    warm_start: bool = False
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A checkpoint directory with a manifest: committed, or what is wrong with it."""
+
+    step: int
+    prefix: str
+    manifest: dict[str, Any] | None
+    problem: str
+
+
+@dataclass(frozen=True)
 class UploadReport:
     step: int
     seconds: float
     bytes_written: int
+
+
+def job_identity(job: Job) -> dict[str, str]:
+    """What a manifest records of the job that wrote it (the uid only in a cluster)."""
+    identity = {"namespace": job.namespace, "kind": job.kind, "name": job.name}
+    return {**identity, "uid": job.metadata.uid} if job.metadata.uid else identity
+
+
+def _same_job(owner: dict[str, Any], job: dict[str, str]) -> bool:
+    """One job: same namespace, kind and name, and the same uid where both know one (a job deleted
+    and created again under its name is another job; a run outside a cluster knows no uid)."""
+    if any(owner.get(key) != job.get(key) for key in ("namespace", "kind", "name")):
+        return False
+    return not (owner.get("uid") and job.get("uid") and owner["uid"] != job["uid"])
+
+
+def _describe(job: dict[str, Any]) -> str:
+    uid = f" (uid {job['uid']})" if job.get("uid") else ""
+    return f"{job.get('kind')} {job.get('namespace')}/{job.get('name')}{uid}"
 
 
 class Checkpointer:
@@ -151,6 +252,7 @@ class Checkpointer:
     it, so memory holds at most one snapshot besides the live state."""
 
     def __init__(self, storage: Storage, *, keep: int, spec_hash: str, rank: int,
+                 job: dict[str, str] | None = None,
                  on_uploaded: Callable[[UploadReport], None] | None = None,
                  on_failed: Callable[[BaseException], None] | None = None,
                  background: bool = True):
@@ -158,6 +260,8 @@ class Checkpointer:
         self.keep = keep
         self.spec_hash = spec_hash
         self.rank = rank
+        #: Whose checkpoints these are: namespace, kind, name and (in a cluster) uid.
+        self.job = job or {}
         self.on_uploaded = on_uploaded
         self.on_failed = on_failed
         self.background = background
@@ -167,51 +271,124 @@ class Checkpointer:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def committed(self) -> list[Committed]:
-        """Complete checkpoints, oldest first."""
-        steps = sorted({key.split("/")[1] for key in self.storage.list(CHECKPOINTS)
-                        if key.count("/") >= 2 and key.split("/")[1].startswith("step-")})
+    def _scan(self, storage: Storage) -> list[_Found]:
+        """Every kubeforge checkpoint directory with a manifest and not quarantined, oldest first.
+
+        A failed listing or manifest read raises StorageError: a transient error must never make
+        a checkpoint look absent (retention would then count or delete the wrong ones)."""
+        sizes = storage.sizes(CHECKPOINTS)
+        directories: dict[str, set[str]] = {}
+        for key in sizes:
+            parts = key.split("/")
+            if len(parts) == 3 and STEP_DIRECTORY.fullmatch(parts[1]):
+                directories.setdefault(parts[1], set()).add(parts[2])
         found = []
-        for directory in steps:
+        for directory, names in sorted(directories.items()):
             prefix = join(CHECKPOINTS, directory)
-            manifest = read_manifest(self.storage, prefix)
-            if manifest is not None:
-                found.append(Committed(int(manifest["step"]), prefix, manifest))
-            else:
-                log.info("ignoring %s/%s: no complete manifest", self.storage.uri, prefix)
-        return sorted(found, key=lambda c: c.step)
+            if QUARANTINE in names:
+                log.info("ignoring %s/%s: quarantined", storage.uri, prefix)
+                continue
+            if MANIFEST not in names:
+                log.info("ignoring %s/%s: no complete manifest", storage.uri, prefix)
+                continue
+            step = int(directory.removeprefix("step-"))
+            manifest, problem = check_manifest(storage.get_bytes(join(prefix, MANIFEST)), sizes, prefix)
+            if manifest is not None and manifest.get("step") != step:
+                problem = f"its manifest is for step {manifest.get('step')}, not {step}"
+                manifest = None
+            found.append(_Found(step, prefix, manifest, problem))
+        return found
+
+    def committed(self) -> list[Committed]:
+        """Complete checkpoints (manifest and listed sizes hold), oldest first."""
+        return [Committed(f.step, f.prefix, f.manifest) for f in self._scan(self.storage) if f.manifest is not None]
 
     def latest(self) -> Committed | None:
         committed = self.committed()
         return committed[-1] if committed else None
 
     def load(self, checkpoint: Committed, target: Path) -> dict[str, Any]:
-        """The saved objects of a checkpoint by file name (bytes for non-torch files)."""
+        return load_checkpoint(self.storage, checkpoint, target, "spec.checkpoint.uri")
+
+    def resume(self, target: Path) -> Restored | None:
+        """The newest of this job's checkpoints that verifies, loaded; None when there is none.
+
+        Broken ones met on the way (newest first) are quarantined and skipped. Another job's
+        checkpoints, or this job's written with another spec, raise CheckpointMismatch (permanent)."""
+        for found in reversed(self._scan(self.storage)):
+            if found.manifest is None:
+                self.quarantine(found.prefix, found.problem)
+                continue
+            checkpoint = Committed(found.step, found.prefix, found.manifest)
+            self._check_owner(checkpoint)
+            try:
+                return Restored(checkpoint, self.load(checkpoint, target / found.prefix), self.storage.uri)
+            except CorruptCheckpoint as exc:
+                self.quarantine(found.prefix, str(exc))
+        return None
+
+    def warm_start(self, source: Storage, target: Path) -> Restored:
+        """The newest verified checkpoint under spec.checkpoint.warmStartFrom (any job's), to start
+        from its weights. Broken ones are skipped, not marked: that storage is someone else's."""
+        for found in reversed(self._scan(source)):
+            checkpoint = Committed(found.step, found.prefix, found.manifest or {})
+            try:
+                if found.manifest is None:
+                    raise CorruptCheckpoint(found.problem)
+                files = load_checkpoint(source, checkpoint, target / found.prefix, "spec.checkpoint.warmStartFrom")
+                return Restored(checkpoint, files, source.uri, warm_start=True)
+            except CorruptCheckpoint as exc:
+                log.warning("spec.checkpoint.warmStartFrom: skipping %s/%s: %s", source.uri, found.prefix, exc)
+        raise CheckpointMismatch(f"spec.checkpoint.warmStartFrom: {source.uri} holds no verified checkpoint")
+
+    def quarantine(self, prefix: str, reason: str) -> None:
+        """Mark a checkpoint never to be trusted again, keeping its files for whoever investigates."""
+        log.error("checkpoint %s/%s is corrupt (%s): quarantined, resuming from an older one",
+                  self.storage.uri, prefix, reason)
+        if self.rank == 0:  # every rank reaches the same verdict; one marker is enough
+            marker = {"reason": reason, "at": datetime.now(UTC).isoformat(), "by": self.job}
+            self.storage.put_bytes(join(prefix, QUARANTINE), json.dumps(marker, indent=2).encode())
+
+    def _check_owner(self, checkpoint: Committed) -> None:
+        where = f"{self.storage.uri}/{checkpoint.prefix}"
+        owner = checkpoint.manifest.get("job")
+        if owner is not None and not _same_job(owner, self.job):
+            raise CheckpointMismatch(
+                f"spec.checkpoint.uri: {where} belongs to {_describe(owner)}, not to {_describe(self.job)}: "
+                "refusing to resume another job's checkpoints. Give this job its own checkpoint.uri, or "
+                "set spec.checkpoint.warmStartFrom to start from that job's weights on purpose")
         if checkpoint.manifest.get("specHash") != self.spec_hash:
-            log.warning("checkpoint %s was written by a different spec (hash %s, now %s); resuming anyway",
-                        checkpoint.prefix, checkpoint.manifest.get("specHash"), self.spec_hash)
-        fetch_verified(self.storage, checkpoint.prefix, checkpoint.manifest, target, field="checkpoint.uri")
-        loaded: dict[str, Any] = {}
-        for entry in checkpoint.manifest["files"]:
-            path = target / entry["name"]
-            where = f"checkpoint.uri: {self.storage.uri}/{join(checkpoint.prefix, entry['name'])}"
-            loaded[entry["name"]] = load_tensors(path, where) if entry["name"].endswith(".pt") else path.read_bytes()
-        return loaded
+            raise CheckpointMismatch(
+                f"spec.checkpoint.uri: {where} was written with another spec of this job (spec hash "
+                f"{checkpoint.manifest.get('specHash')}, now {self.spec_hash}): what a job trains cannot change "
+                "once it has checkpoints. Use a new checkpoint.uri, with spec.checkpoint.warmStartFrom "
+                "pointing at this one to start from its weights")
+
+    def check_model(self, restored: Restored, state_dict: dict[str, Any]) -> None:
+        """Refuse (permanently) a checkpoint written for a model of another shape than this one."""
+        saved = restored.checkpoint.manifest.get("modelShape")
+        if saved is not None and saved != model_shape(state_dict):
+            field = "spec.checkpoint.warmStartFrom" if restored.warm_start else "spec.checkpoint.uri"
+            raise CheckpointMismatch(
+                f"{field}: {restored.uri}/{restored.checkpoint.prefix} holds a model "
+                "of another shape (architecture, size or vocabulary) than this job's: it cannot be loaded")
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def save(self, step: int, state: dict[str, Any]) -> float:
-        """Snapshot `state` and upload it (in the background by default).
+    def save(self, step: int, state: dict[str, Any], *, synchronous: bool = False) -> float:
+        """Snapshot `state` and upload it: in the background by default, before returning when
+        `synchronous` (a graceful stop: the commit must land before the process exits).
 
         Returns the seconds the caller was blocked."""
         started = time.perf_counter()
         self.wait()
         snapshot = to_cpu_copy(state)
-        manifest = {"step": step, "specHash": self.spec_hash, "rank": self.rank}
-        if self.background:
-            self._pending = self._executor.submit(self._upload, step, snapshot, manifest)
-        else:
-            self._upload(step, snapshot, manifest)
+        manifest: dict[str, Any] = {"step": step, "specHash": self.spec_hash, "rank": self.rank, "job": self.job}
+        if "model.pt" in snapshot:
+            manifest["modelShape"] = model_shape(snapshot["model.pt"])
+        self._pending = self._executor.submit(self._upload, step, snapshot, manifest)
+        if synchronous or not self.background:
+            self.wait()
         return time.perf_counter() - started
 
     def _upload(self, step: int, snapshot: dict[str, Any], manifest: dict[str, Any]) -> UploadReport:
@@ -220,31 +397,26 @@ class Checkpointer:
         report = UploadReport(step, time.perf_counter() - started, written)
         log.info("checkpoint step %d committed to %s/%s (%.1f MB in %.2fs)", step, self.storage.uri,
                  step_prefix(step), written / 1e6, report.seconds)
-        self._retain()
+        try:
+            self._retain()
+        except StorageError as exc:  # the commit stands; the next one retries retention
+            log.warning("checkpoint retention skipped, nothing deleted: %s", exc)
         if self.on_uploaded:
             self.on_uploaded(report)
         return report
 
     def _retain(self) -> None:
-        """Delete all but the newest `keep` complete checkpoints, and leftovers older than them.
+        """Delete all but the newest `keep` committed checkpoints: the files their manifests list,
+        manifest first, so a checkpoint stops counting before any of its files goes.
 
-        Runs only after a new manifest is written, so the newest complete checkpoint survives."""
-        committed = self.committed()
-        if not committed:
-            return
-        kept = {c.prefix for c in committed[-self.keep:]}
-        newest = committed[-1].step
-        doomed = []
-        for key in self.storage.list(CHECKPOINTS):
-            directory = "/".join(key.split("/")[:2])
-            step_text = directory.rsplit("-", 1)[-1]
-            if directory in kept or not step_text.isdigit():
-                continue
-            # An incomplete directory newer than the newest commit may be an upload in flight.
-            if int(step_text) < newest or directory in {c.prefix for c in committed}:
-                doomed.append(key)
+        Nothing else is touched: a directory without a kubeforge manifest (a user's, or an upload
+        killed midway, which the same step's next save overwrites), a quarantined checkpoint (kept
+        for whoever investigates; it does not count towards `keep`), a file no manifest lists. A
+        failed listing or read raises before anything is deleted."""
+        doomed = self.committed()[:-self.keep]
         if doomed:
-            self.storage.delete(doomed)
+            self.storage.delete([join(c.prefix, MANIFEST) for c in doomed])
+            self.storage.delete([join(c.prefix, entry["name"]) for c in doomed for entry in c.manifest["files"]])
 
     def uploads_pending(self) -> int:
         """Snapshots whose upload is still running (0 or 1: a save waits for the previous upload)."""

@@ -74,7 +74,9 @@ def _parse(name: str, raw: bytes, source: DataSource, field: str) -> list[dict[s
     if fmt == "txt":
         return [{field: text}]
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only \n ends a JSONL line: str.splitlines would also cut at U+2028 and other separators that
+    # JSON allows raw inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -91,6 +93,8 @@ def field_values(records: list[dict[str, Any]], field: str, spec_field: str, uri
     for number, record in enumerate(records, start=1):
         if field not in record:
             raise DataError(f"{uri} record {number}: has no field {field!r} (data.{spec_field})")
+        if record[field] is None:
+            raise DataError(f"{uri} record {number}: field {field!r} is null (data.{spec_field})")
     return [r[field] for r in records]
 
 
@@ -205,7 +209,12 @@ def classification_examples(texts: list[str], labels: list[int], tokenizer: Any,
 
 
 def label_names(values: list[Any]) -> list[str]:
-    return sorted({str(v) for v in values})
+    """The classes of a classification dataset, from its training labels: at least two."""
+    names = sorted({str(v) for v in values})
+    if len(names) < 2:
+        raise DataError(f"data.labelField: data.train has {len(names)} distinct label(s) {names}: sequence "
+                        "classification needs at least two (every prediction would be right)")
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,5 +347,8 @@ def eval_batches(tensors: dict[str, torch.Tensor], batch_size: int, limit: int, 
                  ) -> list[dict[str, torch.Tensor]]:
     """This rank's share of the first `limit` eval batches, in order, as model inputs."""
     rows = len(tensors["input_ids"])
+    if rows == 0:
+        raise DataError("data.eval: no examples to evaluate on (an empty eval source, or data.evalFraction "
+                        "leaving none): its loss would read as a perfect model")
     return [take(tensors, slice(index * batch_size, (index + 1) * batch_size)).inputs
             for index in range(rank, min(limit, math.ceil(rows / batch_size)), world_size)]

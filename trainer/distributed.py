@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
+from types import FrameType, TracebackType
 
 import torch
 import torch.distributed as dist
@@ -89,3 +92,40 @@ def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
     dist.all_reduce(tensor)
     return tensor.tolist()
 
+
+
+class GracefulStop:
+    """SIGTERM noted (suspend, pod deletion, drain, eviction, preemption), acted on at the next step
+    boundary: the step finishes, a checkpoint commits, the process exits.
+
+    Used as a context manager around training: the handler is installed on entry (in the main thread,
+    the only one Python delivers signals to) and the previous one restored on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: signal.Handlers | int | None = None
+        self._installed = False
+
+    def _note(self, signum: int, _frame: FrameType | None) -> None:
+        if not self.requested:
+            log.warning("%s received: stopping after this step with a checkpoint", signal.Signals(signum).name)
+        self.requested = True
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)  # type: ignore[assignment]
+            self._installed = True
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+    def agreed(self, runtime: Runtime) -> bool:
+        """Whether any rank was asked to stop: every rank calls this after each step and gets the
+        same answer, so all stop at the same step (one tiny all-reduce per step when distributed)."""
+        if not runtime.distributed:
+            return self.requested
+        return all_reduce_sum([float(self.requested)], runtime)[0] > 0

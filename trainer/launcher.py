@@ -35,7 +35,11 @@ def launch(processes: int, command: list[str], env: Mapping[str, str] = os.envir
         child = subprocess.Popen(command, env=child_env)
         children[child.pid] = child
 
+    terminating = False
+
     def forward(signum: int, _frame: Any) -> None:
+        nonlocal terminating
+        terminating = True
         for child in children.values():
             if child.poll() is None:
                 child.send_signal(signum)
@@ -50,19 +54,22 @@ def launch(processes: int, command: list[str], env: Mapping[str, str] = os.envir
                 code = 128 - exit_code if exit_code < 0 else exit_code  # negative: killed by that signal
                 if code:
                     log.error("local rank process %d exited with code %d: stopping the others", pid, code)
-        _stop(list(children.values()))
+        # On SIGTERM every process stops by itself at the same step; rank 0 may still be committing its
+        # checkpoint after the others exit, so none is killed (the kubelet's grace period bounds the wait).
+        _stop(list(children.values()), grace=None if terminating else LAUNCHER_STOP_GRACE)
         return code
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+def _stop(children: list[subprocess.Popen[bytes]], grace: float | None) -> None:
+    """Ask the processes to stop; after `grace` seconds (None: no limit) kill what is left."""
     for child in children:
         child.terminate()
-    deadline = time.monotonic() + LAUNCHER_STOP_GRACE
+    deadline = None if grace is None else time.monotonic() + grace
     for child in children:
         try:
-            child.wait(max(0.0, deadline - time.monotonic()))
+            child.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()

@@ -22,10 +22,10 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from kubeforge.spec import FinetuneJob, Job, PretrainJob, TrainingSpec, export_uri
-from kubeforge.status import TrainerSummary
+from kubeforge.status import Preempted, TrainerSummary
 from kubeforge.storage import StorageError, open_storage
 from kubeforge.trainer import data, distributed
-from kubeforge.trainer.checkpoint import Checkpointer, UploadReport, export_model
+from kubeforge.trainer.checkpoint import Checkpointer, Restored, UploadReport, export_model, job_identity
 from kubeforge.trainer.flops import training_flops_per_token
 from kubeforge.trainer.metrics import ThroughputWindow, TrainerMetrics
 from kubeforge.trainer.models import (
@@ -162,27 +162,25 @@ def termination_summary(result: dict[str, Any]) -> TrainerSummary:
 class Trainer:
     """One job's run: `__init__` builds it (restoring the newest checkpoint), `train` runs it."""
 
-    def __init__(self, job: Job, runtime: distributed.Runtime, checkpoint_root: str,
-                 base_model_uri: str | None, progress: bool, scratch: Path):
+    def __init__(self, job: Job, runtime: distributed.Runtime, metrics: TrainerMetrics, stop: distributed.GracefulStop,
+                 checkpoint_root: str, base_model_uri: str | None, progress: bool, scratch: Path):
         # One screen of setup, kept whole: its order is the order the seeded RNG is drawn from
         # (tokenizer, data, model weights) before a checkpoint's RNG state replaces it.
         spec, training = job.spec, job.spec.training
         self.job, self.runtime, self.training = job, runtime, training
-        self.checkpoint_root, self.progress = checkpoint_root, progress
+        self.checkpoint_root, self.progress, self.metrics, self.stop = checkpoint_root, progress, metrics, stop
         random.seed(training.seed)
         torch.manual_seed(training.seed)
 
-        self.metrics = TrainerMetrics(job.name, job.namespace, job.kind, runtime.rank)
-        self.metrics.serve(spec.metrics.port and spec.metrics.port + runtime.local_rank)
         self.storage = open_storage(checkpoint_root, spec.s3)
         self.checkpointer = Checkpointer(self.storage, keep=spec.checkpoint.keep, spec_hash=job.spec_hash(),
-                                         rank=runtime.rank, on_uploaded=self._uploaded,
+                                         rank=runtime.rank, job=job_identity(job), on_uploaded=self._uploaded,
                                          on_failed=lambda _: self.metrics.checkpoint_failures.inc())
         self.metrics.count_uploads_pending(self.checkpointer.uploads_pending)
-        restored = self._newest_checkpoint(scratch / "resume")
+        restored = self._newest_checkpoint(scratch)
 
         if isinstance(job, PretrainJob):
-            workload = pretrain_workload(job, restored["tokenizer.json"] if restored else None)
+            workload = pretrain_workload(job, restored.files["tokenizer.json"] if restored else None)
         else:
             assert isinstance(job, FinetuneJob)
             workload = finetune_workload(job, base_model_uri, scratch)
@@ -208,7 +206,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(training, self.total_steps))
         self.state = TrainState()
         if restored:
-            self.load_state_dict(restored)
+            self.checkpointer.check_model(restored, self.model.state_dict())
+            if restored.warm_start:  # its weights only: training starts at step 0
+                self.model.load_state_dict(restored.files["model.pt"])
+            else:
+                self.load_state_dict(restored.files)
         self.resumed_from = self.state.step
         self.metrics.resumed_from_step.set(self.resumed_from)
         self.wrapped = (DistributedDataParallel(self.model, device_ids=[runtime.device.index]
@@ -244,8 +246,12 @@ class Trainer:
                 self.log_window(bar)
             if step % training.eval_interval == 0 or last:
                 self.evaluate()
-            if step % checkpoint_interval == 0 or last:
-                self.save_checkpoint()
+            # Every rank asks, every step: all stop at the same step, and the last step always finishes the job.
+            stopping = not last and self.stop.agreed(self.runtime)
+            if step % checkpoint_interval == 0 or last or stopping:
+                self.save_checkpoint(synchronous=stopping)
+            if stopping:
+                self._stop_preempted()
         bar.close()
 
         # A run resumed from its final checkpoint trains no step: it still evaluates what it exports.
@@ -386,22 +392,39 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.runtime.device)
         self.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
 
-    def save_checkpoint(self) -> None:
-        """Snapshot the state and upload it in the background. Every rank holds the same weights:
-        rank 0 writes them."""
+    def save_checkpoint(self, synchronous: bool = False) -> None:
+        """Snapshot the state and upload it, in the background unless `synchronous` (a graceful stop:
+        the commit must land before the process exits). Every rank holds the same weights: rank 0
+        writes them."""
         if self.runtime.is_main:
-            self.metrics.checkpoint_blocked.observe(self.checkpointer.save(self.state.step, self.state_dict()))
+            blocked = self.checkpointer.save(self.state.step, self.state_dict(), synchronous=synchronous)
+            self.metrics.checkpoint_blocked.observe(blocked)
 
-    def _newest_checkpoint(self, target: Path) -> dict[str, Any]:
-        """The files of the newest committed checkpoint by name, or {} to start afresh."""
-        newest = self.checkpointer.latest()
-        if newest is None:
-            return {}
-        files = self.checkpointer.load(newest, target)
-        self.metrics.last_checkpoint_step.set(newest.step)
-        if self.runtime.is_main:
-            log.info("resuming from checkpoint step %d at %s/%s", newest.step, self.storage.uri, newest.prefix)
-        return files
+    def _stop_preempted(self) -> None:
+        """After SIGTERM's checkpoint: exit as preempted, or as failed if that checkpoint did not commit."""
+        step = self.state.step
+        if self.runtime.is_main and self.checkpointer.last_error is not None:
+            raise StorageError(f"stopped on SIGTERM at step {step}, but its checkpoint could not be "
+                               f"written: {self.checkpointer.last_error}")
+        self.checkpointer.close()
+        raise Preempted(f"stopped on SIGTERM at step {step} of {self.total_steps}, its checkpoint committed")
+
+    def _newest_checkpoint(self, scratch: Path) -> Restored | None:
+        """The newest of this job's checkpoints that verifies; without one, spec.checkpoint.warmStartFrom's
+        newest (its weights only); else None, to start afresh."""
+        spec = self.job.spec
+        restored = self.checkpointer.resume(scratch / "resume")
+        if restored:
+            self.metrics.last_checkpoint_step.set(restored.checkpoint.step)
+            if self.runtime.is_main:
+                log.info("resuming from checkpoint step %d at %s/%s", restored.checkpoint.step, self.storage.uri,
+                         restored.checkpoint.prefix)
+        elif spec.checkpoint.warm_start_from:
+            restored = self.checkpointer.warm_start(open_storage(spec.checkpoint.warm_start_from, spec.s3),
+                                                    scratch / "warm")
+            if self.runtime.is_main:
+                log.info("warm start from the weights of %s/%s", restored.uri, restored.checkpoint.prefix)
+        return restored
 
     def _uploaded(self, report: UploadReport) -> None:
         self.metrics.checkpoint_duration.observe(report.seconds)
@@ -414,8 +437,12 @@ def train(job: Job, *, checkpoint_root: str, base_model_uri: str | None = None,
     """Run one job to completion (resuming from its newest checkpoint) and return its result."""
     resources = job.spec.resources
     runtime = distributed.start(resources.gpus_per_worker, resources.allow_cpu_fallback)
+    metrics = TrainerMetrics(job.name, job.namespace, job.kind, runtime.rank)
     try:
-        with tempfile.TemporaryDirectory(prefix="kubeforge-train-") as scratch:
-            return Trainer(job, runtime, checkpoint_root, base_model_uri, progress, Path(scratch)).train()
+        metrics.serve(job.spec.metrics.port and job.spec.metrics.port + runtime.local_rank)
+        with distributed.GracefulStop() as stop, tempfile.TemporaryDirectory(prefix="kubeforge-train-") as scratch:
+            return Trainer(job, runtime, metrics, stop, checkpoint_root, base_model_uri, progress,
+                           Path(scratch)).train()
     finally:
+        metrics.close()  # `kubeforge run` of several jobs: the next one serves on the same port
         distributed.stop()

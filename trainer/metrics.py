@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
@@ -43,6 +44,7 @@ class TrainerMetrics:
     def __init__(self, job: str, namespace: str, kind: str, rank: int):
         # Longer than a screen because it is the table of every series, one declaration each.
         self.registry = CollectorRegistry()
+        self._server: WSGIServer | None = None
         labels = {"job_name": job, "namespace": namespace, "kind": kind, "rank": str(rank)}
         self._labels = labels
 
@@ -113,12 +115,20 @@ class TrainerMetrics:
         self._uploads_pending.set_function(pending)
 
     def serve(self, port: int) -> None:
-        """Serve /metrics on the pod's IP (POD_IP, from the downward API) or on every address."""
+        """Serve /metrics on the pod's IP (POD_IP, from the downward API); in a pod without it on
+        every address; outside a cluster (a laptop's `kubeforge run`) on 127.0.0.1 only."""
         if port:
-            address = os.environ.get("POD_IP") or "0.0.0.0"
-            start_http_server(port, addr=address, registry=self.registry)
+            in_a_pod = "KUBERNETES_SERVICE_HOST" in os.environ
+            address = os.environ.get("POD_IP") or ("0.0.0.0" if in_a_pod else "127.0.0.1")
+            self._server, _ = start_http_server(port, addr=address, registry=self.registry)
             log.info("metrics on %s:%d/metrics", address, port)
 
+    def close(self) -> None:
+        """Stop serving, so the port is free for the next job of a `kubeforge run`."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
 
 @dataclass(frozen=True)
 class WindowReport:
