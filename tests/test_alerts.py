@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import ROOT
 from helm_python import Chart
-from prometheus_server import RULES, binary
+from support.jobs import ROOT
+from support.prometheus import RULES, binary
 
 RULES_TEST = ROOT / "tests/prometheus/rules-test.yaml"
 CHART = ROOT / "charts/kubeforge"

@@ -6,8 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 import yaml
-from conftest import example
-from test_spec import with_change
+from support.jobs import SETTINGS, UID, example, job
 
 from kubeforge.operator.builders import (
     LaunchPlan,
@@ -18,22 +17,9 @@ from kubeforge.operator.builders import (
     label_selector,
     pod_shape,
 )
-from kubeforge.operator.settings import OperatorSettings
 from kubeforge.spec import GangSpec, PodTemplateSpec, parse_job
 
-UID = "6c1f0e2a-58d4-4f7e-9d7a-0b5e2c1d9f33"
-SETTINGS = OperatorSettings(trainer_image="reg/trainer:1", trainer_cpu_image="reg/trainer-cpu:1",
-                            storage_root="s3://models/kf", s3_endpoint="http://minio.storage:9000",
-                            s3_credentials_secret="kubeforge-s3")
 GPU_PLAN = LaunchPlan("s3://models/kf/default/pretrainjob/tiny-6c1f0e2a", None, cpu_fallback=False)
-
-
-def job(document: dict[str, Any] | None = None, **spec: Any):  # type: ignore[no-untyped-def]
-    document = document or example("pretrain-tiny.yaml")[0]
-    document = with_change(document, "metadata.uid", UID)
-    for key, value in spec.items():
-        document = with_change(document, f"spec.{key}", value)
-    return parse_job(document)
 
 
 def env_of(pod: dict[str, Any]) -> dict[str, Any]:

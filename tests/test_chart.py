@@ -17,8 +17,9 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT, example
 from jsonschema import Draft4Validator
+from support.jobs import ROOT, example
+from support.rbac import OPERATOR_PERMISSIONS
 
 from kubeforge.cli import PEERING_NAME, build_parser
 from kubeforge.operator import builders
@@ -208,36 +209,7 @@ def test_the_validation_catches_a_misspelled_field(chart: helm.Chart) -> None:
 # ---------------------------------------------------------------------------------------------
 # What the operator is told, and what it may do
 
-# Every permission the chart grants, and what uses it. Amend this when the operator's API calls
-# change (and the chart's templates/rbac.yaml with it): the test fails on anything granted but not
-# listed here, and on anything listed but not granted. Scope "namespace" is granted cluster-wide
-# when the operator watches every namespace, and by a Role in each watched namespace otherwise.
-#   (scope, apiGroup, resource): verbs
-OPERATOR_PERMISSIONS: dict[tuple[str, str, str], set[str]] = {
-    # operator/cluster.py Cluster.gpu_nodes: list_node, whether any node has allocatable nvidia.com/gpu.
-    ("cluster", "", "nodes"): {"list"},
-    # Kopf's resource observer (kopf/_core/reactor/observation.py): lists and watches the CRDs to
-    # notice when the resources it serves are installed or removed.
-    ("cluster", "apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
-    # Kopf: lists and watches the jobs; patches them (finalizer kubeforge.io/operator, progress
-    # annotations). operator/cluster.py Cluster.delete_job: ttlSecondsAfterFinished.
-    ("namespace", "kubeforge.io", "pretrainjobs"): {"list", "watch", "patch", "delete", "get"},
-    ("namespace", "kubeforge.io", "finetunejobs"): {"list", "watch", "patch", "delete"},
-    # operator/cluster.py Cluster.pretrain_job (get above): a FinetuneJob's baseModel.fromPretrainJob.
-    # Kopf writes the status the handlers return through the status subresource.
-    ("namespace", "kubeforge.io", "pretrainjobs/status"): {"patch"},
-    ("namespace", "kubeforge.io", "finetunejobs/status"): {"patch"},
-    # operator/handlers.py: the job_pods index (Kopf lists and watches pods); operator/cluster.py:
-    # Cluster.pods (a fresh list by label selector before acting), Cluster.create (pods), Cluster.delete_pod.
-    ("namespace", "", "pods"): {"list", "watch", "create", "delete"},
-    # operator/cluster.py Cluster.create: each job's headless Service (the c10d rendezvous).
-    ("namespace", "", "services"): {"create"},
-    # kopf.event in operator/reconciler.py, and Kopf's own warnings posted as events.
-    ("namespace", "", "events"): {"create"},
-    # operator/cluster.py Cluster.create: the PodGroup of a gang (spec.gang.podGroup: volcano or coscheduling).
-    ("namespace", "scheduling.volcano.sh", "podgroups"): {"create"},
-    ("namespace", "scheduling.x-k8s.io", "podgroups"): {"create"},
-}
+# The operator's own permissions: support/rbac.py OPERATOR_PERMISSIONS, with what uses each.
 # Kopf peering (kubeforge/cli.py PEERING_NAME): keep-alives are patches of the peering object's status.
 PEERING_PERMISSIONS = {
     "cluster-wide": {("cluster", "kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"}},

@@ -8,8 +8,8 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
-from conftest import ROOT
 from pydantic import BaseModel
+from support.jobs import ROOT
 
 from kubeforge.crds import reference
 from kubeforge.spec import FinetuneJob, PretrainJob

@@ -13,17 +13,7 @@ from typing import Any
 
 import boto3
 import pytest
-from test_operator_e2e import (  # the fixtures too: pytest finds them in this module's namespace
-    PTJ,
-    SECRET,
-    job_pods,
-    operator,
-    phase_is,
-    pretrain,
-    s3_data,  # noqa: F401
-    settings,  # noqa: F401
-    world,  # noqa: F401
-)
+from support.e2e import PTJ, SECRET, job_pods, operator, phase_is, pretrain
 
 from kubeforge.operator.settings import OperatorSettings
 
@@ -55,7 +45,7 @@ def stored_objects(bucket: str) -> dict[str, bytes]:
 
 
 async def test_credentials_appear_in_no_status_event_log_pod_or_stored_file(
-        world: Any, settings: OperatorSettings, kubelet: Any, s3_data: dict[str, str], bucket: str,  # noqa: F811
+        world: Any, settings: OperatorSettings, kubelet: Any, s3_data: dict[str, str], bucket: str,
         caplog: pytest.LogCaptureFixture) -> None:
     cluster = world
     caplog.set_level(logging.DEBUG)  # every log line of the operator, Kopf and the clients, even debug

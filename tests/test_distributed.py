@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ROOT, free_port, tiny_pretrain, write_manifest
+from support.jobs import ROOT, tiny_pretrain, write_manifest
+from support.processes import free_port
 
 from kubeforge.trainer.data import Batches
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 
 import pytest
-from conftest import ROOT
 from packaging.requirements import Requirement
+from support.jobs import ROOT
 
 from kubeforge.cli import build_parser
 

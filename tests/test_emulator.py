@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
-from conftest import EXAMPLES, example
 from k8s.cluster import Cluster, cluster, emulator, running_operator  # noqa: F401  (the fixtures)
 from k8s.emulator import CRD_DIR, Emulator, crd_problems, parse_label_selector, serve
 from k8s.kubelet import ApiError, KubeClient
+from support.jobs import EXAMPLES, example
 
 PTJ = "/apis/kubeforge.io/v1alpha1/namespaces/default/pretrainjobs"
 PODS = "/api/v1/namespaces/default/pods"

@@ -6,7 +6,7 @@ import math
 import subprocess
 import sys
 
-from conftest import ROOT
+from support.jobs import ROOT
 
 TRAINERS = ["kubeforge", "HF (a) max-length padding", "HF (b) dynamic padding + group_by_length"]
 

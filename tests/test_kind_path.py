@@ -14,7 +14,7 @@ import boto3
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import EXAMPLES, ROOT
+from support.jobs import EXAMPLES, ROOT
 
 from kubeforge.spec import load_job_file, parse_job
 

@@ -9,8 +9,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import EXAMPLES
-from test_crds import admit
+from k8s.admission import admit
+from support.jobs import EXAMPLES
 
 from kubeforge.spec import FinetuneJob, PretrainJob, export_uri, parse_job
 

@@ -6,8 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from conftest import example
-from test_builders import SETTINGS, UID, job
+from support.jobs import SETTINGS, UID, example, job
 
 from kubeforge.operator.builders import LaunchPlan, build_pods
 from kubeforge.operator.lifecycle import Observed, Plan, Progress, reconcile

@@ -14,10 +14,11 @@ from pathlib import Path
 import kopf
 import pytest
 import torch
-from conftest import KUBEFORGE, ROOT, free_port, tiny_pretrain, wait_until, write_manifest
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support.jobs import ROOT, tiny_pretrain, write_manifest
+from support.processes import KUBEFORGE, free_port, stop_process, wait_until
 
 from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.reconciler import Operator
@@ -64,12 +65,7 @@ def trainer(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path
     try:
         yield process, port, log
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+        stop_process(process)
 
 
 def test_metrics_follow_training_progress(trainer: tuple[subprocess.Popen[bytes], int, Path]) -> None:

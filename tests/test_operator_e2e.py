@@ -12,120 +12,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import boto3
-import pytest
 import yaml
-from conftest import ROOT, example, free_port, tiny_pretrain
-from k8s.cluster import running_operator
-from test_chart import OPERATOR_PERMISSIONS
+from support.e2e import FTJ, PTJ, condition, job_pods, operator, phase_is, pretrain, status
+from support.jobs import example, tiny_pretrain
+from support.processes import free_port
 
-from kubeforge.operator.handlers import create_registry
-from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.settings import OperatorSettings
-
-SECRET = "kubeforge-s3"
-PTJ, FTJ = "PretrainJob", "FinetuneJob"
-
-
-@pytest.fixture
-def s3_data(bucket: str, s3_endpoint: str) -> dict[str, str]:
-    """The example data, uploaded where pods can read it."""
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    uris = {}
-    for name in ("shakespeare/train.txt", "shakespeare/eval.txt", "reviews/train.jsonl", "reviews/eval.jsonl"):
-        client.upload_file(str(ROOT / "examples/data" / name), bucket, f"data/{name}")
-        uris[name] = f"s3://{bucket}/data/{name}"
-    return uris
-
-
-@pytest.fixture
-def settings(bucket: str, s3_endpoint: str) -> OperatorSettings:
-    return OperatorSettings(trainer_image="kubeforge-trainer:test", trainer_cpu_image="kubeforge-trainer-cpu:test",
-                            storage_root=f"s3://{bucket}/kf", s3_endpoint=s3_endpoint,
-                            s3_credentials_secret=SECRET, resync_seconds=0.5,
-                            allowed_uri_prefixes=(f"s3://{bucket}/data",))  # the shared corpora
-
-
-@pytest.fixture
-async def world(cluster: Any, kubelet: Any, s3_env: dict[str, str], settings: OperatorSettings) -> Any:
-    await cluster.create_secret(SECRET, {k: s3_env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
-    return cluster
-
-
-@asynccontextmanager
-async def operator(cluster: Any, settings: OperatorSettings) -> AsyncIterator[OperatorMetrics]:
-    """The operator, in this test's loop; on the emulator, its requests are checked against the RBAC
-    the Helm chart grants it once it stops."""
-    metrics = OperatorMetrics()
-    registry = create_registry(settings, cluster.api_client(), metrics, login=cluster.login)
-    async with running_operator(registry):
-        yield metrics
-    if cluster.emulator is not None:
-        assert not_granted(cluster.emulator) == set()
-
-
-# The operator's two clients: Kopf's own, and the kubernetes client of operator/cluster.py.
-OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")
-VERBS = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
-
-
-def not_granted(emulator: Any) -> set[str]:
-    """Requests the operator made that the chart's RBAC (test_chart.OPERATOR_PERMISSIONS) would refuse."""
-    refused = set()
-    for request in emulator:
-        if not request.headers.get("User-Agent", "").startswith(OPERATOR_AGENTS):
-            continue
-        parts = request.url.path.strip("/").split("/")
-        group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:]) if len(parts) > 3 else ("", [])
-        if not rest:
-            continue  # discovery (/api/v1, /apis/GROUP/VERSION): open to every authenticated user
-        scope = "cluster"
-        if rest[0] == "namespaces" and len(rest) > 2:
-            scope, rest = "namespace", rest[2:]
-        resource, name, subresource = rest[0], rest[1] if len(rest) > 1 else None, rest[2:]
-        if resource in {"pods", "services", "events", "pretrainjobs", "finetunejobs"}:
-            scope = "namespace"  # a namespaced resource listed or watched across all namespaces
-        if request.method.value.upper() == "GET":
-            verb = "get" if name else "watch" if request.params.get("watch") in ("true", "1") else "list"
-        else:
-            verb = VERBS[request.method.value.upper()]
-        key = (scope, group, "/".join([resource, *subresource]))
-        if verb not in OPERATOR_PERMISSIONS.get(key, set()):
-            refused.add(f"{verb} {key}")
-    return refused
-
-
-def pretrain(data: dict[str, str], name: str, steps: int, **spec: Any) -> dict[str, Any]:
-    job = tiny_pretrain(name, maxSteps=steps, warmupSteps=min(20, steps // 4), evalInterval=1000, logInterval=10)
-    job["spec"]["data"]["train"]["uri"] = data["shakespeare/train.txt"]
-    job["spec"]["data"]["eval"]["uri"] = data["shakespeare/eval.txt"]
-    job["spec"]["checkpoint"] = {"intervalSteps": 20, "keep": 2}
-    job["spec"]["metrics"] = {"port": free_port()}
-    job["spec"].update(spec)
-    return job
-
-
-async def status(cluster: Any, kind: str, name: str) -> dict[str, Any]:
-    found = await cluster.get(kind, name)
-    return (found or {}).get("status") or {}
-
-
-async def phase_is(cluster: Any, kind: str, name: str, *phases: str) -> dict[str, Any] | None:
-    current = await status(cluster, kind, name)
-    return current if current.get("phase") in phases else None
-
-
-def condition(current: dict[str, Any], kind: str) -> dict[str, Any]:
-    return next(c for c in current.get("conditions", []) if c["type"] == kind)
-
-
-async def job_pods(cluster: Any, name: str, short: str = "ptj") -> list[dict[str, Any]]:
-    return await cluster.list_pods({"kubeforge.io/job-name": name, "kubeforge.io/job-kind": short})
 
 
 async def test_pipeline_pretrain_then_finetune_by_name(world: Any, settings: OperatorSettings, kubelet: Any,

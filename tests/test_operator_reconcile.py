@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 import pytest
-from conftest import tiny_pretrain
+from support.jobs import tiny_pretrain
 
 from kubeforge.operator import builders
 from kubeforge.operator.cluster import CachedView

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import EXAMPLES
+from support.jobs import EXAMPLES
 
 from kubeforge.spec import FinetuneJob, ModelSpec, TokenizerSpec, parse_job
 from kubeforge.trainer import data as trainer_data

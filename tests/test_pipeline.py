@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import EXAMPLES, ROOT, example, run_cli, write_manifest
+from support.jobs import EXAMPLES, ROOT, example, write_manifest
+from support.processes import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import prometheus_server
 import pytest
-from conftest import ROOT, free_port, tiny_pretrain
 from k8s.cluster import running_operator
 from prometheus_client import start_http_server
-from prometheus_server import Prometheus
+from support import prometheus as prometheus_server
+from support.jobs import ROOT, tiny_pretrain
+from support.processes import free_port, stop_process
+from support.prometheus import Prometheus
 
 from kubeforge.operator.handlers import create_registry
 from kubeforge.operator.metrics import OperatorMetrics
@@ -46,7 +47,7 @@ def prometheus(tmp_path: Path) -> Iterator[Prometheus]:
     try:
         yield server
     finally:
-        prometheus_server.stop(process)
+        stop_process(process)
 
 
 def values(series: dict[str, Any]) -> list[float]:

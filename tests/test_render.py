@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, example, free_port, run_cli, write_manifest
+from support.jobs import ROOT, example, write_manifest
+from support.processes import free_port, run_cli
 
 UPSTREAM_CRDS = ROOT / "tests" / "crds" / "upstream"
 

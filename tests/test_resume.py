@@ -8,8 +8,9 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from conftest import KUBEFORGE, ROOT, free_port, run_cli, tiny_pretrain, wait_until, write_manifest
 from prometheus_client.parser import text_string_to_metric_families
+from support.jobs import ROOT, tiny_pretrain, write_manifest
+from support.processes import KUBEFORGE, free_port, run_cli, wait_until
 
 STEPS = 400
 INTERVAL = 20

@@ -10,7 +10,8 @@ from typing import Any
 
 import boto3
 import pytest
-from conftest import run_cli, tiny_pretrain, write_manifest
+from support.jobs import tiny_pretrain, write_manifest
+from support.processes import run_cli
 
 from kubeforge.storage import StorageError, open_storage
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import EXAMPLES, ROOT, example, run_cli, write_manifest
+from support.jobs import DELETE, EXAMPLES, ROOT, example, with_change, write_manifest
+from support.processes import run_cli
 
 from kubeforge.spec import (
     FinetuneJob,
@@ -23,22 +23,6 @@ from kubeforge.spec import (
 PRETRAIN = example("pretrain-tiny.yaml")[0]
 FINETUNE = example("finetune-lora-classify.yaml")[0]
 
-
-def with_change(job: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    """A copy of job with the dotted path set to value (or removed, for the marker DELETE)."""
-    changed = copy.deepcopy(job)
-    *parents, leaf = path.split(".")
-    node = changed
-    for key in parents:
-        node = node.setdefault(key, {})
-    if value is DELETE:
-        node.pop(leaf)
-    else:
-        node[leaf] = value
-    return changed
-
-
-DELETE = object()
 
 BAD_INPUTS = [
     # (job, path, value, the field the message must name, words the message must contain)

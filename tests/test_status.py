@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import KUBEFORGE, ROOT
 from jsonschema import Draft4Validator
+from support.jobs import ROOT
+from support.processes import KUBEFORGE
 
 from kubeforge.spec import KINDS
 from kubeforge.status import (

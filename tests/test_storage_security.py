@@ -12,7 +12,8 @@ from typing import Any
 import boto3
 import pytest
 import torch
-from conftest import run_cli, tiny_pretrain, write_manifest
+from support.jobs import tiny_pretrain, write_manifest
+from support.processes import run_cli
 
 from kubeforge.spec import S3Spec
 from kubeforge.storage import LocalStorage, StorageError, download_tree, local_path, open_storage

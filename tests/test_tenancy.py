@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from conftest import example
+from support.jobs import example
 
 from kubeforge.operator.lifecycle import Observed, reconcile
 from kubeforge.operator.settings import OperatorSettings

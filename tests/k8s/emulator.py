@@ -1,10 +1,10 @@
 """A Kubernetes API server for tests: kmock's `KubernetesEmulator`, made strict where a real server is.
 
-kmock 0.8 keeps objects and streams watch events, but (see /work/shared/design/testing-notes.md) it
-stamps no uid/resourceVersion/generation/creationTimestamp, replays everything on every watch,
-ignores selectors, has no PUT, no status/spec split, no validation, no garbage collection, and
-merges every PATCH as a plain dict merge. `Emulator` keeps kmock's plumbing (its aiohttp server,
-discovery, the object store with history in `.objects`, the request log, scripted reactions such as
+kmock 0.8 keeps objects and streams watch events, but it stamps no uid/resourceVersion/generation/
+creationTimestamp, replays everything on every watch, ignores selectors, has no PUT, no status/spec
+split, no validation, no garbage collection, and merges every PATCH as a plain dict merge.
+`Emulator` keeps kmock's plumbing (its aiohttp server, discovery, the object store with history in
+`.objects`, the request log, scripted reactions such as
 `emulator['post /api/v1/namespaces/ns/pods'][:1] << 500`) and serves the API itself:
 
 - metadata: `uid`, `creationTimestamp`, `generation` (custom resources: 1, then +1 when anything but
@@ -21,9 +21,9 @@ discovery, the object store with history in `.objects`, the request log, scripte
 - the status subresource (CRDs, pods, nodes, namespaces, services): `/status` writes change only
   `.status`, main-resource writes keep the stored `.status`, create resets it;
 - validation: our CRDs' schemas (pruning, defaults, OpenAPI + CEL with `oldSelf`, via
-  `tests/test_crds.py::admit`) on create and every update -> 422 naming the field; names, labels,
-  ownerReferences, pods (containers, env, ports, volumes; spec immutable but for the fields a real
-  server lets change), services, secrets (`stringData` becomes base64 `data`);
+  `k8s/admission.py::admit`, which tests/test_crds.py checks) on create and every update -> 422
+  naming the field; names, labels, ownerReferences, pods (containers, env, ports, volumes; spec
+  immutable but for the fields a real server lets change), services, secrets (`stringData` becomes base64 `data`);
 - deletion: finalizers and `deletionTimestamp`; graceful deletion of pods bound to a node (the
   kubelet finishes it with gracePeriodSeconds=0); propagation Background/Foreground/Orphan; an
   asynchronous garbage collector for `ownerReferences`; namespace deletion cascades;
@@ -45,12 +45,10 @@ import json
 import logging
 import random
 import re
-import sys
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp.web
@@ -59,10 +57,11 @@ import kmock
 import yaml
 from kmock._internal import parsing as _kmock_parsing
 
+from k8s import admission
+from k8s.admission import CRD_DIR
+
 log = logging.getLogger(__name__)
 
-TESTS_DIR = Path(__file__).resolve().parent.parent
-CRD_DIR = TESTS_DIR.parent / "crds"
 
 Obj = dict[str, Any]
 
@@ -554,16 +553,7 @@ def _pod_spec_for_comparison(spec: Obj) -> Obj:
 
 
 # ---------------------------------------------------------------------------------------------------
-# CRDs: pruning, defaulting, validation (our CRDs through tests/test_crds.py) and a structural check
-
-
-def _crd_admission() -> Any:
-    """tests/test_crds.py, the one place that knows how the API server judges our CRs."""
-    if str(TESTS_DIR) not in sys.path:
-        sys.path.insert(0, str(TESTS_DIR))
-    import test_crds
-
-    return test_crds
+# CRDs: pruning, defaulting, validation (our CRDs through k8s/admission.py) and a structural check
 
 
 def prune(schema: Obj, value: Any, root: bool = False) -> Any:
@@ -682,7 +672,7 @@ class Emulator(kmock.KubernetesEmulator):
         self._builtin_reactions = len(self._payloads)
         self._rv = 1000
         self._kinds: dict[kmock.resource, Kind] = {}
-        self._admitted_kinds: set[str] = set()  # custom kinds validated by tests/test_crds.py::admit
+        self._admitted_kinds: set[str] = set()  # custom kinds validated by admission.admit
         self._schemas: dict[str, Obj] = {}  # custom kind -> openAPIV3Schema (pruning and defaults)
         self._uids: dict[str, tuple[kmock.resource, str | None, str]] = {}
         self._changes: collections.deque[Change] = collections.deque()
@@ -899,7 +889,7 @@ class Emulator(kmock.KubernetesEmulator):
             schema = self._schemas[kind.kind]
             pruned = prune(schema, obj, root=True)
             if kind.kind in self._admitted_kinds:
-                pruned = _crd_admission().with_defaults(schema, pruned)
+                pruned = admission.with_defaults(schema, pruned)
             obj.clear()
             obj.update(pruned)
         elif kind.kind == "Secret":
@@ -954,7 +944,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _check_kind(self, kind: Kind, obj: Obj, old: Obj | None) -> Problems:
         if kind.kind in self._admitted_kinds:
-            return [self._split_problem(p) for p in _crd_admission().admit(obj, old)]
+            return [self._split_problem(p) for p in admission.admit(obj, old)]
         if kind.kind == "Pod":
             return check_pod(obj)
         if kind.kind == "Service":

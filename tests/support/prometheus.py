@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from support.jobs import ROOT
+from support.processes import stop_process
+
 RULES = ROOT / "charts/kubeforge/files/prometheus-rules.yaml"
 
 
@@ -112,15 +114,6 @@ def start(workdir: Path, port: int, scrape_jobs: list[str], ready_timeout: float
         except OSError:
             pass
         if time.monotonic() > deadline:
-            stop(process)
+            stop_process(process)
             raise AssertionError(f"prometheus was not ready within {ready_timeout}s:\n{server.log()}")
         time.sleep(0.2)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
