@@ -1,6 +1,6 @@
 """How the API server judges our custom resources: the CRD's schema (after its defaults) and its CEL rules.
 
-The one place that knows it: tests/test_crds.py checks it against the spec models, and the API server
+The one place that knows it: tests/unit/test_crds.py checks it against the spec models, and the API server
 emulator admits every write of a kubeforge job with it.
 """
 

@@ -21,7 +21,7 @@ split, no validation, no garbage collection, and merges every PATCH as a plain d
 - the status subresource (CRDs, pods, nodes, namespaces, services): `/status` writes change only
   `.status`, main-resource writes keep the stored `.status`, create resets it;
 - validation: our CRDs' schemas (pruning, defaults, OpenAPI + CEL with `oldSelf`, via
-  `k8s/admission.py::admit`, which tests/test_crds.py checks) on create and every update -> 422
+  `k8s/admission.py::admit`, which tests/unit/test_crds.py checks) on create and every update -> 422
   naming the field; names, labels, ownerReferences, pods (containers, env, ports, volumes; spec
   immutable but for the fields a real server lets change), services, secrets (`stringData` becomes base64 `data`);
 - deletion: finalizers and `deletionTimestamp`; graceful deletion of pods bound to a node (the

@@ -1,5 +1,5 @@
 """examples/kubectl/: what a user applies to a cluster. The API server would admit each (CRD schema,
-defaults and CEL rules, as tests/test_crds.py checks them), and they fit together as their comments say."""
+defaults and CEL rules, as tests/unit/test_crds.py checks them), and they fit together as their comments say."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from kubeforge.operator.settings import OperatorSettings
 from kubeforge.spec import parse_job
 
 # These tests are about which requests a reconcile makes; the jobs read local example data, which
-# tenancy (tests/test_tenancy.py) would refuse.
+# tenancy (tests/unit/test_tenancy.py) would refuse.
 SETTINGS = OperatorSettings(storage_root="s3://bucket/kf", restrict_uris_to_namespace=False)
 
 
