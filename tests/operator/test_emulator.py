@@ -13,9 +13,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
+from k8s.admission import CRD_DIR, crd_problems
 from k8s.cluster import Cluster, cluster, emulator, running_operator  # noqa: F401  (the fixtures)
-from k8s.emulator import CRD_DIR, Emulator, crd_problems, parse_label_selector, serve
+from k8s.emulator import Emulator, serve
 from k8s.kubelet import ApiError, KubeClient
+from k8s.selectors import parse_label_selector
 from support.jobs import EXAMPLES, example
 
 PTJ = "/apis/kubeforge.io/v1alpha1/namespaces/default/pretrainjobs"
