@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1.7
-# Three images, from the repository root (tests/test_dockerfile.py checks what it can without an engine):
+# Three images, from the repository root (tests/packaging/test_dockerfile.py checks what it can without an engine):
 #   docker build --target operator    -t kubeforge-operator:0.1.0    .   # no torch: small, starts fast
 #   docker build --target trainer-cpu -t kubeforge-trainer-cpu:0.1.0 .   # CPU torch: CPU fallback, kind
 #   docker build --target trainer     -t kubeforge-trainer:0.1.0     .   # CUDA torch: GPU nodes

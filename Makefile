@@ -32,7 +32,7 @@ lint: $(BIN)/kubeforge
 	ln -s $(CURDIR)/trainer $(TYPECHECK)/kubeforge/trainer
 	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml
 
-# Prometheus and promtool, for tests/test_prometheus.py and tests/test_alerts.py: installed with apt
+# Prometheus and promtool, for tests/packaging/test_prometheus.py and tests/packaging/test_alerts.py: installed with apt
 # (root or sudo), or the one command that does it is printed before any test runs.
 test-deps:
 	.ci/install-test-deps

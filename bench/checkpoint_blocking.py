@@ -23,13 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -47,43 +44,25 @@ from kubeforge.trainer.models import build_pretrain_model
 from kubeforge.trainer.tokenization import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.processes import moto_server  # noqa: E402
+
 TRAIN_TEXT = ROOT / "examples" / "data" / "shakespeare" / "train.txt"
 BUCKET = "bench-checkpoints"
 MODES = ("async", "sync", "plain")
 
 
 @contextmanager
-def moto_server() -> Iterator[S3Spec]:
-    """A moto S3 server on a free local port with a fresh bucket, and fake credentials."""
+def s3_bucket() -> Iterator[S3Spec]:
+    """A moto S3 server (tests/support) with a fresh bucket, and fake credentials."""
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench-key-id", "AWS_SECRET_ACCESS_KEY": "bench-secret",
                        "AWS_DEFAULT_REGION": "us-east-1"})
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(endpoint, timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"moto server did not come up on {endpoint}") from None
-                time.sleep(0.1)
+    with moto_server() as endpoint:
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
         yield S3Spec(endpoint_url=endpoint)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 @dataclass
@@ -199,7 +178,7 @@ def main() -> None:
 
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench-local-") as local_root, \
-            (moto_server() if "s3" in storages else nullcontext()) as s3:
+            (s3_bucket() if "s3" in storages else nullcontext()) as s3:
         for size in sizes:
             trainee = Trainee(size, args.batch_size, args.sequence_length)
             started = time.perf_counter()

@@ -16,7 +16,7 @@ use the same hyperparameters (batch, AdamW with betas 0.9/0.95, warmup then cosi
 Timing as in bench/throughput.py: a clock stamp after the optimizer step that ends each logging
 interval, the window from the first interval's end to the last step. Real tokens in that window are
 counted from the very micro-batches trained (ours: the loop's own Batches, rebuilt; HF: its collator's
-output). Each run's final eval metric (accuracy, or eval loss for SFT) is kubeforge's `evaluate` on
+output). Each run's final eval metric (accuracy, or eval loss for SFT) is kubeforge's `eval_metrics` on
 the same eval examples, so the columns are comparable.
 
     .venv/bin/python bench/finetune_throughput.py [--task both] [--steps 60] [--repeats 3] [--size small]
@@ -43,7 +43,7 @@ from throughput import LOG_INTERVAL, StepStamps
 from kubeforge.spec import FinetuneJob, ModelSpec, TokenizerSpec, parse_job
 from kubeforge.trainer import data as trainer_data
 from kubeforge.trainer import distributed
-from kubeforge.trainer.loop import evaluate, train
+from kubeforge.trainer.loop import eval_metrics, train
 from kubeforge.trainer.models import build_pretrain_model, load_finetune_model
 from kubeforge.trainer.tokenization import train_tokenizer
 
@@ -132,7 +132,7 @@ def make_task(name: str, data: Path, args: argparse.Namespace, scratch: Path) ->
 
 def final_metric(task: Task, model: torch.nn.Module) -> float:
     runtime = distributed.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    result = evaluate(model, task.eval_batches, task.classify, len(task.labels or []), runtime, None)
+    result = eval_metrics(model, task.eval_batches, task.classify, len(task.labels or []), runtime, None)
     return result["accuracy"] if task.classify else result["loss"]
 
 

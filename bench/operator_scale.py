@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from k8s.cluster import emulated_cluster, real_cluster, realk8s  # noqa: E402
 from k8s.kubelet import ApiError, KubeClient  # noqa: E402
+from support.processes import stop_process  # noqa: E402
 
 JOBS_PATH = "/apis/kubeforge.io/v1alpha1/namespaces/{namespace}/pretrainjobs"
 FLOOR = "floor"
@@ -197,11 +198,7 @@ async def measure(count: int, kubeconfig: str | None, controller: str, timeout: 
                         total, reconciles = reconcile_totals(await asyncio.to_thread(scrape, metrics_port))
                         result.update(reconciles=reconciles, reconcile_mean_ms=1000 * total / max(reconciles, 1))
                 finally:
-                    process.terminate()
-                    try:
-                        process.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
+                    stop_process(process, grace=30)
     return result
 
 

@@ -40,7 +40,8 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from k8s.emulator import CRD_DIR, Emulator, serve
+from k8s.admission import CRD_DIR
+from k8s.emulator import Emulator, serve
 from k8s.kubelet import (
     EMULATED_NODE_LABEL,
     MERGE_PATCH,

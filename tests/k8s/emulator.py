@@ -1,10 +1,10 @@
 """A Kubernetes API server for tests: kmock's `KubernetesEmulator`, made strict where a real server is.
 
-kmock 0.8 keeps objects and streams watch events, but (see /work/shared/design/testing-notes.md) it
-stamps no uid/resourceVersion/generation/creationTimestamp, replays everything on every watch,
-ignores selectors, has no PUT, no status/spec split, no validation, no garbage collection, and
-merges every PATCH as a plain dict merge. `Emulator` keeps kmock's plumbing (its aiohttp server,
-discovery, the object store with history in `.objects`, the request log, scripted reactions such as
+kmock 0.8 keeps objects and streams watch events, but it stamps no uid/resourceVersion/generation/
+creationTimestamp, replays everything on every watch, ignores selectors, has no PUT, no status/spec
+split, no validation, no garbage collection, and merges every PATCH as a plain dict merge.
+`Emulator` keeps kmock's plumbing (its aiohttp server, discovery, the object store with history in
+`.objects`, the request log, scripted reactions such as
 `emulator['post /api/v1/namespaces/ns/pods'][:1] << 500`) and serves the API itself:
 
 - metadata: `uid`, `creationTimestamp`, `generation` (custom resources: 1, then +1 when anything but
@@ -21,15 +21,20 @@ discovery, the object store with history in `.objects`, the request log, scripte
 - the status subresource (CRDs, pods, nodes, namespaces, services): `/status` writes change only
   `.status`, main-resource writes keep the stored `.status`, create resets it;
 - validation: our CRDs' schemas (pruning, defaults, OpenAPI + CEL with `oldSelf`, via
-  `tests/test_crds.py::admit`) on create and every update -> 422 naming the field; names, labels,
-  ownerReferences, pods (containers, env, ports, volumes; spec immutable but for the fields a real
-  server lets change), services, secrets (`stringData` becomes base64 `data`);
+  `k8s/admission.py::admit`, which tests/unit/test_crds.py checks) on create and every update -> 422
+  naming the field; names, labels, ownerReferences, pods (containers, env, ports, volumes; spec
+  immutable but for the fields a real server lets change), services, secrets (`stringData` becomes base64 `data`);
 - deletion: finalizers and `deletionTimestamp`; graceful deletion of pods bound to a node (the
   kubelet finishes it with gracePeriodSeconds=0); propagation Background/Foreground/Orphan; an
   asynchronous garbage collector for `ownerReferences`; namespace deletion cascades;
 - `pods/{name}/binding` (how a scheduler sets `spec.nodeName`).
 
 Run it with `serve()` (an async context manager giving a started server on 127.0.0.1).
+
+This module holds the object store and its versions, writes, deletion and garbage collection, watch
+streams and the serving of requests; its parts live next to it: `resources` (kinds, request paths,
+`Status` errors), `selectors`, `patching`, and `admission` (what a write must pass: built-in kinds,
+CRDs, our custom resources' schema and CEL rules).
 """
 
 from __future__ import annotations
@@ -45,12 +50,10 @@ import json
 import logging
 import random
 import re
-import sys
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp.web
@@ -59,12 +62,36 @@ import kmock
 import yaml
 from kmock._internal import parsing as _kmock_parsing
 
+from k8s import admission
+from k8s.admission import (
+    CRD_DIR,
+    POD_MUTABLE,
+    SECRET_KEY,
+    Problems,
+    check_metadata,
+    check_pod,
+    check_service,
+    crd_problems,
+    pod_spec_for_comparison,
+    prune,
+)
+from k8s.patching import merge_patch, strategic_merge_patch
+from k8s.resources import (
+    KOPF_RESOURCES,
+    STATUS_ON_CREATE,
+    ApiPath,
+    Kind,
+    Obj,
+    api_error,
+    bad_request,
+    conflict,
+    invalid,
+    not_found,
+    parse_api_path,
+)
+from k8s.selectors import parse_field_selector, parse_label_selector
+
 log = logging.getLogger(__name__)
-
-TESTS_DIR = Path(__file__).resolve().parent.parent
-CRD_DIR = TESTS_DIR.parent / "crds"
-
-Obj = dict[str, Any]
 
 
 # kmock 0.8 cannot even parse `/api/v1/namespaces` (an unpacking error, served as 500): keep its
@@ -89,542 +116,8 @@ def _patch_kmock_path_parser() -> None:
 _patch_kmock_path_parser()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Resources
 
-
-@dataclass(frozen=True)
-class Kind:
-    """A served resource: what URLs, discovery and the object store need to know about it."""
-
-    group: str
-    version: str
-    plural: str
-    kind: str
-    namespaced: bool
-    subresources: frozenset[str] = frozenset()
-    custom: bool = False  # defined by a CRD: generation, pruning, schema validation
-
-    @property
-    def resource(self) -> kmock.resource:
-        return kmock.resource(self.group, self.version, self.plural)
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    @property
-    def group_resource(self) -> str:
-        return f"{self.plural}.{self.group}" if self.group else self.plural
-
-    @property
-    def qualified_kind(self) -> str:
-        return f"{self.kind}.{self.group}" if self.group else self.kind
-
-
-@dataclass(frozen=True)
-class ApiPath:
-    group: str
-    version: str
-    plural: str
-    namespace: str | None
-    name: str | None
-    subresource: str | None
-
-
-def parse_api_path(path: str) -> ApiPath | None:
-    """`/api/v1/namespaces/ns/pods/name/status` and friends; None for discovery and other paths."""
-    parts = [p for p in path.strip("/").split("/") if p]
-    if len(parts) >= 2 and parts[0] == "api":
-        group, version, rest = "", parts[1], parts[2:]
-    elif len(parts) >= 3 and parts[0] == "apis":
-        group, version, rest = parts[1], parts[2], parts[3:]
-    else:
-        return None
-    if not rest:
-        return None
-    namespace = None
-    # /namespaces/NAME/status|finalize are the namespace object's own subresources.
-    if rest[0] == "namespaces" and len(rest) >= 3 and not (len(rest) == 3 and rest[2] in ("status", "finalize")):
-        namespace, rest = rest[1], rest[2:]
-    plural = rest[0]
-    name = rest[1] if len(rest) > 1 else None
-    subresource = "/".join(rest[2:]) or None
-    return ApiPath(group, version, plural, namespace, name, subresource)
-
-
-FIELD_SELECTORS: dict[str, set[str]] = {
-    "Pod": {"spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.serviceAccountName",
-            "spec.hostNetwork", "status.phase", "status.podIP", "status.nominatedNodeName"},
-    "Event": {"involvedObject.kind", "involvedObject.namespace", "involvedObject.name", "involvedObject.uid",
-              "involvedObject.apiVersion", "involvedObject.resourceVersion", "involvedObject.fieldPath",
-              "reason", "reportingComponent", "source", "type"},
-    "Secret": {"type"},
-    "Namespace": {"status.phase"},
-    "Node": {"spec.unschedulable"},
-}
-
-# Subresources whose create resets `.status` (pods start Pending; CRs' status is the controller's).
-STATUS_ON_CREATE: dict[str, Callable[[Obj], Any]] = {
-    "Namespace": lambda obj: {"phase": "Active"},
-    "Service": lambda obj: {"loadBalancer": {}},
-}
-
-KOPF_RESOURCES = {
-    ("kopf.dev", "kopfpeerings", "KopfPeering", True),
-    ("kopf.dev", "clusterkopfpeerings", "ClusterKopfPeering", False),
-    ("zalando.org", "kopfpeerings", "KopfPeering", True),
-    ("zalando.org", "clusterkopfpeerings", "ClusterKopfPeering", False),
-}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Errors: Kubernetes `Status` bodies, as the real server sends them.
-
-
-def api_error(code: int, reason: str, message: str, *, kind: Kind | None = None, name: str | None = None,
-              causes: list[Obj] | None = None, details_kind: str | None = None) -> kmock.KubernetesError:
-    details: Obj = {}
-    if name:
-        details["name"] = name
-    if kind is not None:
-        details["group"] = kind.group
-        details["kind"] = details_kind or kind.plural
-    if causes:
-        details["causes"] = causes
-    return kmock.KubernetesError(status=code, reason=reason, message=message, details=details or None)
-
-
-def not_found(kind: Kind, name: str) -> kmock.KubernetesError:
-    return api_error(404, "NotFound", f'{kind.group_resource} "{name}" not found', kind=kind, name=name)
-
-
-def bad_request(message: str) -> kmock.KubernetesError:
-    return api_error(400, "BadRequest", message)
-
-
-def conflict(kind: Kind, name: str, why: str = "the object has been modified; please apply your changes "
-             "to the latest version and try again") -> kmock.KubernetesError:
-    return api_error(409, "Conflict", f'Operation cannot be fulfilled on {kind.group_resource} "{name}": {why}',
-                     kind=kind, name=name)
-
-
-def invalid(kind: Kind, name: str, problems: list[tuple[str, str]]) -> kmock.KubernetesError:
-    """422 Invalid: `Kind "name" is invalid: field: message` (or a bracketed list of several)."""
-    lines = [f"{f}: {m}" if f else m for f, m in problems]
-    text = lines[0] if len(lines) == 1 else "[" + ", ".join(lines) + "]"
-    causes = [{"reason": "FieldValueInvalid", "message": m, "field": f} for f, m in problems]
-    return api_error(422, "Invalid", f'{kind.qualified_kind} "{name}" is invalid: {text}', kind=kind, name=name,
-                     causes=causes, details_kind=kind.kind)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Selectors
-
-
-_SELECTOR_TERM = re.compile(
-    r"^\s*(?P<neg>!)?\s*(?P<key>[A-Za-z0-9][-A-Za-z0-9_./]*)\s*"
-    r"(?:(?P<op>==|=|!=)\s*(?P<value>[-A-Za-z0-9_.]*)|\s+(?P<setop>in|notin)\s*\((?P<values>[^)]*)\))?\s*$")
-
-
-def _split_terms(text: str) -> list[str]:
-    terms, depth, current = [], 0, ""
-    for char in text:
-        if char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-        if char == "," and depth == 0:
-            terms.append(current)
-            current = ""
-        else:
-            current += char
-    terms.append(current)
-    return [t for t in terms if t.strip()]
-
-
-def parse_label_selector(text: str | None) -> Callable[[dict[str, str]], bool]:
-    """A predicate over labels for `a=b,c!=d,e,!f,g in (x,y),h notin (z)`; ValueError when malformed."""
-    checks: list[Callable[[dict[str, str]], bool]] = []
-    for term in _split_terms(text or ""):
-        match = _SELECTOR_TERM.match(term)
-        if not match or (match["neg"] and (match["op"] or match["setop"])):
-            raise ValueError(f"unable to parse requirement: {term.strip()!r}")
-        key = match["key"]
-        if match["neg"]:
-            checks.append(lambda labels, k=key: k not in labels)
-        elif match["op"] in ("=", "=="):
-            checks.append(lambda labels, k=key, v=match["value"]: labels.get(k) == v)
-        elif match["op"] == "!=":
-            checks.append(lambda labels, k=key, v=match["value"]: labels.get(k) != v)
-        elif match["setop"]:
-            values = {v.strip() for v in match["values"].split(",") if v.strip()}
-            if match["setop"] == "in":
-                checks.append(lambda labels, k=key, vs=values: labels.get(k) in vs)
-            else:
-                checks.append(lambda labels, k=key, vs=values: labels.get(k) not in vs)
-        else:
-            checks.append(lambda labels, k=key: k in labels)
-    return lambda labels: all(check(labels) for check in checks)
-
-
-def _field_value(obj: Obj, path: str) -> str:
-    if path == "source":  # events: the reporting component
-        path = "source.component"
-    node: Any = obj
-    for part in path.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    if isinstance(node, bool):
-        return str(node).lower()
-    return "" if node is None else str(node)
-
-
-def parse_field_selector(text: str | None, kind: Kind) -> Callable[[Obj], bool]:
-    allowed = {"metadata.name", "metadata.namespace"} | FIELD_SELECTORS.get(kind.kind, set())
-    checks: list[Callable[[Obj], bool]] = []
-    for term in _split_terms(text or ""):
-        match = re.match(r"^\s*([A-Za-z0-9_.]+)\s*(==|=|!=)\s*(.*?)\s*$", term)
-        if not match:
-            raise ValueError(f"invalid selector: {term.strip()!r}")
-        path, op, value = match.groups()
-        if path not in allowed:
-            raise ValueError(f'"{path}" is not a known field selector: only "{", ".join(sorted(allowed))}"')
-        if op == "!=":
-            checks.append(lambda obj, p=path, v=value: _field_value(obj, p) != v)
-        else:
-            checks.append(lambda obj, p=path, v=value: _field_value(obj, p) == v)
-    return lambda obj: all(check(obj) for check in checks)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Patching
-
-
-# List fields that strategic merge patch merges by a key (the rest are replaced).
-MERGE_KEYS = {
-    "containers": "name", "initContainers": "name", "ephemeralContainers": "name", "env": "name",
-    "volumes": "name", "volumeMounts": "mountPath", "conditions": "type", "containerStatuses": "name",
-    "initContainerStatuses": "name", "ownerReferences": "uid", "imagePullSecrets": "name", "podIPs": "ip",
-    "hostIPs": "ip", "addresses": "type", "taints": "key", "ports": "containerPort|port",
-}
-PRIMITIVE_MERGE = {"finalizers"}
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-def strategic_merge_patch(target: Any, patch: Any) -> Any:
-    """Kubernetes strategic merge patch, for the list fields of core kinds in MERGE_KEYS."""
-    if not isinstance(patch, dict) or not isinstance(target, dict):
-        return copy.deepcopy(_without_directives(patch))
-    if patch.get("$patch") == "replace":
-        return _without_directives(patch)
-    result = dict(target)
-    retain = patch.get("$retainKeys")
-    for key, value in patch.items():
-        if key.startswith("$setElementOrder/") or key in ("$patch", "$retainKeys"):
-            continue
-        if key.startswith("$deleteFromPrimitiveList/"):
-            name = key.split("/", 1)[1]
-            result[name] = [v for v in result.get(name) or [] if v not in value]
-            continue
-        if value is None or (isinstance(value, dict) and value.get("$patch") == "delete"):
-            result.pop(key, None)
-        elif isinstance(value, dict):
-            result[key] = strategic_merge_patch(result.get(key), value)
-        elif isinstance(value, list) and key in PRIMITIVE_MERGE:
-            merged = list(result.get(key) or [])
-            merged += [v for v in value if v not in merged]
-            result[key] = merged
-        elif isinstance(value, list) and key in MERGE_KEYS and isinstance(result.get(key), list):
-            result[key] = _merge_list(result[key], value, MERGE_KEYS[key])
-        else:
-            result[key] = _without_directives(value)
-    if retain is not None:
-        result = {k: v for k, v in result.items() if k in retain}
-    return result
-
-
-def _merge_list(current: list[Any], patch: list[Any], keys: str) -> list[Any]:
-    items = [item for item in patch if isinstance(item, dict)]
-    key = next((k for k in keys.split("|") if any(k in item for item in items + current)), keys.split("|")[0])
-    if any(isinstance(i, dict) and i.get("$patch") == "replace" for i in patch):
-        return [_without_directives(i) for i in patch if not (isinstance(i, dict) and "$patch" in i)]
-    result = [copy.deepcopy(item) for item in current]
-    for item in items:
-        index = next((n for n, old in enumerate(result) if isinstance(old, dict) and old.get(key) == item.get(key)),
-                     None)
-        if item.get("$patch") == "delete":
-            if index is not None:
-                del result[index]
-        elif index is None:
-            result.append(_without_directives(item))
-        else:
-            result[index] = strategic_merge_patch(result[index], item)
-    return result
-
-
-def _without_directives(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_directives(v) for k, v in value.items() if not k.startswith("$")}
-    if isinstance(value, list):
-        return [_without_directives(v) for v in value]
-    return value
-
-
-# ---------------------------------------------------------------------------------------------------
-# Validation of built-in kinds (the subset that catches real mistakes in an operator's objects)
-
-
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
-SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
-IANA_SVC_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-FIELD_REF_PATHS = {"metadata.name", "metadata.namespace", "metadata.uid", "spec.nodeName",
-                   "spec.serviceAccountName", "status.hostIP", "status.hostIPs", "status.podIP", "status.podIPs"}
-POD_MUTABLE = "`spec.containers[*].image`, `spec.initContainers[*].image`, `spec.activeDeadlineSeconds`, " \
-              "`spec.tolerations` (only additions to existing tolerations), `spec.terminationGracePeriodSeconds`"
-
-Problems = list[tuple[str, str]]
-
-
-def _check_name(name: str, rule: str, field_: str = "metadata.name") -> Problems:
-    patterns = {"label": (DNS1123_LABEL, 63, "a lowercase RFC 1123 label"),
-                "subdomain": (DNS1123_SUBDOMAIN, 253, "a lowercase RFC 1123 subdomain"),
-                "dns1035": (DNS1035_LABEL, 63, "a DNS-1035 label")}
-    pattern, limit, what = patterns[rule]
-    if not pattern.match(name or "") or len(name) > limit:
-        return [(field_, f'Invalid value: "{name}": must be {what} of at most {limit} characters')]
-    return []
-
-
-def _check_qualified_key(key: str, field_: str) -> Problems:
-    prefix, _, name = key.rpartition("/")
-    if (prefix and (not DNS1123_SUBDOMAIN.match(prefix) or len(prefix) > 253)) \
-            or not QUALIFIED_NAME.match(name) or len(name) > 63:
-        return [(field_, f'Invalid value: "{key}": name part must consist of alphanumeric characters, '
-                         "'-', '_' or '.', and must start and end with an alphanumeric character")]
-    return []
-
-
-def check_metadata(kind: Kind, obj: Obj) -> Problems:
-    meta = obj["metadata"]
-    rule = "dns1035" if kind.kind == "Service" else "label" if kind.kind == "Namespace" else "subdomain"
-    problems = _check_name(meta["name"], rule)
-    for key, value in (meta.get("labels") or {}).items():
-        problems += _check_qualified_key(key, "metadata.labels")
-        if not isinstance(value, str) or not LABEL_VALUE.match(value) or len(value) > 63:
-            problems.append(("metadata.labels", f'Invalid value: "{value}": a valid label must be an empty '
-                                                "string or alphanumeric with '-', '_' or '.', at most 63 characters"))
-    for key, value in (meta.get("annotations") or {}).items():
-        problems += _check_qualified_key(key, "metadata.annotations")
-        if not isinstance(value, str):
-            problems.append(("metadata.annotations", f"Invalid value: {value!r}: must be a string"))
-    refs = meta.get("ownerReferences") or []
-    for n, ref in enumerate(refs):
-        for required in ("apiVersion", "kind", "name", "uid"):
-            if not ref.get(required):
-                problems.append((f"metadata.ownerReferences[{n}].{required}", "Required value"))
-    if sum(1 for ref in refs if ref.get("controller")) > 1:
-        problems.append(("metadata.ownerReferences", "Invalid value: only one reference can have Controller set "
-                                                      "to true"))
-    for n, finalizer in enumerate(meta.get("finalizers") or []):
-        if not isinstance(finalizer, str) or not finalizer:
-            problems.append((f"metadata.finalizers[{n}]", "Invalid value: must be a non-empty string"))
-    return problems
-
-
-def check_pod(pod: Obj) -> Problems:
-    spec = pod.get("spec")
-    if not isinstance(spec, dict):
-        return [("spec", "Required value")]
-    problems: Problems = []
-    containers = spec.get("containers") or []
-    if not containers:
-        problems.append(("spec.containers", "Required value"))
-    volumes = {v.get("name") for v in spec.get("volumes") or []}
-    for n, volume in enumerate(spec.get("volumes") or []):
-        problems += _check_name(volume.get("name", ""), "label", f"spec.volumes[{n}].name")
-    if spec.get("restartPolicy", "Always") not in ("Always", "OnFailure", "Never"):
-        problems.append(("spec.restartPolicy", f'Unsupported value: "{spec["restartPolicy"]}"'))
-    for field_ in ("hostname", "subdomain"):
-        if spec.get(field_):
-            problems += _check_name(spec[field_], "label", f"spec.{field_}")
-    names: set[str] = set()
-    for group in ("initContainers", "containers"):
-        for n, container in enumerate(spec.get(group) or []):
-            where = f"spec.{group}[{n}]"
-            name = container.get("name", "")
-            problems += _check_name(name, "label", f"{where}.name")
-            if name in names:
-                problems.append((f"{where}.name", f'Duplicate value: "{name}"'))
-            names.add(name)
-            if not container.get("image"):
-                problems.append((f"{where}.image", "Required value"))
-            policy = container.get("terminationMessagePolicy", "File")
-            if policy not in ("File", "FallbackToLogsOnError"):
-                problems.append((f"{where}.terminationMessagePolicy", f'Unsupported value: "{policy}"'))
-            problems += _check_env(container, where)
-            port_names: set[str] = set()
-            for p, port in enumerate(container.get("ports") or []):
-                number = port.get("containerPort")
-                if not isinstance(number, int) or not 1 <= number <= 65535:
-                    problems.append((f"{where}.ports[{p}].containerPort", f"Invalid value: {number!r}: must be "
-                                                                            "between 1 and 65535, inclusive"))
-                if "name" in port:
-                    if not IANA_SVC_NAME.match(port["name"]) or len(port["name"]) > 15:
-                        problems.append((f"{where}.ports[{p}].name", f'Invalid value: "{port["name"]}": must be '
-                                                                       "an IANA_SVC_NAME of at most 15 characters"))
-                    if port["name"] in port_names:
-                        problems.append((f"{where}.ports[{p}].name", f'Duplicate value: "{port["name"]}"'))
-                    port_names.add(port["name"])
-            for m, mount in enumerate(container.get("volumeMounts") or []):
-                if mount.get("name") not in volumes:
-                    problems.append((f"{where}.volumeMounts[{m}].name", f'Not found: "{mount.get("name")}"'))
-    return problems
-
-
-def _check_env(container: Obj, where: str) -> Problems:
-    problems: Problems = []
-    for e, var in enumerate(container.get("env") or []):
-        name = var.get("name", "")
-        if not ENV_NAME.match(name):
-            problems.append((f"{where}.env[{e}].name", f'Invalid value: "{name}": a valid environment variable '
-                                                        "name must consist of alphabetic characters, digits, "
-                                                        "'_', '-', or '.', and must not start with a digit"))
-        source = var.get("valueFrom")
-        if source is None:
-            continue
-        if var.get("value"):
-            problems.append((f"{where}.env[{e}].valueFrom", "Invalid value: may not be specified when `value` is "
-                                                              "not empty"))
-        kinds = [k for k in ("fieldRef", "resourceFieldRef", "configMapKeyRef", "secretKeyRef") if k in source]
-        if len(kinds) != 1:
-            problems.append((f"{where}.env[{e}].valueFrom", "Invalid value: may not have more than one field "
-                                                              "specified at a time" if kinds else "Required value"))
-        field_ref = source.get("fieldRef")
-        if field_ref is not None:
-            path = field_ref.get("fieldPath", "")
-            if path not in FIELD_REF_PATHS and not re.match(r"^metadata\.(labels|annotations)\['[^']+'\]$", path):
-                problems.append((f"{where}.env[{e}].valueFrom.fieldRef.fieldPath",
-                                 f'Unsupported value: "{path}"'))
-        for ref in ("secretKeyRef", "configMapKeyRef"):
-            if ref in source and not (source[ref].get("name") and source[ref].get("key")):
-                problems.append((f"{where}.env[{e}].valueFrom.{ref}", "Required value: name and key"))
-    return problems
-
-
-def check_service(service: Obj) -> Problems:
-    spec = service.get("spec") or {}
-    problems: Problems = []
-    ports = spec.get("ports") or []
-    for n, port in enumerate(ports):
-        number = port.get("port")
-        if not isinstance(number, int) or not 1 <= number <= 65535:
-            problems.append((f"spec.ports[{n}].port", f"Invalid value: {number!r}: must be between 1 and 65535"))
-        if len(ports) > 1 and not port.get("name"):
-            problems.append((f"spec.ports[{n}].name", "Required value"))
-    if not ports and spec.get("clusterIP") != "None" and spec.get("type", "ClusterIP") != "ExternalName":
-        problems.append(("spec.ports", "Required value"))
-    return problems
-
-
-def _pod_spec_for_comparison(spec: Obj) -> Obj:
-    spec = copy.deepcopy(spec)
-    for field_ in ("activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds"):
-        spec.pop(field_, None)
-    for group in ("containers", "initContainers"):
-        for container in spec.get(group) or []:
-            container.pop("image", None)
-    return spec
-
-
-# ---------------------------------------------------------------------------------------------------
-# CRDs: pruning, defaulting, validation (our CRDs through tests/test_crds.py) and a structural check
-
-
-def _crd_admission() -> Any:
-    """tests/test_crds.py, the one place that knows how the API server judges our CRs."""
-    if str(TESTS_DIR) not in sys.path:
-        sys.path.insert(0, str(TESTS_DIR))
-    import test_crds
-
-    return test_crds
-
-
-def prune(schema: Obj, value: Any, root: bool = False) -> Any:
-    """Drop the fields a structural schema does not know, as the API server does on every write."""
-    if isinstance(value, dict):
-        properties = schema.get("properties") or {}
-        preserve = schema.get("x-kubernetes-preserve-unknown-fields")
-        additional = schema.get("additionalProperties")
-        out = {}
-        for key, item in value.items():
-            if root and key in ("apiVersion", "kind", "metadata"):
-                out[key] = item
-            elif key in properties:
-                out[key] = prune(properties[key], item)
-            elif isinstance(additional, dict):
-                out[key] = prune(additional, item)
-            elif preserve or additional is True:
-                out[key] = item
-        return out
-    if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        return [prune(schema["items"], item) for item in value]
-    return value
-
-
-NUMERIC_KEYWORDS = ("minimum", "maximum", "multipleOf")
-COUNT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
-TYPES = {"object", "array", "string", "integer", "number", "boolean"}
-_WARNED_CRDS: set[str] = set()
-
-
-def crd_problems(crd: Obj) -> list[str]:
-    """What a real API server would refuse in a CRD's schemas (a subset: types of schema keywords)."""
-    problems: list[str] = []
-
-    def walk(node: Any, path: str) -> None:
-        if not isinstance(node, dict):
-            problems.append(f"{path}: must be an object")
-            return
-        for key in NUMERIC_KEYWORDS:
-            if key in node and (isinstance(node[key], bool) or not isinstance(node[key], int | float)):
-                problems.append(f"{path}.{key}: Invalid value: {node[key]!r}: must be a number")
-        for key in ("exclusiveMinimum", "exclusiveMaximum", "x-kubernetes-preserve-unknown-fields", "nullable"):
-            if key in node and not isinstance(node[key], bool):
-                problems.append(f"{path}.{key}: Invalid value: {node[key]!r}: must be a boolean")
-        for key in COUNT_KEYWORDS:
-            if key in node and (isinstance(node[key], bool) or not isinstance(node[key], int) or node[key] < 0):
-                problems.append(f"{path}.{key}: Invalid value: {node[key]!r}: must be a non-negative integer")
-        if "type" in node and node["type"] not in TYPES:
-            problems.append(f"{path}.type: Unsupported value: {node['type']!r}")
-        for name, sub in (node.get("properties") or {}).items():
-            walk(sub, f"{path}.properties[{name}]")
-        if isinstance(node.get("items"), dict):
-            walk(node["items"], f"{path}.items")
-        if isinstance(node.get("additionalProperties"), dict):
-            walk(node["additionalProperties"], f"{path}.additionalProperties")
-
-    for n, version in enumerate(crd.get("spec", {}).get("versions", [])):
-        schema = (version.get("schema") or {}).get("openAPIV3Schema")
-        if schema is not None:
-            walk(schema, f"spec.versions[{n}].schema.openAPIV3Schema")
-    return problems
+_WARNED_CRDS: set[str] = set()  # CRDs a real API server would refuse, warned about once per session
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -682,7 +175,7 @@ class Emulator(kmock.KubernetesEmulator):
         self._builtin_reactions = len(self._payloads)
         self._rv = 1000
         self._kinds: dict[kmock.resource, Kind] = {}
-        self._admitted_kinds: set[str] = set()  # custom kinds validated by tests/test_crds.py::admit
+        self._admitted_kinds: set[str] = set()  # custom kinds validated by admission.admit
         self._schemas: dict[str, Obj] = {}  # custom kind -> openAPIV3Schema (pruning and defaults)
         self._uids: dict[str, tuple[kmock.resource, str | None, str]] = {}
         self._changes: collections.deque[Change] = collections.deque()
@@ -899,7 +392,7 @@ class Emulator(kmock.KubernetesEmulator):
             schema = self._schemas[kind.kind]
             pruned = prune(schema, obj, root=True)
             if kind.kind in self._admitted_kinds:
-                pruned = _crd_admission().with_defaults(schema, pruned)
+                pruned = admission.with_defaults(schema, pruned)
             obj.clear()
             obj.update(pruned)
         elif kind.kind == "Secret":
@@ -954,7 +447,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _check_kind(self, kind: Kind, obj: Obj, old: Obj | None) -> Problems:
         if kind.kind in self._admitted_kinds:
-            return [self._split_problem(p) for p in _crd_admission().admit(obj, old)]
+            return [self._split_problem(p) for p in admission.admit(obj, old)]
         if kind.kind == "Pod":
             return check_pod(obj)
         if kind.kind == "Service":
@@ -1043,8 +536,8 @@ class Emulator(kmock.KubernetesEmulator):
             if added:
                 problems.append(("metadata.finalizers", f"Forbidden: no new finalizers can be added if the object "
                                                         f"is being deleted, found new finalizers {sorted(added)}"))
-        if kind.kind == "Pod" and _pod_spec_for_comparison(new.get("spec") or {}) != \
-                _pod_spec_for_comparison(old.get("spec") or {}):
+        if kind.kind == "Pod" and pod_spec_for_comparison(new.get("spec") or {}) != \
+                pod_spec_for_comparison(old.get("spec") or {}):
             problems.append(("spec", f"Forbidden: pod updates may not change fields other than {POD_MUTABLE}"))
         if kind.kind == "Service" and (new.get("spec") or {}).get("clusterIP") != (old.get("spec") or {}).get(
                 "clusterIP"):

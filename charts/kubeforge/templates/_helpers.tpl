@@ -36,7 +36,7 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .image.repository (default .chart.AppVersion .image.tag) -}}
 {{- end -}}
 
-{{/* The same job permissions whether granted cluster-wide or per namespace (tests/test_chart.py
+{{/* The same job permissions whether granted cluster-wide or per namespace (tests/support/rbac.py
      lists what each rule is for). */}}
 {{- define "kubeforge.jobRules" -}}
 - apiGroups: [kubeforge.io]

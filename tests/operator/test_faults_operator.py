@@ -1,0 +1,500 @@
+"""Fault injection, the operator's rows: real faults in real processes, with the figures printed.
+
+The operator runs as its own process (`kubeforge operator`), against the API server emulator of
+tests/k8s (CI) or the cluster of KUBEFORGE_E2E_KUBECONFIG; the kubelet harness runs the pods with
+tests/support/fake_trainer.py as the trainer (the pod contract without torch: these rows are about the
+operator). Faults: the operator SIGKILLed at random moments; the API server answering 5xx/429 (a
+proxy in front of it); 200 fuzzed manifests; a NaN loss and a hung trainer among healthy jobs.
+
+`.venv/bin/pytest -m faults` runs them at CI size; `--fault-size full` at the sizes of
+docs/reliability.md. Each test prints a `FAULT |` line: the row of the table there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from k8s.kubelet import ApiError, Kubelet
+from support.fake_trainer import MODE_LABEL, RATE_LABEL
+from support.jobs import ROOT, tiny_pretrain
+from support.processes import free_port
+
+pytestmark = pytest.mark.faults
+
+PTJ = "PretrainJob"
+#: The sizes of each row, per --fault-size: docs/reliability.md's (full) and CI's.
+SCALE = {
+    "ci": {"operator_kills": 3, "api_fault_rounds": 1, "api_fault_seconds": 20.0, "fuzzed_manifests": 60},
+    "full": {"operator_kills": 10, "api_fault_rounds": 3, "api_fault_seconds": 60.0, "fuzzed_manifests": 200},
+}
+LIVENESS_SECONDS = 5.0
+#: Kopf caches a probe's result this long (kopf/_core/engines/probing.py).
+KOPF_PROBE_CACHE_SECONDS = 10.0
+
+
+def report(row: str, **figures: Any) -> None:
+    print(f"\nFAULT | {row} | " + ", ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The world: API server (+ optional fault proxy), kubelet with the fake trainer, operator process
+
+
+@pytest.fixture
+async def fake_kubelet(cluster: Any, tmp_path: Path) -> AsyncIterator[Kubelet]:
+    """The kubelet harness, with tests/support/fake_trainer.py as the pods' `kubeforge`."""
+    if cluster.real and await cluster.has_schedulable_nodes():
+        pytest.skip("the cluster's own nodes run pods: the fake trainer needs the kubelet harness")
+    python = tmp_path / "fake-python"
+    # The harness runs `kubeforge ARGS` as `PYTHON -m kubeforge ARGS`: drop `-m kubeforge`.
+    python.write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} {ROOT / "tests/support/fake_trainer.py"} "$@"\n')
+    python.chmod(0o755)
+    harness = Kubelet(cluster.client, cluster.namespace, tmp_path / "kubelet", python=str(python), kill_grace=2.0)
+    await harness.start(threaded=True)
+    cluster.kubelet = harness
+    try:
+        yield harness
+    finally:
+        await harness.stop()
+        cluster.kubelet = None
+
+
+def kubeconfig(cluster: Any, server: str, path: Path) -> Path:
+    if cluster.real:
+        return Path(cluster.kubeconfig)
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "faults",
+        "clusters": [{"name": "faults", "cluster": {"server": server}}],
+        "users": [{"name": "faults", "user": {}}],
+        "contexts": [{"name": "faults", "context": {"cluster": "faults", "user": "faults",
+                                                    "namespace": cluster.namespace}}],
+    }))
+    return path
+
+
+class OperatorProcess:
+    """`kubeforge operator --standalone`, as the chart runs it, that a test can kill and restart."""
+
+    def __init__(self, config: Path, namespace: str, workdir: Path):
+        self.metrics_port, self.health_port = free_port(), free_port()
+        self.log_path = workdir / "operator.log"
+        self.env = {**os.environ, "KUBECONFIG": str(config), "KUBEFORGE_NAMESPACES": namespace,
+                    "KUBEFORGE_STORAGE_ROOT": "s3://faults/kf", "KUBEFORGE_RESYNC_SECONDS": "0.5",
+                    "KUBEFORGE_METRICS_PORT": str(self.metrics_port), "KUBEFORGE_ERROR_BACKOFF_SECONDS": "0.5",
+                    "KUBEFORGE_ERROR_BACKOFF_MAX_SECONDS": "4", "KUBEFORGE_LIVENESS_SECONDS": str(LIVENESS_SECONDS)}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    async def start(self, timeout: float = 60.0) -> None:
+        with self.log_path.open("ab") as log:
+            log.write(f"----- start {self.starts}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kubeforge", "operator", "--standalone", "--health-port", str(self.health_port)],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT / "tests")
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while self.metrics() is None:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the operator exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the operator's metrics did not answer within {timeout}s")
+            await asyncio.sleep(0.2)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        self.process.wait(timeout=30)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def metrics(self) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+                return str(response.read().decode())
+        except OSError:
+            return None
+
+    def sample(self, name: str) -> float:
+        """The sum of a metric's samples (every label set)."""
+        text = self.metrics() or ""
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") or line.startswith(name + " "))
+
+    def health(self, timeout: float = 5.0) -> int:
+        """/healthz's status code; 0 when it does not answer within `timeout` (a failed probe too)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=timeout) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except TimeoutError:
+            return 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+
+
+@contextlib.asynccontextmanager
+async def operator_process(cluster: Any, server: str, workdir: Path) -> AsyncIterator[OperatorProcess]:
+    operator = OperatorProcess(kubeconfig(cluster, server, workdir / "kubeconfig"), cluster.namespace, workdir)
+    await operator.start()
+    try:
+        yield operator
+    finally:
+        operator.stop()
+
+
+class FaultProxy:
+    """An HTTP proxy in front of the API server that answers 500/503/429 while `failing`, and cuts
+    the watch streams open when a failure starts (as an API server that goes away does)."""
+
+    STATUSES = (500, 503, 429)
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.refused = 0
+        self.forwarded = 0
+        self._failing = asyncio.Event()
+        self._codes = itertools.cycle(self.STATUSES)
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    @property
+    def failing(self) -> bool:
+        return self._failing.is_set()
+
+    def fail(self, on: bool) -> None:
+        if on:
+            self._failing.set()
+        else:
+            self._failing.clear()
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        self.fail(True)  # ends the streams still open
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.failing:
+            self.refused += 1
+            code = next(self._codes)
+            body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+                    "reason": "TooManyRequests" if code == 429 else "InternalError", "message": "injected fault"}
+            return web.json_response(body, status=code, headers={"Retry-After": "1"} if code == 429 else None)
+        self.forwarded += 1
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
+                                         data=await request.read()) as upstream:
+            response = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection")})
+            await response.prepare(request)
+            failure = asyncio.ensure_future(self._failing.wait())
+            try:
+                while True:
+                    chunk = asyncio.ensure_future(upstream.content.readany())
+                    await asyncio.wait([chunk, failure], return_when=asyncio.FIRST_COMPLETED)
+                    if not chunk.done():
+                        chunk.cancel()
+                        break  # the API server "went away": the client sees its stream end
+                    data = chunk.result()
+                    if not data:
+                        break
+                    await response.write(data)
+            finally:
+                failure.cancel()
+            return response
+
+
+@contextlib.asynccontextmanager
+async def fault_proxy(upstream: str) -> AsyncIterator[FaultProxy]:
+    proxy = FaultProxy(upstream)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Jobs and what to check on them
+
+
+def fake_job(name: str, steps: int, *, mode: str = "train", rate: float = 20, workers: int = 1,
+             **spec: Any) -> dict[str, Any]:
+    job = tiny_pretrain(name, maxSteps=steps, warmupSteps=0)
+    job["metadata"]["labels"] = {MODE_LABEL: mode, RATE_LABEL: str(rate)}
+    job["spec"]["resources"] = {"workers": workers, "gpusPerWorker": 0, "cpu": "100m", "memory": "64Mi"}
+    job["spec"]["metrics"] = {"port": 9400}  # every pod has an IP of its own
+    job["spec"].update(spec)
+    return job
+
+
+async def statuses(cluster: Any) -> dict[str, dict[str, Any]]:
+    return {j["metadata"]["name"]: j.get("status") or {} for j in await cluster.list(PTJ)}
+
+
+async def all_final(cluster: Any, names: list[str]) -> dict[str, dict[str, Any]] | None:
+    current = await statuses(cluster)
+    done = all(current.get(n, {}).get("phase") in ("Succeeded", "Failed") for n in names)
+    return current if done else None
+
+
+class PodWatch:
+    """Polls the namespace's pods: every pod (by uid) each job ever had, and the most pods of one
+    job and rank alive (not being deleted) at once: 2 is a duplicate."""
+
+    def __init__(self, cluster: Any):
+        self.cluster = cluster
+        self.uids: dict[str, set[str]] = defaultdict(set)
+        self.most_alive_per_rank = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _poll(self) -> None:
+        while True:
+            alive: dict[tuple[str, str], int] = defaultdict(int)
+            for pod in await self.cluster.list_pods("kubeforge.io/job-kind=ptj"):
+                labels = pod["metadata"]["labels"]
+                self.uids[labels["kubeforge.io/job-name"]].add(pod["metadata"]["uid"])
+                if not pod["metadata"].get("deletionTimestamp"):
+                    alive[(labels["kubeforge.io/job-name"], labels["kubeforge.io/rank"])] += 1
+            self.most_alive_per_rank = max([self.most_alive_per_rank, *alive.values()])
+            await asyncio.sleep(0.2)
+
+    def __enter__(self) -> PodWatch:
+        self._task = asyncio.ensure_future(self._poll())
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+def tracebacks(operator: OperatorProcess) -> int:
+    return operator.log().count("Traceback (most recent call last)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rows
+
+
+async def test_operator_killed_at_random_moments(cluster: Any, fake_kubelet: Kubelet, tmp_path: Path,
+                                                fault_size: str) -> None:
+    """SIGKILL the operator at random moments while jobs are created, run and finish: no job gets a
+    duplicate pod or a spurious gang restart, and every job reaches its final phase."""
+    kills = SCALE[fault_size]["operator_kills"]
+    rng = random.Random(11)
+    names = [f"kill-{i}" for i in range(kills + 2)]
+    async with operator_process(cluster, cluster.url, tmp_path) as operator:
+        with PodWatch(cluster) as pods:
+            started = time.monotonic()
+            for index, name in enumerate(names):
+                await cluster.apply(fake_job(name, steps=rng.randint(40, 120), workers=1 + index % 2))
+                if index < kills:
+                    await asyncio.sleep(rng.uniform(0.2, 3.0))  # the operator is mid-whatever
+                    operator.kill(signal.SIGKILL)
+                    await operator.start()
+            final = await cluster.wait_for(lambda: all_final(cluster, names), 300, "every job to finish")
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(1.0)  # a last poll of the pods
+    phases = {n: final[n].get("phase") for n in names}
+    restarts = sum(final[n].get("restarts", 0) for n in names)
+    workers = {n: 1 + i % 2 for i, n in enumerate(names)}
+    extra_pods = sum(len(pods.uids[n]) - workers[n] for n in names)
+    report("operator SIGKILLed at random moments", kills=kills, jobs=len(names),
+           succeeded=sum(p == "Succeeded" for p in phases.values()), duplicate_pods=extra_pods,
+           most_alive_per_rank=pods.most_alive_per_rank, gang_restarts=restarts, seconds=round(elapsed, 1))
+    assert phases == {n: "Succeeded" for n in names}
+    assert extra_pods == 0 and pods.most_alive_per_rank == 1 and restarts == 0
+
+
+async def test_api_server_answering_errors(cluster: Any, fake_kubelet: Kubelet, tmp_path: Path,
+                                          fault_size: str) -> None:
+    """The API server answers every operator request with 500/503/429 for a while, rounds apart, and
+    drops the operator's watches: every job still reaches its final phase, the operator process
+    stays up, counts the failed reconciliations, and its liveness fails while it cannot work."""
+    if cluster.real:
+        pytest.skip("the fault proxy forwards plain HTTP without credentials: the emulator only")
+    rounds, window = SCALE[fault_size]["api_fault_rounds"], SCALE[fault_size]["api_fault_seconds"]
+    names = [f"api-{i}" for i in range(4)]
+    rate = 10
+    steps = int(rate * (rounds * (window + 10) + 15))  # still training when the last round ends
+    async with fault_proxy(cluster.url) as proxy, operator_process(cluster, proxy.url, tmp_path) as operator:
+        for name in names:
+            await cluster.apply(fake_job(name, steps=steps, rate=rate))
+        await cluster.wait_for(lambda: _all_phase(cluster, names, "Running"), 60, "every job Running")
+        health_during: list[int] = []
+        recovered: list[float] = []
+        for _ in range(rounds):
+            await asyncio.sleep(5)
+            proxy.fail(True)
+            started = time.monotonic()
+            while time.monotonic() - started < window:
+                await asyncio.sleep(1.0)
+                if time.monotonic() - started > LIVENESS_SECONDS + KOPF_PROBE_CACHE_SECONDS + 1:
+                    health_during.append(await asyncio.to_thread(operator.health))
+            assert operator.alive(), operator.log()[-3000:]
+            before = await statuses(cluster)
+            proxy.fail(False)
+            healed = time.monotonic()
+            await cluster.wait_for(lambda b=before: _stepped(cluster, names, b), 120,
+                                   "every job's status to move again")
+            recovered.append(round(time.monotonic() - healed, 1))
+        final = await cluster.wait_for(lambda: all_final(cluster, names), 300, "every job to finish")
+        errors = operator.sample("kubeforge_operator_reconcile_errors_total")
+        health_after = operator.health()
+    phases = [final[n].get("phase") for n in names]
+    report("API server answering 5xx/429", rounds=rounds, window_s=window, jobs=len(names),
+           succeeded=phases.count("Succeeded"), requests_refused=proxy.refused, reconcile_errors_counted=int(errors),
+           recovery_s=recovered, liveness_during=sorted(set(health_during)), liveness_after=health_after,
+           operator_restarts=0)
+    assert phases == ["Succeeded"] * len(names)
+    assert errors > 0 and 500 in health_during and health_after == 200
+
+
+async def _all_phase(cluster: Any, names: list[str], phase: str) -> bool:
+    current = await statuses(cluster)
+    return all(current.get(n, {}).get("phase") == phase for n in names)
+
+
+async def _stepped(cluster: Any, names: list[str], before: dict[str, dict[str, Any]]) -> bool:
+    current = await statuses(cluster)
+    return all(current[n].get("step", 0) > before[n].get("step", 0) or current[n].get("phase") == "Succeeded"
+               for n in names)
+
+
+async def test_nan_loss_and_a_hung_trainer_among_healthy_jobs(cluster: Any, fake_kubelet: Kubelet,
+                                                              tmp_path: Path) -> None:
+    """A diverged job fails with LossNotFinite, a hung one with Stalled; the healthy ones around
+    them succeed, and the operator stays live throughout."""
+    jobs = [fake_job("diverged", steps=400, mode="nan"),
+            fake_job("hung", steps=400, mode="stall", stallTimeoutSeconds=10, backoffLimit=1),
+            fake_job("healthy-a", steps=300), fake_job("healthy-b", steps=300, workers=2)]
+    names = [j["metadata"]["name"] for j in jobs]
+    async with operator_process(cluster, cluster.url, tmp_path) as operator:
+        started = time.monotonic()
+        for job in jobs:
+            await cluster.apply(job)
+        final = await cluster.wait_for(lambda: all_final(cluster, names), 180, "every job to finish")
+        elapsed = time.monotonic() - started
+        health = operator.health()
+        errors = operator.sample("kubeforge_operator_reconcile_errors_total")
+        exceptions = tracebacks(operator)
+    outcome = {n: (final[n]["phase"], final[n].get("reason")) for n in names}
+    report("NaN loss; a stalled trainer", jobs=len(names), outcomes=json.dumps(outcome),
+           hung_restarts=final["hung"].get("restarts"), reconcile_errors=int(errors), seconds=round(elapsed, 1))
+    assert outcome == {"diverged": ("Failed", "LossNotFinite"), "hung": ("Failed", "Stalled"),
+                       "healthy-a": ("Succeeded", "Completed"), "healthy-b": ("Succeeded", "Completed")}
+    assert final["hung"]["restarts"] == 1  # one Stalled restart, then backoffLimit 1 is spent
+    assert health == 200 and errors == 0 and exceptions == 0
+
+
+# Fuzzing: one field of a valid job at a time, given a value of the wrong type, out of range, in an
+# odd alphabet or huge. Valid results (some are) stay suspended: the row is about what is refused.
+FIELDS = ["metadata.name", "spec.training.maxSteps", "spec.training.learningRate", "spec.training.batchSize",
+          "spec.training.precision", "spec.training.warmupSteps", "spec.model.size", "spec.model.hiddenSize",
+          "spec.tokenizer.vocabSize", "spec.data.train.uri", "spec.data.textField", "spec.checkpoint.uri",
+          "spec.checkpoint.keep", "spec.resources.workers", "spec.resources.memory", "spec.resources.cpu",
+          "spec.metrics.port", "spec.backoffLimit", "spec.stallTimeoutSeconds", "spec.s3", "spec.training",
+          "spec.unknownField", "spec.terminationGracePeriodSeconds"]
+# 2**63 - 1: the largest integer an API server parses (int64).
+VALUES: list[Any] = [None, -1, 0, 2**63 - 1, 1e308, -0.5, "", "ünïcödé-ñame", "7b-pretrain", "a" * 60, "x" * 100_000,
+                     "\u2028\u0000", "s3://", "../../etc/passwd", True, [], {}, {"nested": [1, 2]}, "1e9Gi", "NaN"]
+
+
+def fuzzed(rng: random.Random, index: int) -> tuple[dict[str, Any], str]:
+    job = fake_job(f"fuzz-{index}", steps=100, suspend=True)
+    path, value = rng.choice(FIELDS), rng.choice(VALUES)
+    if path == "metadata.name":
+        # A name of another type is no object the API server parses at all (400); the emulator
+        # has no such check, and fails on it.
+        value = str(value)
+    node = job
+    *parents, leaf = path.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+    return job, f"{path}={str(value)[:20]!r}"
+
+
+async def test_fuzzed_manifests(cluster: Any, fake_kubelet: Kubelet, tmp_path: Path,
+                               fault_size: str) -> None:
+    """Each manifest is refused by the CRD schema (naming the field) or reaches the operator, which
+    fails it as InvalidSpec naming the field or (a valid job after all) keeps it Suspended; the
+    operator raises no exception."""
+    count = SCALE[fault_size]["fuzzed_manifests"]
+    rng = random.Random(2026)
+    refused, admitted, unnamed = 0, [], []
+    async with operator_process(cluster, cluster.url, tmp_path) as operator:
+        for index in range(count):
+            job, what = fuzzed(rng, index)
+            try:
+                created = await cluster.client.create(job, cluster.namespace)
+                admitted.append(created["metadata"]["name"])
+            except ApiError as exc:
+                refused += 1
+                message = exc.body.get("message", "") if isinstance(exc.body, dict) else str(exc.body)
+                if exc.status != 422 or not any(f in message for f in ("spec.", "metadata.name")):
+                    unnamed.append(f"{what}: {exc.status} {message[:300]}")
+
+        async def settled() -> dict[str, dict[str, Any]] | None:
+            current = await statuses(cluster)
+            done = all(current.get(n, {}).get("phase") in ("Failed", "Suspended") for n in admitted)
+            return current if done else None
+
+        final = await cluster.wait_for(settled, 120, "the operator to decide every admitted job")
+        errors = operator.sample("kubeforge_operator_reconcile_errors_total")
+        exceptions = tracebacks(operator)
+        pods = await cluster.list_pods("kubeforge.io/job-kind=ptj")
+    invalid = [n for n in admitted if final[n].get("reason") == "InvalidSpec"]
+    unnamed += [f"{n}: {final[n].get('message')}" for n in invalid
+                if not any(f in final[n].get("message", "") for f in ("spec.", "metadata.name"))]
+    report("fuzzed manifests", manifests=count, refused_by_crd=refused, invalid_spec=len(invalid),
+           valid_and_suspended=len(admitted) - len(invalid), unnamed_refusals=len(unnamed),
+           reconcile_errors=int(errors), operator_exceptions=exceptions)
+    assert unnamed == [] and errors == 0 and exceptions == 0 and pods == []

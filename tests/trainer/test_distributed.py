@@ -1,0 +1,134 @@
+"""Data-parallel training as a multi-worker pod runs it: torchrun, two CPU processes, gloo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from support.jobs import ROOT, tiny_pretrain, write_manifest
+from support.processes import free_port
+
+from kubeforge.trainer.data import Batches
+
+BIN = Path(sys.executable).parent
+
+
+def test_two_workers_train_and_only_rank_0_writes(tmp_path: Path) -> None:
+    job = tiny_pretrain("tiny-ddp", maxSteps=20, batchSize=4, sequenceLength=32, warmupSteps=2,
+                        evalInterval=10, evalBatches=2, logInterval=5)
+    # keep is above the number of checkpoints, so retention cannot hide a second writer's directories.
+    job["spec"]["checkpoint"] = {"intervalSteps": 5, "keep": 10}
+    job["spec"]["resources"]["workers"] = 2
+    manifest = write_manifest(tmp_path / "job.yaml", job)
+    checkpoints, result_file = tmp_path / "out", tmp_path / "result.json"
+
+    command = [
+        str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "static",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "--no-python", str(BIN / "kubeforge"), "train", "--spec", str(manifest),
+        "--checkpoint-uri", str(checkpoints), "--result", str(result_file),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    log = process.stdout + process.stderr
+    assert process.returncode == 0, log
+
+    # Both workers ran and logged, each under its own rank.
+    assert re.search(r"INFO rank0 ", log) and re.search(r"INFO rank1 ", log), log
+    assert "steps 0..20 on cpu x2" in log
+
+    # One writer: every checkpoint commit and the export are rank 0's.
+    commits = re.findall(r"INFO (rank\d) kubeforge\.trainer\.checkpoint: checkpoint step (\d+) committed", log)
+    assert commits == [("rank0", "5"), ("rank0", "10"), ("rank0", "15"), ("rank0", "20")], log
+    exports = re.findall(r"INFO (rank\d) \S+: exported the model", log)
+    assert exports == ["rank0"], log
+
+    directories = sorted(p.name for p in (checkpoints / "checkpoints").iterdir())
+    assert directories == ["step-00000005", "step-00000010", "step-00000015", "step-00000020"]
+    for name in directories:
+        directory = checkpoints / "checkpoints" / name
+        committed = json.loads((directory / "manifest.json").read_text())
+        assert committed["rank"] == 0
+        assert committed["step"] == int(name.removeprefix("step-"))
+        listed = {entry["name"]: entry for entry in committed["files"]}
+        assert set(listed) == {p.name for p in directory.iterdir()} - {"manifest.json"}
+        for file_name, entry in listed.items():
+            body = (directory / file_name).read_bytes()
+            assert (entry["size"], entry["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+    assert (checkpoints / "export" / "manifest.json").is_file()
+    assert (checkpoints / "export" / "config.json").is_file()
+
+    result = json.loads(result_file.read_text())
+    assert (result["workers"], result["step"], result["device"]) == (2, 20, "cpu")
+
+
+def rows_of(batch: dict[str, torch.Tensor]) -> set[int]:
+    return {int(row[0]) for row in batch["input_ids"]}
+
+
+def test_ranks_get_disjoint_deterministic_shards() -> None:
+    rows = torch.arange(40 * 3).view(40, 3)  # row i starts with 3 * i: every row is identifiable
+    tensors = {"input_ids": rows, "labels": rows}
+    rank0, rank1 = (Batches(tensors, batch_size=4, seed=7, rank=r, world_size=2) for r in (0, 1))
+    assert rank0.per_epoch == rank1.per_epoch == 5
+
+    for epoch in range(2):
+        seen: list[int] = []
+        for index in range(epoch * 5, (epoch + 1) * 5):
+            a, b = rows_of(rank0[index].inputs), rows_of(rank1[index].inputs)
+            assert len(a) == len(b) == 4
+            assert not a & b, f"micro-batch {index}: both ranks train on rows {sorted(a & b)}"
+            seen += [*a, *b]
+        # One epoch across both ranks visits 40 distinct rows: no row is trained twice, none skipped.
+        assert sorted(seen) == [3 * i for i in range(40)]
+
+    # A micro-batch is a function of its index (what makes resuming exact), on a fresh instance too.
+    again = Batches(tensors, batch_size=4, seed=7, rank=1, world_size=2)
+    for index in (0, 3, 7, 12):
+        assert torch.equal(again[index].inputs["input_ids"], rank1[index].inputs["input_ids"])
+        assert torch.equal(again[index].inputs["labels"], rank1[index].inputs["labels"])
+    # ...and each epoch is reshuffled rather than replayed.
+    assert [rows_of(rank0[i].inputs) for i in range(5)] != [rows_of(rank0[i].inputs) for i in range(5, 10)]
+
+
+def run_pods(tmp_path: Path, name: str, pods: int, processes: int, steps: int = 12) -> tuple[dict[str, Any], str]:
+    """`pods` launchers of `processes` trainer processes each, as that many pods run them: ranks
+    from NODE_RANK, rendezvous at one address."""
+    job = tiny_pretrain(name, maxSteps=steps, batchSize=2, sequenceLength=32, warmupSteps=2, evalInterval=1000,
+                        logInterval=1)
+    job["spec"]["checkpoint"] = {"intervalSteps": 100}
+    manifest = write_manifest(tmp_path / f"{name}.yaml", job)
+    result_file, port = tmp_path / f"{name}-result.json", free_port()
+    launched = []
+    for node_rank in range(pods):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "NODE_RANK": str(node_rank),
+               "WORLD_SIZE": str(pods * processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        command = [sys.executable, "-m", "kubeforge", "train", "--spec", str(manifest), "--checkpoint-uri",
+                   str(tmp_path / name), "--result", str(result_file), "--processes", str(processes)]
+        launched.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))
+    logs = [process.communicate(timeout=300)[0] for process in launched]
+    log = "\n".join(logs)
+    assert [p.returncode for p in launched] == [0] * pods, log
+    return json.loads(result_file.read_text()), log
+
+
+def test_two_pods_of_two_processes_train_as_one_world_of_four(tmp_path: Path) -> None:
+    two_by_two, log = run_pods(tmp_path, "two-by-two", pods=2, processes=2)
+    assert {int(r) for r in re.findall(r"INFO rank(\d) ", log)} == {0, 1, 2, 3}, log
+    assert "on cpu x4" in log
+    one_by_four, _ = run_pods(tmp_path, "one-by-four", pods=1, processes=4)
+    assert two_by_two["workers"] == one_by_four["workers"] == 4
+    # The same ranks see the same data: the pods' split of the processes changes nothing but the
+    # order of floating-point sums in the all-reduce.
+    assert two_by_two["trainLoss"] == pytest.approx(one_by_four["trainLoss"], rel=1e-4)
+    single, _ = run_pods(tmp_path, "one-by-one", pods=1, processes=1)
+    assert single["workers"] == 1 and single["trainLoss"] != pytest.approx(two_by_two["trainLoss"], rel=1e-4)
