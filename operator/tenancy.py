@@ -69,6 +69,8 @@ def job_uris(job: Job) -> list[tuple[str, str]]:
         named.append(("spec.data.eval.uri", spec.data.eval.uri))
     if spec.checkpoint.uri:
         named.append(("spec.checkpoint.uri", spec.checkpoint.uri))
+    if spec.checkpoint.warm_start_from:  # read: another team's weights are theirs
+        named.append(("spec.checkpoint.warmStartFrom", spec.checkpoint.warm_start_from))
     if isinstance(job, FinetuneJob) and job.spec.base_model.uri:
         named.append(("spec.baseModel.uri", job.spec.base_model.uri))
     return named

@@ -180,6 +180,21 @@ async def test_cpu_fallback_and_waiting_for_gpus(world: Any, settings: OperatorS
         await cluster.delete(PTJ, "needs-gpu")
 
 
+async def test_a_job_outside_its_namespace_prefix_fails_without_pods(
+        world: Any, settings: OperatorSettings, kubelet: Any, s3_data: dict[str, str], bucket: str) -> None:
+    """Tenancy through the running operator: another team's checkpoints are refused by field name."""
+    cluster = world
+    trespasser = pretrain(s3_data, "trespasser", 20)
+    trespasser["spec"]["checkpoint"] = {"uri": f"s3://{bucket}/kf/team-b/pretrainjob/theirs"}
+    async with operator(cluster, settings):
+        await cluster.apply(trespasser)
+        failed = await cluster.wait_for(lambda: phase_is(cluster, PTJ, "trespasser", "Failed"), 30,
+                                        "the job to fail")
+        assert failed["reason"] == "URINotAllowed"
+        assert failed["message"].startswith(f"spec.checkpoint.uri s3://{bucket}/kf/team-b/pretrainjob/theirs ")
+        assert await job_pods(cluster, "trespasser") == []
+
+
 async def _condition_set(cluster: Any, name: str, kind: str) -> dict[str, Any] | None:
     current = await status(cluster, PTJ, name)
     found = [c for c in current.get("conditions", []) if c["type"] == kind and c["status"] == "True"]

@@ -21,13 +21,15 @@ POLICY = UriPolicy(ROOT, allowed_prefixes=("s3://shared/datasets", "s3://scratch
 
 
 def team_job(namespace: str = "team-a", *, data: str = f"{ROOT}/team-a/data/train.txt",
-             checkpoint: str | None = None, base: str | None = None) -> Job:
+             checkpoint: str | None = None, base: str | None = None, warm_start: str | None = None) -> Job:
     """A FinetuneJob when base is given, else a PretrainJob, in namespace, with these URIs."""
     manifest: dict[str, Any] = copy.deepcopy(example("pretrain-tiny.yaml")[0])
     manifest["metadata"].update(namespace=namespace, uid="0123456789abcdef")
     manifest["spec"]["data"] = {"train": {"uri": data}}
     if checkpoint:
         manifest["spec"]["checkpoint"] = {"uri": checkpoint}
+    if warm_start:
+        manifest["spec"].setdefault("checkpoint", {})["warmStartFrom"] = warm_start
     if base:
         manifest["kind"] = "FinetuneJob"
         for field in ("model", "tokenizer"):
@@ -61,6 +63,7 @@ def test_a_job_may_use_its_namespace_prefix_and_the_allow_list() -> None:
 
 @pytest.mark.parametrize(("where", "field"), [
     ({"checkpoint": f"{ROOT}/team-b/runs/one"}, "spec.checkpoint.uri"),
+    ({"warm_start": f"{ROOT}/team-b/pretrainjob/big-1234"}, "spec.checkpoint.warmStartFrom"),
     ({"base": f"{ROOT}/team-b/pretrainjob/big/export"}, "spec.baseModel.uri"),
     ({"base": "s3://scratch/team-b/base-model"}, "spec.baseModel.uri"),  # {namespace} is the job's own
     ({"data": f"{ROOT}/team-b/data/train.txt"}, "spec.data.train.uri"),
