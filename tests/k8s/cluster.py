@@ -471,16 +471,15 @@ async def cluster(real_kubeconfig: str | None) -> AsyncIterator[Cluster]:
             yield emulated
 
 
-@pytest_asyncio.fixture
-async def kubelet(cluster: Cluster, tmp_path: Path) -> AsyncIterator[Kubelet | None]:
-    """The harness for the test namespace (None on a real cluster whose own nodes run pods)."""
-    if cluster.real and await cluster.has_schedulable_nodes():
-        yield None
-        return
-    # A real control plane has a scheduler: it binds, and the harness is just the node (named after
-    # the test's namespace: the pods of an earlier test's namespace may still be bound to its node).
-    harness = Kubelet(cluster.client, cluster.namespace, tmp_path / "kubelet", binds_pods=not cluster.real,
-                      **({"node_name": f"kubelet-{cluster.namespace}"} if cluster.real else {}))
+@contextlib.asynccontextmanager
+async def node_harness(cluster: Cluster, directory: Path, **options: Any) -> AsyncIterator[Kubelet]:
+    """A kubelet harness playing the node for the test namespace, attached to the cluster while used.
+
+    A real control plane has a scheduler: it binds, and the harness is just the node (named after
+    the test's namespace: the pods of an earlier test's namespace may still be bound to its node)."""
+    if cluster.real:
+        options = {"binds_pods": False, "node_name": f"kubelet-{cluster.namespace}", **options}
+    harness = Kubelet(cluster.client, cluster.namespace, directory, **options)
     await harness.start(threaded=True)
     cluster.kubelet = harness
     try:
@@ -488,6 +487,16 @@ async def kubelet(cluster: Cluster, tmp_path: Path) -> AsyncIterator[Kubelet | N
     finally:
         await harness.stop()
         cluster.kubelet = None
+
+
+@pytest_asyncio.fixture
+async def kubelet(cluster: Cluster, tmp_path: Path) -> AsyncIterator[Kubelet | None]:
+    """The harness for the test namespace (None on a real cluster whose own nodes run pods)."""
+    if cluster.real and await cluster.has_schedulable_nodes():
+        yield None
+        return
+    async with node_harness(cluster, tmp_path / "kubelet") as harness:
+        yield harness
     if harness.errors:
         raise AssertionError(f"the kubelet harness failed ({len(harness.errors)}x): {harness.errors!r}")
 

@@ -33,6 +33,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from k8s.cluster import node_harness
 from k8s.kubelet import ApiError, Kubelet
 from support.fake_trainer import MODE_LABEL, RATE_LABEL
 from support.jobs import ROOT, tiny_pretrain
@@ -68,14 +69,8 @@ async def fake_kubelet(cluster: Any, tmp_path: Path) -> AsyncIterator[Kubelet]:
     # The harness runs `kubeforge ARGS` as `PYTHON -m kubeforge ARGS`: drop `-m kubeforge`.
     python.write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} {ROOT / "tests/support/fake_trainer.py"} "$@"\n')
     python.chmod(0o755)
-    harness = Kubelet(cluster.client, cluster.namespace, tmp_path / "kubelet", python=str(python), kill_grace=2.0)
-    await harness.start(threaded=True)
-    cluster.kubelet = harness
-    try:
+    async with node_harness(cluster, tmp_path / "kubelet", python=str(python), kill_grace=2.0) as harness:
         yield harness
-    finally:
-        await harness.stop()
-        cluster.kubelet = None
 
 
 def kubeconfig(cluster: Any, server: str, path: Path) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.corruption import flip_a_byte, garble_the_manifest, remove_a_file, truncate
 
 from kubeforge.storage import LocalStorage, StorageError
 from kubeforge.trainer.checkpoint import CHECKPOINTS, Checkpointer, CheckpointMismatch, step_prefix
@@ -162,26 +163,6 @@ def test_a_failed_upload_is_reported_and_training_can_go_on(tmp_path: Path) -> N
 
 
 JOB = {"namespace": "default", "kind": "PretrainJob", "name": "tiny", "uid": "0123-4567"}
-
-
-def flip_a_byte(directory: Path) -> None:
-    model = directory / "model.pt"
-    data = bytearray(model.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    model.write_bytes(bytes(data))
-
-
-def truncate(directory: Path) -> None:
-    model = directory / "model.pt"
-    model.write_bytes(model.read_bytes()[:100])
-
-
-def remove_a_file(directory: Path) -> None:
-    (directory / "optimizer.pt").unlink()
-
-
-def garble_the_manifest(directory: Path) -> None:
-    (directory / "manifest.json").write_text('{"step": 20, "files": [')
 
 
 CORRUPTIONS = {"byte flip": (flip_a_byte, "does not match its manifest"),

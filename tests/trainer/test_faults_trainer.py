@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.corruption import flip_a_byte, garble_the_manifest, make_it_another_jobs, remove_a_file, truncate
 from support.faults import FAULT_RESULTS
 from support.jobs import ROOT, tiny_pretrain, write_manifest
 from support.processes import KUBEFORGE, wait_until
@@ -172,32 +173,6 @@ def test_sigterm_loses_no_step(tmp_path: Path, fault_size: str, uninterrupted: d
 
 
 # -- corrupt checkpoints ---------------------------------------------------------------------------
-
-
-def flip_a_byte(directory: Path) -> None:
-    model = directory / "model.pt"
-    data = bytearray(model.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    model.write_bytes(bytes(data))
-
-
-def truncate(directory: Path) -> None:
-    model = directory / "model.pt"
-    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
-
-
-def remove_a_file(directory: Path) -> None:
-    (directory / "optimizer.pt").unlink()
-
-
-def garble_the_manifest(directory: Path) -> None:
-    (directory / "manifest.json").write_text("{not json")
-
-
-def make_it_another_jobs(directory: Path) -> None:
-    manifest = json.loads((directory / "manifest.json").read_text())
-    manifest["job"]["name"] = "someone-else"
-    (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
 #: way -> (corrupt, what must hold). CI runs the first two; unit tests cover all in test_checkpoint.py.

@@ -1,0 +1,34 @@
+"""Ways a committed checkpoint (a local directory with manifest.json) gets corrupted, shared by the
+checkpoint unit tests and the fault suite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def flip_a_byte(directory: Path) -> None:
+    model = directory / "model.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+
+
+def truncate(directory: Path) -> None:
+    """model.pt cut to its first 100 bytes, as a torn write leaves it."""
+    model = directory / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+
+
+def remove_a_file(directory: Path) -> None:
+    (directory / "optimizer.pt").unlink()
+
+
+def garble_the_manifest(directory: Path) -> None:
+    (directory / "manifest.json").write_text('{"step": 20, "files": [')
+
+
+def make_it_another_jobs(directory: Path) -> None:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["job"]["name"] = "someone-else"
+    (directory / "manifest.json").write_text(json.dumps(manifest))
