@@ -93,7 +93,8 @@ class OperatorProcess:
         self.metrics_port, self.health_port = free_port(), free_port()
         self.log_path = workdir / "operator.log"
         self.env = {**os.environ, "KUBECONFIG": str(config), "KUBEFORGE_NAMESPACES": namespace,
-                    "KUBEFORGE_STORAGE_ROOT": "s3://faults/kf", "KUBEFORGE_RESYNC_SECONDS": "0.5",
+                    "KUBEFORGE_STORAGE_ROOT": "s3://faults/kf", "KUBEFORGE_ALLOWED_URI_PREFIXES": "s3://faults/data",
+                    "KUBEFORGE_RESYNC_SECONDS": "0.5",
                     "KUBEFORGE_METRICS_PORT": str(self.metrics_port), "KUBEFORGE_ERROR_BACKOFF_SECONDS": "0.5",
                     "KUBEFORGE_ERROR_BACKOFF_MAX_SECONDS": "4", "KUBEFORGE_LIVENESS_SECONDS": str(LIVENESS_SECONDS)}
         self.process: subprocess.Popen[bytes] | None = None
@@ -266,6 +267,8 @@ def fake_job(name: str, steps: int, *, mode: str = "train", rate: float = 20, wo
     job["metadata"]["labels"] = {MODE_LABEL: mode, RATE_LABEL: str(rate)}
     job["spec"]["resources"] = {"workers": workers, "gpusPerWorker": 0, "cpu": "100m", "memory": "64Mi"}
     job["spec"]["metrics"] = {"port": 9400}  # every pod has an IP of its own
+    for split in ("train", "eval"):  # the shared corpora, as in a cluster (the fake trainer reads none)
+        job["spec"]["data"][split]["uri"] = f"s3://faults/data/{split}.txt"
     job["spec"].update(spec)
     return job
 
