@@ -158,16 +158,21 @@ class UnreachableCluster:
         raise ApiException(status=503, reason="Service Unavailable")
 
 
-def test_a_failing_reconciliation_is_counted_and_still_raised() -> None:
+def test_a_failing_reconciliation_is_counted_and_retried_with_backoff() -> None:
     metrics = OperatorMetrics()
     settings = OperatorSettings(trainer_image="t", trainer_cpu_image="t-cpu", storage_root="s3://bucket/kf")
     operator = Operator(settings, UnreachableCluster(), metrics)  # type: ignore[arg-type]
     body = tiny_pretrain("unlucky")
     body["metadata"].update(namespace="team-a", uid="0123456789abcdef")
-    with pytest.raises(ApiException):
-        operator.reconcile(body, kopf.Patch())
+    delays = []
+    for _ in range(2):
+        with pytest.raises(kopf.TemporaryError) as raised:  # Kopf retries it: the job's timer never stops
+            operator.reconcile(body)
+        assert isinstance(raised.value.__cause__, ApiException)
+        delays.append(raised.value.delay)
+    assert delays == [settings.error_backoff_seconds, 2 * settings.error_backoff_seconds]
     errors = {s["kind"]: v for s, v in exposition(metrics.registry)["kubeforge_operator_reconcile_errors_total"]}
-    assert errors == {"PretrainJob": 1, "FinetuneJob": 0}
+    assert errors == {"PretrainJob": 2, "FinetuneJob": 0}
 
 
 def test_checkpoint_upload_backlog_counts_an_upload_until_it_commits(tmp_path: Path) -> None:
