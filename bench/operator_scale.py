@@ -166,7 +166,8 @@ async def measure(count: int, kubeconfig: str | None, controller: str, timeout: 
         with tempfile.TemporaryDirectory() as tmp:
             metrics_port = free_port()
             env = {**os.environ, "KUBECONFIG": config_path, "KUBEFORGE_METRICS_PORT": str(metrics_port),
-                   "KUBEFORGE_STORAGE_ROOT": "s3://bench/kf", "KUBEFORGE_RESYNC_SECONDS": str(resync),
+                   "KUBEFORGE_STORAGE_ROOT": "s3://bench/kf", "KUBEFORGE_ALLOWED_URI_PREFIXES": "s3://bench-data",
+                   "KUBEFORGE_RESYNC_SECONDS": str(resync),
                    "KUBEFORGE_NAMESPACES": cluster.namespace}
             if controller == FLOOR:
                 argv = [sys.executable, __file__, "--floor-controller", config_path, cluster.namespace]
