@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import tempfile
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from throughput import LOG_INTERVAL, StepStamps
+from throughput import LOG_INTERVAL, stamped_steps
 
 from kubeforge.spec import FinetuneJob, ModelSpec, TokenizerSpec, parse_job
 from kubeforge.trainer import data as trainer_data
@@ -145,15 +144,8 @@ def run_ours(task: Task) -> Run:
     training = task.job.spec.training
     steps = training.max_steps
     assert steps is not None
-    logger = logging.getLogger("kubeforge.trainer.loop")
-    handler = StepStamps()
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-ours-") as root:
-            result = train(task.job, checkpoint_root=root, base_model_uri=str(task.base))
-    finally:
-        logger.removeHandler(handler)
+    with stamped_steps() as handler, tempfile.TemporaryDirectory(prefix="bench-ours-") as root:
+        result = train(task.job, checkpoint_root=root, base_model_uri=str(task.base))
     # The micro-batches of the window, as the loop served them (a pure function of seed and index).
     if task.classify:
         train_set = task.train_set

@@ -19,10 +19,12 @@ the window, identically for both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +90,22 @@ class StepStamps(logging.Handler):
             self.loss = float(record.args[2])
 
 
-def run_ours(job: PretrainJob) -> tuple[float, float]:
+@contextlib.contextmanager
+def stamped_steps() -> Iterator[StepStamps]:
+    """The trainer's step records, stamped as they are logged, while the block runs."""
     logger = logging.getLogger("kubeforge.trainer.loop")
     handler = StepStamps()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-ours-") as root:
-            train(job, checkpoint_root=root)
+        yield handler
     finally:
         logger.removeHandler(handler)
+
+
+def run_ours(job: PretrainJob) -> tuple[float, float]:
+    with stamped_steps() as handler, tempfile.TemporaryDirectory(prefix="bench-ours-") as root:
+        train(job, checkpoint_root=root)
     return tokens_per_second(handler.stamps, job), handler.loss
 
 
