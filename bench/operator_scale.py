@@ -13,10 +13,15 @@ by a kubeconfig at the API server, watching the benchmark's namespace:
 No kubelet: pods stay Pending, which is what is measured. For each job, latency is the time from its
 create call returning to its pod's ADDED event on a pod watch.
 
-The floor, measured before the operator at each size on the same API server: a minimal controller
-(`--floor-controller`, also a Python process of its own) that watches the jobs and creates one pod
-per new job, nothing else: what the API server and this machine cost, without Kopf or the
-reconcile's other requests.
+Two floors, measured before the operator at each size on the same API server, each a minimal
+controller (`--floor-controller`, also a Python process of its own, on one asyncio client):
+- `floor` watches the jobs and creates one pod per new job, nothing else: what the API server and
+  this machine cost, without Kopf or the reconcile's other requests;
+- `floor, same requests` makes, for each new job, the requests the operator makes (finalizer patch,
+  pod list, Service, pod with the job in its env, status patch, event), nothing else: the cost of
+  those requests, without Kopf.
+"API requests per job" counts what the API server served (watches aside; its /metrics, real
+control plane only), the benchmark's own job creates included.
 
 Also reported, from the operator process alone: its reconcile-duration histogram (mean, from its
 /metrics), its resident memory once every job has its pods, and again after `--settle` seconds of
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import statistics
@@ -58,6 +64,8 @@ from support.processes import stop_process  # noqa: E402
 
 JOBS_PATH = "/apis/kubeforge.io/v1alpha1/namespaces/{namespace}/pretrainjobs"
 FLOOR = "floor"
+FLOOR_REQUESTS = "floor, same requests"
+FLOORS = (FLOOR, FLOOR_REQUESTS)
 
 
 WARM_UP = -1
@@ -169,8 +177,8 @@ async def measure(count: int, kubeconfig: str | None, controller: str, timeout: 
                    "KUBEFORGE_STORAGE_ROOT": "s3://bench/kf", "KUBEFORGE_ALLOWED_URI_PREFIXES": "s3://bench-data",
                    "KUBEFORGE_RESYNC_SECONDS": str(resync),
                    "KUBEFORGE_NAMESPACES": cluster.namespace}
-            if controller == FLOOR:
-                argv = [sys.executable, __file__, "--floor-controller", config_path, cluster.namespace]
+            if controller in FLOORS:
+                argv = [sys.executable, __file__, "--floor-controller", config_path, cluster.namespace, controller]
             else:
                 argv = [sys.executable, "-m", "kubeforge", "operator", "--standalone",
                         "--health-port", str(free_port())]
@@ -182,7 +190,7 @@ async def measure(count: int, kubeconfig: str | None, controller: str, timeout: 
                 # and its kubeforge/ would shadow the build under test (--baseline's PYTHONPATH).
                 process = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=tmp)
                 try:
-                    if controller == FLOOR:
+                    if controller in FLOORS:
                         await wait_for_log(log_path, "watching", process, timeout=60)
                     else:
                         await wait_for_metrics(metrics_port, process, timeout=60)
@@ -192,7 +200,7 @@ async def measure(count: int, kubeconfig: str | None, controller: str, timeout: 
                     await until_exit(cluster.wait_for(lambda: cluster.list_pods({"kubeforge.io/job-name": job_name(
                         WARM_UP)}), 60, "the warm-up job's pod"), process, log_path)
                     result = await until_exit(drive(cluster, count, timeout), process, log_path)
-                    if controller != FLOOR:
+                    if controller not in FLOORS:
                         result.update({f"{k}_all_pods": v for k, v in memory_mb(process.pid).items()})
                         await asyncio.sleep(settle)
                         result.update({f"{k}_settled": v for k, v in memory_mb(process.pid).items()})
@@ -214,17 +222,36 @@ async def until_exit(work: Any, process: subprocess.Popen[bytes], log_path: Path
     return task.result()
 
 
-async def floor_controller(kubeconfig: str, namespace: str) -> None:
-    """The least a controller can do: on each new job, create one pod with the job's labels."""
+async def floor_controller(kubeconfig: str, namespace: str, floor: str) -> None:
+    """The least a controller can do: on each new job, create one pod with the job's labels (FLOOR);
+    or make the requests the operator makes for a new job, in the same order, with nothing else
+    (FLOOR_REQUESTS): what those requests cost the API server and this machine, without Kopf."""
     client = KubeClient.from_kubeconfig(kubeconfig)
     creating: set[asyncio.Task[Any]] = set()
 
     async def create_pod(job: dict[str, Any]) -> None:
         name = job["metadata"]["name"]
+        labels = {"kubeforge.io/job-name": name, "kubeforge.io/job-kind": "ptj"}
+        container = {"name": "trainer", "image": "kubeforge-trainer:bench"}
+        if floor == FLOOR_REQUESTS:
+            await client.patch("PretrainJob", name, {"metadata": {"finalizers": ["kubeforge.io/operator"]}},
+                               namespace, api_version=job["apiVersion"])
+            await client.list("Pod", namespace, label_selector=",".join(f"{k}={v}" for k, v in labels.items()))
+            await client.create({"apiVersion": "v1", "kind": "Service", "metadata": {
+                "name": f"{name}-ptj", "namespace": namespace, "labels": labels},
+                "spec": {"clusterIP": "None", "selector": labels, "ports": [{"name": "c10d", "port": 29500}]}})
+            container["env"] = [{"name": "KUBEFORGE_JOB", "value": json.dumps(job)}]
         await client.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
-            "name": f"{name}-floor", "namespace": namespace,
-            "labels": {"kubeforge.io/job-name": name, "kubeforge.io/job-kind": "ptj"}},
-            "spec": {"containers": [{"name": "trainer", "image": "kubeforge-trainer:bench"}]}})
+            "name": f"{name}-floor", "namespace": namespace, "labels": labels},
+            "spec": {"containers": [container]}})
+        if floor == FLOOR_REQUESTS:
+            await client.patch("PretrainJob", name, {"status": {"phase": "Pending"}}, namespace,
+                               subresource="status", api_version=job["apiVersion"])
+            await client.create({"apiVersion": "v1", "kind": "Event", "metadata": {
+                "generateName": f"{name}.", "namespace": namespace},
+                "involvedObject": {"apiVersion": job["apiVersion"], "kind": "PretrainJob", "name": name,
+                                   "namespace": namespace, "uid": job["metadata"]["uid"]},
+                "reason": "Launched", "message": "1 pod", "type": "Normal"})
 
     deadline = time.monotonic() + 60
     while True:
@@ -243,6 +270,18 @@ async def floor_controller(kubeconfig: str, namespace: str) -> None:
             await asyncio.sleep(0.5)
 
 
+async def api_requests(cluster: Any) -> float:
+    """Requests the API server has served, but watches (apiserver_request_total; NaN where the server
+    has no /metrics, as the emulator): all clients together, the benchmark's own creates included."""
+    try:
+        text = await cluster.client.request("GET", "/metrics")
+    except ApiError:
+        return float("nan")
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               if family.name == "apiserver_request" for sample in family.samples
+               if sample.name == "apiserver_request_total" and sample.labels.get("verb") != "WATCH")
+
+
 async def drive(cluster: Any, count: int, timeout: float) -> dict[str, float]:
     """Create `count` jobs one after another; a pod watch notes when each job's first pod appears."""
     created_at: dict[str, float] = {}
@@ -258,16 +297,22 @@ async def drive(cluster: Any, count: int, timeout: float) -> dict[str, float]:
                     return
 
     watching = asyncio.create_task(watch_pods())
+    requests_before = await api_requests(cluster)
     started = time.perf_counter()
     for index in range(count):
         await cluster.apply(job(index))
         created_at[job_name(index)] = time.perf_counter()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(watching, timeout)
+    all_pods = time.perf_counter() - started
     latencies = [seen_at[n] - created_at[n] for n in seen_at]
     return {
         "jobs": count, "with_pods": len(seen_at), "p50": statistics.median(latencies) if latencies else float("nan"),
-        "p99": percentile(latencies, 0.99) if latencies else float("nan"), "all": time.perf_counter() - started,
+        "p99": percentile(latencies, 0.99) if latencies else float("nan"), "all": all_pods,
+        # The create loop competes for this machine's two cores with the controller and the API server:
+        # a controller that costs them more CPU slows the creates, and "all" with them.
+        "created": max(created_at.values()) - started,
+        "requests_per_job": (await api_requests(cluster) - requests_before) / count,
     }
 
 
@@ -275,7 +320,8 @@ def table_row(target: str, build: str, r: dict[str, float]) -> str:
     operator_only = [f"{r['reconciles']:.0f}", f"{r['reconcile_mean_ms']:.1f}", f"{r['VmRSS_all_pods']:.0f}",
                      f"{r['VmRSS_settled']:.0f}", f"{r['VmHWM_settled']:.0f}"] if "reconciles" in r else ["-"] * 5
     return "| " + " | ".join([target, build, f"{r['jobs']}", f"{r['with_pods']}", f"{r['p50']:.3f}",
-                              f"{r['p99']:.3f}", f"{r['all']:.1f}", *operator_only]) + " |"
+                              f"{r['p99']:.3f}", f"{r['created']:.1f}", f"{r['all']:.1f}",
+                              f"{r['requests_per_job']:.1f}", *operator_only]) + " |"
 
 
 def main() -> None:
@@ -286,15 +332,18 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=30.0, help="seconds of resyncs before memory is read again")
     parser.add_argument("--resync", type=float, default=5.0, help="the operator's KUBEFORGE_RESYNC_SECONDS")
     parser.add_argument("--baseline", help="a directory with another installed kubeforge, measured alongside")
-    parser.add_argument("--floor-controller", nargs=2, metavar=("KUBECONFIG", "NAMESPACE"), help=argparse.SUPPRESS)
+    parser.add_argument("--floor-controller", nargs=3, metavar=("KUBECONFIG", "NAMESPACE", "FLOOR"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_controller:
         asyncio.run(floor_controller(*args.floor_controller))
         return
-    builds = [("floor", FLOOR)] + ([("baseline", args.baseline)] if args.baseline else []) + [("this tree", "")]
-    print("| API server | controller | jobs | with pods | p50 create->pods (s) | p99 (s) | all pods after (s) | "
-          "reconciles | mean reconcile (ms) | operator RSS, all pods (MB) | RSS after settle (MB) | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    builds = [(floor, floor) for floor in FLOORS] + ([("baseline", args.baseline)] if args.baseline else [])
+    builds.append(("this tree", ""))
+    print("| API server | controller | jobs | with pods | p50 create->pods (s) | p99 (s) | all created after (s) | "
+          "all pods after (s) | API requests per job | reconciles | mean reconcile (ms) | "
+          "operator RSS, all pods (MB) | RSS after settle (MB) | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for target in args.target:
         with realk8s(CONTROLLERS="0", SCHEDULER="0") if target == "real" else contextlib.nullcontext() as kubeconfig:
             for count in args.jobs:

@@ -10,8 +10,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from kubeforge.operator.settings import OperatorSettings
 from kubeforge.spec import KINDS, GangSpec, Job, PodTemplateSpec, merge_pod_templates
 
@@ -153,7 +151,8 @@ def _env(job: Job, rank: int, settings: OperatorSettings, extra: PodTemplateSpec
         # One process: it is the pod, and runs without the launcher that sets these per process.
         ranks += [{"name": "RANK", "value": str(rank)}, {"name": "LOCAL_RANK", "value": "0"}]
     env: list[dict[str, Any]] = [
-        {"name": "KUBEFORGE_JOB", "value": yaml.safe_dump(job.to_manifest(), sort_keys=False)},
+        # JSON, which YAML readers read too: a YAML dump of the spec was a quarter of a reconcile's CPU.
+        {"name": "KUBEFORGE_JOB", "value": json.dumps(job.to_manifest())},
         *ranks,
         {"name": "MASTER_ADDR", "value": f"w0.{group_name(job)}"},
         {"name": "MASTER_PORT", "value": str(C10D_PORT)},

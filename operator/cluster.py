@@ -7,6 +7,7 @@ missing (409 is success), deletions tolerate 404, and a missing object reads as 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -29,8 +30,12 @@ def call_kubeapi(method: Callable[..., Any], *args: Any, tolerate: int | None = 
     A replayed reconciliation expects them: 404 for a read or a delete (nothing there), 409 for a
     create (already there). Bodies come back as plain JSON (`_preload_content=False`): the client's
     model classes would only be converted back to dicts, and cost more than the request itself."""
+    # The client validates every argument with pydantic (`validate_call`), turning each body into its
+    # model classes and back, which costs more than the request; the API server validates it anyway.
+    unvalidated = getattr(method, "raw_function", None)
+    call = functools.partial(unvalidated, method.__self__) if unvalidated else method  # type: ignore[attr-defined]
     try:
-        response = method(*args, _preload_content=False, **kwargs)
+        response = call(*args, _preload_content=False, **kwargs)
     except ApiException as exc:
         if tolerate is not None and exc.status == tolerate:
             return None

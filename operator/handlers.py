@@ -56,22 +56,23 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
         configure(settings)
 
     # Every pod of every job, and every PretrainJob (for FinetuneJobs that name one), as the watches
-    # report them: a resync that finds nothing to do makes no request.
+    # report them: a resync that finds nothing to do makes no request. The indexers are coroutines:
+    # Kopf runs a sync handler in a worker thread, and the hop cost more than the indexing.
     @kopf.index("pods", labels={builders.LABEL_JOB: kopf.PRESENT, builders.LABEL_KIND: kopf.PRESENT},
                 id="job_pods", registry=registry)
-    def job_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    async def job_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]): _pod_entry(body)}
 
     pretrain = KINDS["PretrainJob"]
 
     @kopf.index(pretrain.group, pretrain.version, pretrain.plural, id="pretrain_jobs", registry=registry)
-    def pretrain_jobs(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+    async def pretrain_jobs(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): {"status": copy.deepcopy(dict(status))}}
 
     if settings.namespace_selector:
         # Namespaces' labels, for the selector that says which namespaces' jobs are ours.
         @kopf.index("namespaces", id="namespace_labels", registry=registry)
-        def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+        async def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
             return {name: dict(labels)}
 
     def ours(namespace: str, indexes: dict[str, Any]) -> bool:
@@ -91,9 +92,12 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
             cached = CachedView(indexes["job_pods"], indexes["pretrain_jobs"])  # Kopf passes indexes by id
             operator.reconcile(copy.deepcopy(dict(body)), cached)
 
-        @kopf.on.delete(kind.group, kind.version, kind.plural, optional=True, registry=registry)
-        def deleted(body: kopf.Body, **_: Any) -> None:
-            operator.forget(copy.deepcopy(dict(body)))
+        # A raw event, not kopf.on.delete: any on-create/update/delete handler makes Kopf keep a copy of
+        # each job's spec in an annotation, one more write and watch event per job for nothing we use.
+        @kopf.on.event(kind.group, kind.version, kind.plural, when=lambda type, **_: type == "DELETED",
+                       registry=registry)
+        async def deleted(body: kopf.Body, **_: Any) -> None:
+            operator.forget(dict(body))
 
     @kopf.on.probe(id="reconciling", registry=registry)
     def reconciling(**_: Any) -> bool:
@@ -108,10 +112,25 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
     return registry
 
 
+class NoChangeDetection(kopf.DiffBaseStorage):
+    """Kopf's change detection, off. Kopf copies every object it watches (jobs, and pods for the
+    index) on each event to diff it against the last one; only on-create/update/delete handlers and
+    idle timers use that diff, and this operator has neither: a timer per job reconciles it."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     """Kopf settings: progress in annotations (status is ours), events for warnings and up."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubeforge.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubeforge.io")
+    settings.persistence.diffbase_storage = NoChangeDetection()
     settings.persistence.finalizer = "kubeforge.io/operator"
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = WORKERS
