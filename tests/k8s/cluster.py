@@ -7,8 +7,9 @@ Which cluster, for the whole session (`pytest --cluster=...`, or `KUBEFORGE_E2E_
 - `real`: the real control plane of `../shared/realk8s` next to the repository (or the folder in
   `KUBEFORGE_REALK8S`), started for the session with its up.sh and stopped with its down.sh. Only the
   tests that take the `cluster` fixture run (the others do not depend on a cluster); tests marked
-  `emulator_only("why")` are skipped, saying why. Without that folder they are skipped, saying so,
-  unless `KUBEFORGE_REALK8S_REQUIRED=1` (CI), which fails the session instead;
+  `emulator_only("why")` are skipped, saying why (and those marked `real_only("why")` on the
+  emulator). Without that folder they are skipped, saying so, unless `KUBEFORGE_REALK8S_REQUIRED=1`
+  (CI), which fails the session instead;
 - `KUBEFORGE_E2E_KUBECONFIG=PATH` (with either): the cluster of that kubeconfig, as it is.
 On a real cluster our CRDs are applied if missing, and each test gets a fresh namespace, deleted
 afterwards. Either way the fixture is a `Cluster`.
@@ -296,11 +297,13 @@ async def emulated_cluster(namespace: str = EMULATED_NAMESPACE) -> AsyncIterator
             await client.close()
 
 
-async def ensure_crds(client: KubeClient, timeout: float = 60.0) -> None:
-    """Apply crds/ where the cluster lacks them and wait until they are Established."""
+async def ensure_crds(client: KubeClient, crds: Iterable[Obj] | None = None, timeout: float = 60.0) -> None:
+    """Apply the CRDs (default: those of crds/) where the cluster lacks them and wait until they are
+    Established."""
+    if crds is None:
+        crds = [yaml.safe_load(path.read_text()) for path in sorted(CRD_DIR.glob("*.yaml"))]
     names = []
-    for path in sorted(CRD_DIR.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
+    for crd in crds:
         names.append(crd["metadata"]["name"])
         if await client.get("CustomResourceDefinition", crd["metadata"]["name"]) is None:
             await client.create(crd)
@@ -390,6 +393,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "emulator_only(why): the test needs the emulator; skipped on a real "
                                        "cluster, saying why")
+    config.addinivalue_line("markers", "real_only(why): the test needs a real API server; skipped on the "
+                                       "emulator, saying why")
 
 
 def realk8s_dir() -> Path:
@@ -409,11 +414,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 raise pytest.UsageError(why)
             for item in items:
                 item.add_marker(pytest.mark.skip(reason=why))
-    if real:
-        for item in items:
-            marker = item.get_closest_marker("emulator_only")
-            if marker is not None:
-                item.add_marker(pytest.mark.skip(reason=f"emulator only: {marker.args[0]}"))
+    for item in items:
+        marker = item.get_closest_marker("emulator_only" if real else "real_only")
+        if marker is not None:
+            where = "emulator only" if real else "real cluster only"
+            item.add_marker(pytest.mark.skip(reason=f"{where}: {marker.args[0]}"))
 
 
 @pytest.fixture(scope="session")

@@ -229,17 +229,18 @@ class Emulator(kmock.KubernetesEmulator):
                 _WARNED_CRDS.add(name)
                 log.warning("a real API server would reject CRD %s: %s", name, "; ".join(problems))
         kind = self._kinds[kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")]
-        name = crd["metadata"]["name"]
-        if self._current(kind, None, name) is None:
-            created = self._create(kind, None, crd)
-            names = crd["spec"]["names"]
-            accepted = (("NamesAccepted", "NoConflicts"), ("Established", "InitialNamesAccepted"))
-            status = {"conditions": [{"type": t, "status": "True", "reason": r, "lastTransitionTime": _now()}
-                                     for t, r in accepted],
-                      "acceptedNames": names, "storedVersions": [v["name"] for v in crd["spec"]["versions"]]}
-            self._write(kind, name, created, {**created, "status": status}, subresource="status")
+        if self._current(kind, None, crd["metadata"]["name"]) is None:
+            self._create(kind, None, crd)
         if admitted:
             self._admitted_kinds.add(crd["spec"]["names"]["kind"])
+
+    def _establish_crd(self, kind: Kind, crd: Obj) -> None:
+        """The conditions a real server sets on a CRD it serves (at once, where a real one takes a moment)."""
+        accepted = (("NamesAccepted", "NoConflicts"), ("Established", "InitialNamesAccepted"))
+        status = {"conditions": [{"type": t, "status": "True", "reason": r, "lastTransitionTime": _now()}
+                                 for t, r in accepted],
+                  "acceptedNames": crd["spec"]["names"], "storedVersions": [v["name"] for v in crd["spec"]["versions"]]}
+        self._write(kind, crd["metadata"]["name"], crd, {**crd, "status": status}, subresource="status")
 
     def _serve_crd(self, crd: Obj) -> None:
         spec = crd.get("spec", {})
@@ -320,6 +321,7 @@ class Emulator(kmock.KubernetesEmulator):
             self._wake_gc()
         if type_ == "ADDED" and kind.kind == "CustomResourceDefinition":
             self._serve_crd(new)
+            self._establish_crd(kind, new)
         return new
 
     # -- create ---------------------------------------------------------------------------------------

@@ -92,11 +92,11 @@ STATUS_ON_CREATE: dict[str, Callable[[Obj], Any]] = {
     "Service": lambda obj: {"loadBalancer": {}},
 }
 
+# Kopf's peering resources, as the chart's crds/ installs them. Not the legacy zalando.org ones: Kopf
+# keeps itself paused while a peering resource it can see lacks its peering object.
 KOPF_RESOURCES = {
     ("kopf.dev", "kopfpeerings", "KopfPeering", True),
     ("kopf.dev", "clusterkopfpeerings", "ClusterKopfPeering", False),
-    ("zalando.org", "kopfpeerings", "KopfPeering", True),
-    ("zalando.org", "clusterkopfpeerings", "ClusterKopfPeering", False),
 }
 
 

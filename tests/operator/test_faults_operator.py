@@ -31,13 +31,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from k8s.cluster import node_harness
 from k8s.kubelet import ApiError, Kubelet
 from support.fake_trainer import MODE_LABEL, RATE_LABEL
 from support.jobs import ROOT, tiny_pretrain
 from support.processes import free_port
+from support.rbac import write_kubeconfig
 
 pytestmark = pytest.mark.faults
 
@@ -76,14 +76,7 @@ async def fake_kubelet(cluster: Any, tmp_path: Path) -> AsyncIterator[Kubelet]:
 def kubeconfig(cluster: Any, server: str, path: Path) -> Path:
     if cluster.real:
         return Path(cluster.kubeconfig)
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "faults",
-        "clusters": [{"name": "faults", "cluster": {"server": server}}],
-        "users": [{"name": "faults", "user": {}}],
-        "contexts": [{"name": "faults", "context": {"cluster": "faults", "user": "faults",
-                                                    "namespace": cluster.namespace}}],
-    }))
-    return path
+    return write_kubeconfig(path, {"server": server}, {}, cluster.namespace)
 
 
 class OperatorProcess:

@@ -6,21 +6,30 @@ and checkpoints go through S3 either way, so pods need nothing from this machine
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import os
 import signal
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import boto3
-import yaml
-from support.e2e import FTJ, PTJ, condition, job_pods, operator, phase_is, pretrain, status
+from support.e2e import (
+    FTJ,
+    PTJ,
+    condition,
+    job_pods,
+    no_job_pods,
+    operator,
+    operator_process,
+    phase_is,
+    pretrain,
+    status,
+)
 from support.jobs import example, tiny_pretrain
 from support.processes import free_port
+from support.rbac import write_kubeconfig
 
 from kubeforge.operator.settings import OperatorSettings
 
@@ -53,7 +62,7 @@ async def test_pipeline_pretrain_then_finetune_by_name(world: Any, settings: Ope
         tuned_done = await cluster.wait_for(lambda: phase_is(cluster, FTJ, "review-sentiment", "Succeeded",
                                                              "Failed"), 240, "the finetune job to finish")
         pods_gone = await cluster.wait_for(
-            lambda: _no_pods(cluster, "tiny-shakespeare"), 30, "cleanPodPolicy All to delete finished pods")
+            lambda: no_job_pods(cluster, "tiny-shakespeare"), 30, "cleanPodPolicy All to delete finished pods")
     assert pods_gone
     uid = (await cluster.get(PTJ, "tiny-shakespeare"))["metadata"]["uid"]
     assert done["stepProgress"] == "300/300" and done["restarts"] == 0 and done["loss"] > 0
@@ -69,10 +78,6 @@ async def test_pipeline_pretrain_then_finetune_by_name(world: Any, settings: Ope
     reasons = [e["reason"] for e in await cluster.events("tiny-shakespeare")]
     assert "PodsCreated" in reasons and "Completed" in reasons
     assert metrics.succeeded.labels(PTJ)._value.get() == 1
-
-
-async def _no_pods(cluster: Any, name: str) -> bool:
-    return not await job_pods(cluster, name)
 
 
 async def test_a_killed_worker_restarts_the_gang_from_the_last_checkpoint(
@@ -215,7 +220,7 @@ async def test_suspend_resume_operator_restart_and_deletion(world: Any, settings
         await cluster.wait_for(checkpointed, 180, "a checkpoint before suspending")
         await cluster.patch(PTJ, "pausable", {"spec": {"suspend": True}})
         suspended = await cluster.wait_for(lambda: phase_is(cluster, PTJ, "pausable", "Suspended"), 30, "Suspended")
-        await cluster.wait_for(lambda: _no_pods(cluster, "pausable"), 30, "the pods to go")
+        await cluster.wait_for(lambda: no_job_pods(cluster, "pausable"), 30, "the pods to go")
         assert condition(suspended, "Suspended")["status"] == "True"
         await cluster.patch(PTJ, "pausable", {"spec": {"suspend": False}})
         await cluster.wait_for(lambda: phase_is(cluster, PTJ, "pausable", "Running"), 60, "Running again")
@@ -231,7 +236,7 @@ async def test_suspend_resume_operator_restart_and_deletion(world: Any, settings
         assert (await status(cluster, PTJ, "pausable"))["restarts"] == 0
 
         await cluster.delete(PTJ, "pausable")
-        await cluster.wait_for(lambda: _no_pods(cluster, "pausable"), 60, "deletion to remove the pods")
+        await cluster.wait_for(lambda: no_job_pods(cluster, "pausable"), 60, "deletion to remove the pods")
         gone = await cluster.wait_for(lambda: _job_gone(cluster, "pausable"), 30, "the job to be deleted")
     assert gone
 
@@ -248,15 +253,11 @@ async def _job_gone(cluster: Any, name: str) -> bool:
 async def test_the_operator_command_runs_standalone_next_to_the_crds_alone(cluster: Any, tmp_path: Path) -> None:
     """The README's cluster path: `kubectl apply -f crds/`, then `kubeforge operator`. Without the chart
     there is no peering object to join: it says so, runs standalone and reconciles a job at once."""
-    kubeconfig = cluster.kubeconfig or str(_kubeconfig_for(cluster.url, tmp_path / "kubeconfig"))
+    kubeconfig = cluster.kubeconfig or str(write_kubeconfig(tmp_path / "kubeconfig", {"server": cluster.url}, {}))
     env = {**os.environ, "KUBECONFIG": kubeconfig, "KUBEFORGE_METRICS_PORT": str(free_port()),
            "KUBEFORGE_STORAGE_ROOT": "s3://kubeforge/jobs", "KUBEFORGE_ALLOWED_URI_PREFIXES": "s3://kubeforge/data"}
     log_path = tmp_path / "operator.log"
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "kubeforge", "operator", "--health-port", str(free_port()),
-            stdout=log, stderr=asyncio.subprocess.STDOUT, env=env)
-    try:
+    async with operator_process(["operator", "--health-port", str(free_port())], env, log_path) as process:
         def logged(text: str) -> bool:
             assert process.returncode is None, f"the operator exited:\n{log_path.read_text()}"
             return text in log_path.read_text()
@@ -271,20 +272,3 @@ async def test_the_operator_command_runs_standalone_next_to_the_crds_alone(clust
         await cluster.wait_for(lambda: job_pods(cluster, "bare"), 10, f"the job's pod\n{log_path.read_text()}")
         await cluster.wait_for(lambda: phase_is(cluster, PTJ, "bare", "Pending", "Running"), 10 - (
             time.monotonic() - started), f"the job's phase\n{log_path.read_text()}")
-    finally:
-        if process.returncode is None:
-            process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 30)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
-
-def _kubeconfig_for(url: str, path: Path) -> Path:
-    """A kubeconfig for the emulator (no credentials)."""
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "e2e",
-        "clusters": [{"name": "e2e", "cluster": {"server": url}}], "users": [{"name": "e2e", "user": {}}],
-        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "e2e"}}]}))
-    return path

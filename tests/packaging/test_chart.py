@@ -18,8 +18,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from jsonschema import Draft4Validator
+from support.chart import CHART, NAMESPACE, RELEASE, container_env, only, render
 from support.jobs import ROOT, example
-from support.rbac import OPERATOR_PERMISSIONS
+from support.rbac import OPERATOR_PERMISSIONS, granted
 
 from kubeforge.cli import PEERING_NAME, build_parser
 from kubeforge.operator import builders
@@ -27,8 +28,6 @@ from kubeforge.operator.lifecycle import Observed, reconcile
 from kubeforge.operator.settings import OperatorSettings
 from kubeforge.spec import GangSpec, PodTemplateSpec, parse_job
 
-CHART = ROOT / "charts" / "kubeforge"
-RELEASE, NAMESPACE = "kubeforge", "kubeforge-system"
 KUBERNETES_VERSION = "1.30.0"  # the oldest version the README's install section is tried on
 VALUE_SETS = {
     "default": {},
@@ -36,31 +35,11 @@ VALUE_SETS = {
     "kind-cpu": yaml.safe_load((CHART / "ci" / "kind-cpu-values.yaml").read_text()),
 }
 
-helm.disable_logging()  # the loader logs every symlinked CRD at INFO
-
 
 @pytest.fixture(scope="module")
 def chart() -> Iterator[helm.Chart]:
     with helm.Chart.load(CHART) as loaded:
         yield loaded
-
-
-def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Every object an install would create from templates/, as `helm template` prints them."""
-    manifests = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    return [document for path, text in sorted(manifests.items()) if path.endswith(".yaml")
-            for document in yaml.safe_load_all(text) if document]
-
-
-def only(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [o for o in objects if o["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
-    return found[0]
-
-
-def container_env(objects: list[dict[str, Any]]) -> dict[str, str]:
-    container = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,29 +196,6 @@ PEERING_PERMISSIONS = {
                    # Kopf's namespace observer: which of the watched namespaces exist.
                    ("cluster", "", "namespaces"): {"list", "watch"}},
 }
-
-
-def granted(objects: list[dict[str, Any]]) -> dict[str, dict[tuple[str, str, str], set[str]]]:
-    """{where: {(scope, group, resource): verbs}}: `where` is "cluster" or a namespace; scope is
-    "cluster" for cluster-scoped resources and "namespace" for namespaced ones."""
-    cluster_scoped = {"nodes", "customresourcedefinitions", "namespaces", "clusterkopfpeerings"}
-    out: dict[str, dict[tuple[str, str, str], set[str]]] = {}
-    bound = {(b["roleRef"]["kind"], b["roleRef"]["name"], b["metadata"].get("namespace", "cluster"))
-             for b in objects if b["kind"] in ("ClusterRoleBinding", "RoleBinding")
-             and any(s["kind"] == "ServiceAccount" and s["namespace"] == NAMESPACE for s in b["subjects"])}
-    for role in objects:
-        if role["kind"] not in ("ClusterRole", "Role"):
-            continue
-        where = role["metadata"].get("namespace", "cluster")
-        assert (role["kind"], role["metadata"]["name"], where) in bound, f"{role['kind']} is bound to nobody"
-        for rule in role["rules"]:
-            assert set(rule) == {"apiGroups", "resources", "verbs"}, f"no resourceNames/nonResourceURLs: {rule}"
-            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
-            for group in rule["apiGroups"]:
-                for resource in rule["resources"]:
-                    scope = "cluster" if resource in cluster_scoped else "namespace"
-                    out.setdefault(where, {}).setdefault((scope, group, resource), set()).update(rule["verbs"])
-    return out
 
 
 def test_rbac_cluster_wide_grants_exactly_what_the_operator_uses(chart: helm.Chart) -> None:

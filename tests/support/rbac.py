@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from support.chart import NAMESPACE
 
 # Every permission the chart grants, and what uses it. Amend this when the operator's API calls
 # change (and the chart's templates/rbac.yaml with it): test_chart.py fails on anything granted but not
@@ -35,14 +41,43 @@ OPERATOR_PERMISSIONS: dict[tuple[str, str, str], set[str]] = {
     ("namespace", "scheduling.x-k8s.io", "podgroups"): {"create"},
 }
 
+Permissions = dict[tuple[str, str, str], set[str]]
+#: What the chart installs for the operator to act as: its identity, and what that identity may do.
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+CLUSTER_SCOPED = {"nodes", "customresourcedefinitions", "namespaces", "clusterkopfpeerings"}
+
+
+def granted(objects: list[dict[str, Any]], namespace: str = NAMESPACE) -> dict[str, Permissions]:
+    """What the rendered chart's roles grant its ServiceAccount (of the release `namespace`):
+    {where: {(scope, group, resource): verbs}}, `where` being "cluster" or a namespace; scope is
+    "cluster" for cluster-scoped resources and "namespace" for namespaced ones."""
+    out: dict[str, Permissions] = {}
+    bound = {(b["roleRef"]["kind"], b["roleRef"]["name"], b["metadata"].get("namespace", "cluster"))
+             for b in objects if b["kind"] in ("ClusterRoleBinding", "RoleBinding")
+             and any(s["kind"] == "ServiceAccount" and s["namespace"] == namespace for s in b["subjects"])}
+    for role in objects:
+        if role["kind"] not in ("ClusterRole", "Role"):
+            continue
+        where = role["metadata"].get("namespace", "cluster")
+        assert (role["kind"], role["metadata"]["name"], where) in bound, f"{role['kind']} is bound to nobody"
+        for rule in role["rules"]:
+            assert set(rule) == {"apiGroups", "resources", "verbs"}, f"no resourceNames/nonResourceURLs: {rule}"
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    scope = "cluster" if resource in CLUSTER_SCOPED else "namespace"
+                    out.setdefault(where, {}).setdefault((scope, group, resource), set()).update(rule["verbs"])
+    return out
+
 
 # The operator's two clients: Kopf's own, and the kubernetes client of operator/cluster.py.
 OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")
 VERBS = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
 
 
-def not_granted(emulator: Any) -> set[str]:
-    """Requests the operator made that the chart's RBAC (test_chart.OPERATOR_PERMISSIONS) would refuse."""
+def not_granted(emulator: Any, permissions: Permissions = OPERATOR_PERMISSIONS) -> set[str]:
+    """Requests the operator made to the emulator that `permissions` (by default the chart's, without
+    peering or a namespace selector) would refuse. The emulator authorizes nothing itself."""
     refused = set()
     for request in emulator:
         if not request.headers.get("User-Agent", "").startswith(OPERATOR_AGENTS):
@@ -62,6 +97,32 @@ def not_granted(emulator: Any) -> set[str]:
         else:
             verb = VERBS[request.method.value.upper()]
         key = (scope, group, "/".join([resource, *subresource]))
-        if verb not in OPERATOR_PERMISSIONS.get(key, set()):
+        if verb not in permissions.get(key, set()):
             refused.add(f"{verb} {key}")
     return refused
+
+
+def write_kubeconfig(path: Path, cluster: dict[str, Any], user: dict[str, Any], namespace: str | None = None) -> Path:
+    """A kubeconfig of one context: `cluster` (server, CA) and `user` (credentials) as kubeconfig spells them."""
+    context = {"cluster": "kubeforge", "user": "kubeforge", **({"namespace": namespace} if namespace else {})}
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kubeforge",
+        "clusters": [{"name": "kubeforge", "cluster": cluster}], "users": [{"name": "kubeforge", "user": user}],
+        "contexts": [{"name": "kubeforge", "context": context}]}))
+    return path
+
+
+async def service_account_kubeconfig(cluster: Any, name: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as the ServiceAccount `name` of the test namespace of a real
+    cluster: a token from the TokenRequest API (as the kubelet mounts one in the operator's pod), and
+    the server and CA of the admin kubeconfig."""
+    from kubernetes import client
+
+    request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[],
+                                                                                  expiration_seconds=3600))
+    api = client.CoreV1Api(cluster.api_client())
+    issued = await asyncio.to_thread(api.create_namespaced_service_account_token, name, cluster.namespace, request)
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    context = next(c["context"] for c in admin["contexts"] if c["name"] == admin["current-context"])
+    server = next(c["cluster"] for c in admin["clusters"] if c["name"] == context["cluster"])
+    return write_kubeconfig(path, server, {"token": issued.status.token}, cluster.namespace)
