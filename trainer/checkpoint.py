@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -268,9 +269,18 @@ class _TensorsOnlyPlanner(dcp.DefaultLoadPlanner):
         super().load_bytes(read_item, checked)
 
 
+def _failures(exc: CheckpointException) -> str:
+    """What failed on which rank: DCP's exception carries each rank's exception and traceback."""
+    return "; ".join(f"rank {rank}: {failure[0]}" for rank, failure in sorted(exc.failures.items()))
+
+
 def save_sharded(state: dict[str, Any], directory: Path, group: dist.ProcessGroup | None) -> list[Path]:
-    """DCP-save state (every rank its own part) into directory; the files this rank wrote."""
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(directory), process_group=group, no_dist=group is None)
+    """DCP-save state (every rank its own part) into directory; the files this rank wrote. A write
+    that fails on any rank raises StorageError on every rank."""
+    try:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(directory), process_group=group, no_dist=group is None)
+    except CheckpointException as exc:  # a BaseException: the upload thread's error handling would miss it
+        raise StorageError(f"writing the shards failed: {_failures(exc)}") from None
     return sorted(directory.iterdir())
 
 
@@ -283,8 +293,11 @@ def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
     else:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, storage_reader=_VerifiedReader(directory), planner=_TensorsOnlyPlanner(),
-             no_dist=not dist.is_initialized())
+    try:
+        dcp.load(state, storage_reader=_VerifiedReader(directory), planner=_TensorsOnlyPlanner(),
+                 no_dist=not dist.is_initialized())
+    except CheckpointException as exc:
+        raise CorruptCheckpoint(f"{directory}: the shards cannot be loaded: {_failures(exc)}") from None
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
