@@ -214,8 +214,9 @@ class Trainer:
         self.eval_batches = data.eval_batches(workload.eval_set, training.batch_size, training.eval_batches,
                                               runtime.rank, runtime.world_size)
         self.eval_filler = data.eval_batches(workload.eval_set, training.batch_size, 1, 0, 1)[0]
+        self.accumulation = self._accumulation(restored)
         self.total_steps: int = training.max_steps or max(1, math.ceil(  # the spec sets maxSteps or epochs
-            training.epochs * self.batches.per_epoch / training.gradient_accumulation_steps))  # type: ignore[operator]
+            training.epochs * self.batches.per_epoch / self.accumulation))  # type: ignore[operator]
         self.metrics.total_steps.set(self.total_steps)
 
         self.model.to(runtime.device)
@@ -293,9 +294,9 @@ class Trainer:
         return result
 
     def train_step(self) -> None:
-        """One optimizer step over gradient_accumulation_steps micro-batches; across ranks, gradients
-        are synchronised on the last micro-batch only."""
-        accumulation = self.training.gradient_accumulation_steps
+        """One optimizer step over self.accumulation micro-batches; across ranks, gradients are
+        synchronised on the last micro-batch only."""
+        accumulation = self.accumulation
         device, dtype = self.runtime.device, self.dtype
         for k in range(accumulation):
             micro = self._next_batch()
@@ -413,6 +414,7 @@ class Trainer:
         files |= {
             "state.pt": {
                 "scheduler": self.scheduler.state_dict(), **asdict(self.state), "world_size": self.runtime.world_size,
+                "micro_batches_per_step": self.runtime.world_size * self.accumulation,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
             },
@@ -479,6 +481,21 @@ class Trainer:
             if self.runtime.is_main:
                 log.info("warm start from the weights of %s/%s", restored.uri, restored.checkpoint.prefix)
         return restored
+
+    def _accumulation(self, restored: Restored | None) -> int:
+        """Micro-batches per optimizer step on each rank: the spec's; resumed on another number of
+        ranks, as many as keep a step's batch across all ranks what it was, so the run goes on as it
+        would have (with two ranks' micro-batches of a step trained one after the other by one)."""
+        spec, world = self.training.gradient_accumulation_steps, self.runtime.world_size
+        if restored is None or restored.warm_start:
+            return spec
+        per_step = int(restored.files["state.pt"].get("micro_batches_per_step", spec * world))
+        if per_step % world:
+            if self.runtime.is_main:
+                log.warning("resumed on %d processes: a step's %d micro-batches do not divide among them; each "
+                            "step now trains %d instead", world, per_step, spec * world)
+            return spec
+        return per_step // world
 
     def _uploaded(self, report: UploadReport) -> None:
         self.metrics.checkpoint_duration.observe(report.seconds)
