@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import yaml
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule
 
 from kubeforge.spec import FinetuneJob, Job, PretrainJob, TrainingSpec, export_uri
@@ -30,7 +35,6 @@ from kubeforge.trainer import data, distributed
 from kubeforge.trainer.checkpoint import (
     SHARDS,
     Checkpointer,
-    CheckpointMismatch,
     Restored,
     UploadReport,
     export_model,
@@ -429,11 +433,17 @@ class Trainer:
         saved = files["state.pt"]
         if SHARDS in files:
             load_sharded(files[SHARDS], self.model, self.optimizer)
-        elif isinstance(self.model, FSDPModule):
-            raise CheckpointMismatch(
-                "spec.training.parallelism: the checkpoint to resume was written by a ddp run, whole; an fsdp "
-                "run of more than one process resumes sharded checkpoints only: finish it with ddp, or give it "
-                "a new checkpoint.uri with spec.checkpoint.warmStartFrom pointing at this one")
+        elif isinstance(self.model, FSDPModule):  # a ddp run's whole checkpoint, into this run's shards
+            saved_optimizer = files["optimizer.pt"]  # parameters by index in the optimizer's groups
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            by_index = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+            optimizer: dict[str, Any] = {
+                "state": {by_index[i]: state for i, state in saved_optimizer["state"].items()},
+                "param_groups": [{**group, "params": [by_index[i] for i in group["params"]]}
+                                 for group in saved_optimizer["param_groups"]],
+            }
+            set_state_dict(self.model, self.optimizer, model_state_dict=files["model.pt"], optim_state_dict=optimizer,
+                           options=StateDictOptions(full_state_dict=True))
         else:
             self.model.load_state_dict(files["model.pt"])
             self.optimizer.load_state_dict(files["optimizer.pt"])
