@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule
@@ -239,10 +240,8 @@ class Trainer:
         self.state = TrainState()
         if restored:
             self.checkpointer.check_model(restored, self.model.state_dict())
-            if restored.warm_start and SHARDS in restored.files:  # its weights only: training starts at step 0
-                load_sharded(restored.files[SHARDS], self.model)
-            elif restored.warm_start:
-                self.model.load_state_dict(restored.files["model.pt"])
+            if restored.warm_start:  # its weights only: training starts at step 0
+                self.load_weights(restored.files)
             else:
                 self.load_state_dict(restored.files)
         self.resumed_from = self.state.step
@@ -427,6 +426,13 @@ class Trainer:
             # The model's vocabulary is that of the tokenizer this job trained.
             files["tokenizer.json"] = self.tokenizer.backend_tokenizer.to_str().encode()
         return files
+
+    def load_weights(self, files: dict[str, Any]) -> None:
+        """A checkpoint's weights, sharded or whole, into the model as it is sharded now (or not)."""
+        if SHARDS in files:
+            load_sharded(files[SHARDS], self.model)
+        else:
+            set_model_state_dict(self.model, files["model.pt"], options=StateDictOptions(full_state_dict=True))
 
     def load_state_dict(self, files: dict[str, Any]) -> None:
         """Restore what state_dict saved. tokenizer.json is read before: the model is built from it."""
