@@ -171,6 +171,10 @@ class TrainingSpec(_Model):
     seed: int = Field(0, ge=0, description="seeds initialisation, shuffling and dropout")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU")
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every process holds the whole model and optimizer; fsdp: parameters, gradients "
+                           "and optimizer state sharded across the processes (PyTorch FSDP2), checkpoints sharded "
+                           "too and resumable on another number of processes")
     eval_interval: int = Field(100, ge=1, description="steps between evaluations")
     eval_batches: int = Field(50, ge=1, description="at most this many batches per evaluation")
     log_interval: int = Field(10, ge=1, description="steps between log lines and loss metrics")
@@ -738,7 +742,9 @@ class _Job(_Model):
     def spec_hash(self) -> str:
         """Identifies what is trained; written into every checkpoint manifest, and a resume refuses
         checkpoints of another. Where and how often checkpoints are written is not part of it."""
-        excluded = RUN_POLICY_FIELDS | {"checkpoint"}
+        excluded: dict[str, Any] = {name: True for name in RUN_POLICY_FIELDS | {"checkpoint"}}
+        # How the work is split over the processes: the same model is trained either way.
+        excluded["training"] = {"parallelism"}
         trained = self.spec.model_dump(mode="json", by_alias=True, exclude=excluded)  # type: ignore[attr-defined]
         return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 

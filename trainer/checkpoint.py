@@ -3,11 +3,17 @@
 Layout under a job's checkpoint URI:
 
     checkpoints/step-00000050/{model.pt, optimizer.pt, state.pt, tokenizer.json, manifest.json}
+    checkpoints/step-00000050/{shards/{.metadata, __0_0.distcp, __1_0.distcp, ...}, state.pt, ..., manifest.json}
     export/{config.json, model.safetensors, tokenizer files, job.yaml, result.json, manifest.json}
 
 A checkpoint exists only once its manifest (files, sizes, sha256, step, spec hash, the job that wrote
 it, the model's shape) is written, and readers trust nothing else: a writer killed mid-upload leaves a
 directory without a manifest, which is ignored.
+
+The second layout is a sharded checkpoint (training.parallelism fsdp): model and optimizer saved by
+torch.distributed.checkpoint (DCP), each rank writing and uploading its own shard files, rank 0
+committing one manifest that lists every rank's files and marks it `sharded`. DCP loads it into any
+number of ranks, resharding as it reads.
 
 A checkpoint whose manifest is there but does not hold (unreadable, a file missing or of another
 size, a sha256 that differs, a file that is not tensors) is quarantined when a resume meets it: a
@@ -19,11 +25,11 @@ unquarantined checkpoints, and only the files their manifests list.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import pickle
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,6 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from kubeforge.spec import EXPORT_DIR, Job, JobError
 from kubeforge.storage import Storage, StorageError, download_tree, join
@@ -44,6 +61,8 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 #: Next to the manifest of a checkpoint that failed verification: its presence means "never trust".
 QUARANTINE = "QUARANTINED"
+#: In a state to save, and in a loaded checkpoint's files: model and optimizer as DCP shards.
+SHARDS = "shards"
 #: The directories kubeforge writes under checkpoints/; nothing else there is ever touched.
 STEP_DIRECTORY = re.compile(r"step-(\d{8,})")
 
@@ -77,8 +96,9 @@ def to_cpu_copy(value: Any, copies: dict[tuple[Any, ...], torch.Tensor] | None =
     input and output embeddings) stay one tensor, so it is copied and saved once."""
     copies = {} if copies is None else copies
     if isinstance(value, torch.Tensor):
-        key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), value.dtype,
-               tuple(value.shape), value.stride())
+        local = value.to_local() if isinstance(value, DTensor) else value  # a shard: its own rank's part
+        key = (local.device, local.untyped_storage().data_ptr(), local.storage_offset(), local.dtype,
+               tuple(value.shape), local.stride())
         if key not in copies:
             copies[key] = value.detach().to("cpu", copy=True)
         return copies[key]
@@ -89,29 +109,42 @@ def to_cpu_copy(value: Any, copies: dict[tuple[Any, ...], torch.Tensor] | None =
     return value
 
 
-def write_committed(storage: Storage, prefix: str, files: dict[str, Any], manifest: dict[str, Any]) -> int:
-    """Write files (objects for torch.save, bytes, or local Paths) under prefix, then the manifest.
-
-    Returns the bytes written. A previous commit at this prefix (and a quarantine of it) stops
-    counting before any of its files is overwritten."""
-    storage.delete([join(prefix, MANIFEST), join(prefix, QUARANTINE)])
+def upload_files(storage: Storage, prefix: str, files: dict[str, Any], scratch: Path) -> list[dict[str, Any]]:
+    """Upload files (objects for torch.save, bytes, or local Paths, uploaded as they are) under
+    prefix, each written to scratch first unless it is a Path; their manifest entries."""
     entries: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="kubeforge-ckpt-") as scratch:
-        for name, payload in files.items():
-            path = Path(scratch) / name
+    for name, payload in files.items():
+        path = payload if isinstance(payload, Path) else scratch / name
+        if not isinstance(payload, Path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(payload, Path):
-                shutil.copyfile(payload, path)
-            elif isinstance(payload, bytes):
+            if isinstance(payload, bytes):
                 path.write_bytes(payload)
             else:
                 torch.save(payload, path)
-            entries.append({"name": name, "size": path.stat().st_size, "sha256": _sha256(path)})
-            storage.put_file(join(prefix, name), path)
+        entries.append({"name": name, "size": path.stat().st_size, "sha256": _sha256(path)})
+        storage.put_file(join(prefix, name), path)
+    return entries
+
+
+def commit(storage: Storage, prefix: str, entries: list[dict[str, Any]], manifest: dict[str, Any]) -> int:
+    """Write the manifest listing entries, the commit point; the bytes of files and manifest."""
     manifest = {**manifest, "files": entries, "createdAt": datetime.now(UTC).isoformat()}
     body = json.dumps(manifest, indent=2).encode()
-    storage.put_bytes(join(prefix, MANIFEST), body)  # the commit point
+    storage.put_bytes(join(prefix, MANIFEST), body)
     return sum(e["size"] for e in entries) + len(body)
+
+
+def uncommit(storage: Storage, prefix: str) -> None:
+    """A previous commit at this prefix (and a quarantine of it) stops counting before any of its
+    files is overwritten."""
+    storage.delete([join(prefix, MANIFEST), join(prefix, QUARANTINE)])
+
+
+def write_committed(storage: Storage, prefix: str, files: dict[str, Any], manifest: dict[str, Any]) -> int:
+    """Write files (see upload_files) under prefix, then the manifest; the bytes written."""
+    uncommit(storage, prefix)
+    with tempfile.TemporaryDirectory(prefix="kubeforge-ckpt-") as scratch:
+        return commit(storage, prefix, upload_files(storage, prefix, files, Path(scratch)), manifest)
 
 
 def check_manifest(body: bytes, sizes: dict[str, int], prefix: str) -> tuple[dict[str, Any] | None, str]:
@@ -158,7 +191,7 @@ def fetch_verified(storage: Storage, prefix: str, manifest: dict[str, Any], targ
                                "manifest: refusing to use it")
 
 
-def load_tensors(path: Path, where: str) -> Any:
+def load_tensors(path: Path | io.BytesIO, where: str) -> Any:
     """A torch-saved file, loaded with weights_only=True: tensors, numbers, strings and containers
     of them. Anything else (a pickle that would construct arbitrary objects, i.e. run code) is
     refused: storage is not trusted to hold only what kubeforge wrote."""
@@ -185,9 +218,90 @@ def load_checkpoint(storage: Storage, checkpoint: Committed, target: Path, field
     loaded: dict[str, Any] = {}
     for entry in checkpoint.manifest["files"]:
         path = target / entry["name"]
+        if entry["name"].startswith(f"{SHARDS}/"):
+            loaded[SHARDS] = target / SHARDS  # read by load_sharded, into the model as it is sharded now
+            continue
         where = f"{field}: {storage.uri}/{join(checkpoint.prefix, entry['name'])}"
         loaded[entry["name"]] = load_tensors(path, where) if entry["name"].endswith(".pt") else path.read_bytes()
     return loaded
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata is a pickle: this reads the one DCP writes (its dataclasses, sizes, dtypes,
+    layouts and paths) and refuses any other global, which could run code."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name) if module.startswith(("torch", "pathlib")) else None
+        if ((module, name) in self.ALLOWED or isinstance(found, torch.dtype)
+                or (isinstance(found, type) and found.__module__ == "torch.distributed.checkpoint.metadata")):
+            return found
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed in checkpoint metadata")
+
+
+class _VerifiedReader(dcp.FileSystemReader):
+    """DCP's reader of a downloaded, verified checkpoint, its metadata read without running code."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(str(self.path)) / ".metadata"
+        try:
+            with path.open("rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as exc:
+            raise CorruptCheckpoint(f"{path}: not DCP metadata, refusing to load it ({exc})") from None
+        if not isinstance(metadata, Metadata):
+            raise CorruptCheckpoint(f"{path}: not DCP metadata")
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _TensorsOnlyPlanner(dcp.DefaultLoadPlanner):
+    """DCP's planner, but its non-tensor values (the optimizer's hyperparameters) loaded as
+    load_tensors loads files: DCP's own planner unpickles them with weights_only=False."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        checked = io.BytesIO()
+        torch.save(load_tensors(value, f"checkpoint value {read_item.dest_index.fqn}"), checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
+
+
+def _failures(exc: CheckpointException) -> str:
+    """What failed on which rank: DCP's exception carries each rank's exception and traceback."""
+    return "; ".join(f"rank {rank}: {failure[0]}" for rank, failure in sorted(exc.failures.items()))
+
+
+def save_sharded(state: dict[str, Any], directory: Path, group: dist.ProcessGroup | None) -> list[Path]:
+    """DCP-save state (every rank its own part) into directory; the files this rank wrote. A write
+    that fails on any rank raises StorageError on every rank."""
+    try:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(directory), process_group=group, no_dist=group is None)
+    except CheckpointException as exc:  # a BaseException: the upload thread's error handling would miss it
+        raise StorageError(f"writing the shards failed: {_failures(exc)}") from None
+    return sorted(directory.iterdir())
+
+
+def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load a sharded checkpoint into the model (and optimizer) as they are sharded now, on any
+    number of ranks, or none (a plain model): DCP reads each rank the parts it holds."""
+    state: dict[str, Any]
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(state, storage_reader=_VerifiedReader(directory), planner=_TensorsOnlyPlanner(),
+                 no_dist=not dist.is_initialized())
+    except CheckpointException as exc:
+        raise CorruptCheckpoint(f"{directory}: the shards cannot be loaded: {_failures(exc)}") from None
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 @dataclass(frozen=True)
@@ -249,10 +363,13 @@ class Checkpointer:
     """Saves checkpoints without stalling training, keeps the last K, finds the newest to resume.
 
     At most one upload runs at a time; a save that finds the previous one still running waits for
-    it, so memory holds at most one snapshot besides the live state."""
+    it, so memory holds at most one snapshot besides the live state.
+
+    A sharded save is every rank's: each calls save with the same step, and the uploads run the
+    collectives of `group` (one of their own: the training loop's collectives run meanwhile)."""
 
     def __init__(self, storage: Storage, *, keep: int, spec_hash: str, rank: int,
-                 job: dict[str, str] | None = None,
+                 group: dist.ProcessGroup | None = None, job: dict[str, str] | None = None,
                  on_uploaded: Callable[[UploadReport], None] | None = None,
                  on_failed: Callable[[BaseException], None] | None = None,
                  background: bool = True):
@@ -260,13 +377,14 @@ class Checkpointer:
         self.keep = keep
         self.spec_hash = spec_hash
         self.rank = rank
+        self.group = group
         #: Whose checkpoints these are: namespace, kind, name and (in a cluster) uid.
         self.job = job or {}
         self.on_uploaded = on_uploaded
         self.on_failed = on_failed
         self.background = background
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
-        self._pending: Future[UploadReport] | None = None
+        self._pending: Future[UploadReport | None] | None = None
         self.last_error: BaseException | None = None
 
     # -- reading ---------------------------------------------------------------------------------
@@ -384,9 +502,13 @@ class Checkpointer:
         self.wait()
         snapshot = to_cpu_copy(state)
         manifest: dict[str, Any] = {"step": step, "specHash": self.spec_hash, "rank": self.rank, "job": self.job}
-        if "model.pt" in snapshot:
+        if SHARDS in snapshot:
+            manifest.update(sharded=True, worldSize=dist.get_world_size(self.group) if self.group else 1,
+                            modelShape=model_shape(snapshot[SHARDS]["model"]))
+        elif "model.pt" in snapshot:
             manifest["modelShape"] = model_shape(snapshot["model.pt"])
-        self._pending = self._executor.submit(self._upload, step, snapshot, manifest)
+        upload = self._upload_sharded if SHARDS in snapshot else self._upload
+        self._pending = self._executor.submit(upload, step, snapshot, manifest)
         if synchronous or not self.background:
             self.wait()
         return time.perf_counter() - started
@@ -394,6 +516,46 @@ class Checkpointer:
     def _upload(self, step: int, snapshot: dict[str, Any], manifest: dict[str, Any]) -> UploadReport:
         started = time.perf_counter()
         written = write_committed(self.storage, step_prefix(step), snapshot, manifest)
+        return self._committed(step, started, written)
+
+    def _upload_sharded(self, step: int, snapshot: dict[str, Any], manifest: dict[str, Any]) -> UploadReport | None:
+        """Every rank DCP-saves its shards to local scratch and uploads them with their hashes;
+        rank 0 gathers every rank's names and hashes and commits one manifest, last. A rank whose
+        upload failed still joins the gather, so none waits forever, and nothing is committed."""
+        started, prefix = time.perf_counter(), step_prefix(step)
+        entries: list[dict[str, Any]] = []
+        failure = ""
+        with tempfile.TemporaryDirectory(prefix="kubeforge-ckpt-") as scratch:
+            try:
+                if self.rank == 0:
+                    uncommit(self.storage, prefix)
+            except Exception as exc:  # every rank's failure must still reach the gather
+                failure = str(exc)
+            # Collective; it raises on every rank when one rank's write fails.
+            shards = save_sharded(snapshot.pop(SHARDS), Path(scratch) / SHARDS, self.group)
+            files: dict[str, Any] = {f"{SHARDS}/{path.name}": path for path in shards}
+            if self.rank == 0:
+                files.update(snapshot)  # state.pt, tokenizer.json: every rank's copy is the same
+            try:
+                entries = upload_files(self.storage, prefix, files, Path(scratch)) if not failure else []
+            except Exception as exc:
+                failure = str(exc)
+        gathered: list[Any] = [None] * (dist.get_world_size(self.group) if self.group else 1)
+        if self.group:
+            dist.gather_object((entries, failure), gathered if self.rank == 0 else None, dst=0, group=self.group)
+        else:
+            gathered[0] = (entries, failure)
+        if self.rank != 0:
+            if failure:
+                raise StorageError(f"sharded checkpoint step {step} not committed: {failure}")
+            return None
+        failures = [f"rank {rank}: {failed}" for rank, (_, failed) in enumerate(gathered) if failed]
+        if failures:
+            raise StorageError(f"sharded checkpoint step {step} not committed: {'; '.join(failures)}")
+        listed = sorted((entry for rank_entries, _ in gathered for entry in rank_entries), key=lambda e: e["name"])
+        return self._committed(step, started, commit(self.storage, prefix, listed, manifest))
+
+    def _committed(self, step: int, started: float, written: int) -> UploadReport:
         report = UploadReport(step, time.perf_counter() - started, written)
         log.info("checkpoint step %d committed to %s/%s (%.1f MB in %.2fs)", step, self.storage.uri,
                  step_prefix(step), written / 1e6, report.seconds)

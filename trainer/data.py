@@ -342,6 +342,15 @@ class Batches:
         start = (position * self.world_size + self.rank) * self.batch_size
         return take(self.tensors, self._order[1][start : start + self.batch_size], self.pad_multiple)
 
+    def continue_from(self, index: int, world_size: int) -> int:
+        """The index at which these ranks continue a run that stopped at `index` on `world_size`
+        ranks: the same epoch, the rows of it trained so far not trained again (exactly when one
+        world size divides the other; else the next step boundary below)."""
+        if world_size == self.world_size:
+            return index
+        epoch, position = divmod(index, len(self.tensors["input_ids"]) // (self.batch_size * world_size))
+        return epoch * self.per_epoch + min(self.per_epoch, position * world_size // self.world_size)
+
 
 def eval_batches(tensors: dict[str, torch.Tensor], batch_size: int, limit: int, rank: int, world_size: int
                  ) -> list[dict[str, torch.Tensor]]:

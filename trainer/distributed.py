@@ -6,11 +6,14 @@ import logging
 import os
 import signal
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import FrameType, TracebackType
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from kubeforge.spec import JobError
 
@@ -83,6 +86,56 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         log.warning("training.precision is bf16 on a CPU: expect it to be much slower than fp32")
         return torch.bfloat16
     return None
+
+
+def shard(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """FSDP2, in place: each transformer block is a unit of its own (its parameters gathered just
+    before it runs and freed after), the rest (embeddings, head) the root's. With bf16, parameters
+    are gathered and computed in bf16 while gradients are reduced in fp32."""
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if dtype == torch.bfloat16 else MixedPrecisionPolicy())
+    # transformers names its blocks on the model (under a LoRA wrapper, on the model it wraps).
+    blocks = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def wrap(model: torch.nn.Module, parallelism: str, runtime: Runtime, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The module the training step runs: the model itself alone, sharded in place under fsdp, else
+    in DistributedDataParallel. The optimizer must be built after: sharding replaces the parameters."""
+    if not runtime.distributed:
+        return model
+    if parallelism == "fsdp":
+        shard(model, dtype)
+        return model
+    return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+
+def gradient_sync(wrapped: torch.nn.Module, enabled: bool) -> AbstractContextManager[None]:
+    """Around a micro-batch's backward: whether its gradients are reduced across ranks now (the last
+    micro-batch of a step) or only accumulated locally."""
+    if isinstance(wrapped, FSDPModule):
+        wrapped.set_requires_gradient_sync(enabled)
+    elif isinstance(wrapped, DistributedDataParallel) and not enabled:
+        return wrapped.no_sync()
+    return nullcontext()
+
+
+def checkpoint_group(runtime: Runtime) -> dist.ProcessGroup | None:
+    """A process group for sharded checkpoints' collectives, which run in the upload thread while
+    training's run in the main one: on one group their order could interleave differently on each
+    rank. gloo: the snapshots they exchange are in CPU memory."""
+    return dist.new_group(backend="gloo") if runtime.distributed else None
+
+
+def all_reduce_max(value: int, runtime: Runtime) -> int:
+    if not runtime.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=runtime.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:

@@ -12,20 +12,36 @@ import math
 import random
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import yaml
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
 
 from kubeforge.spec import FinetuneJob, Job, PretrainJob, TrainingSpec, export_uri
 from kubeforge.status import Preempted, TrainerSummary
 from kubeforge.storage import StorageError, open_storage
 from kubeforge.trainer import data, distributed
-from kubeforge.trainer.checkpoint import Checkpointer, Restored, UploadReport, export_model, job_identity
+from kubeforge.trainer.checkpoint import (
+    SHARDS,
+    Checkpointer,
+    Restored,
+    UploadReport,
+    export_model,
+    job_identity,
+    load_sharded,
+)
 from kubeforge.trainer.flops import training_flops_per_token
 from kubeforge.trainer.metrics import ThroughputWindow, TrainerMetrics
 from kubeforge.trainer.models import (
@@ -69,12 +85,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def eval_metrics(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], classify: bool,
-                 num_labels: int, runtime: distributed.Runtime, dtype: torch.dtype | None) -> dict[str, float]:
-    """Loss and perplexity; accuracy and macro F1 for classification. Summed over every rank."""
+                 num_labels: int, runtime: distributed.Runtime, dtype: torch.dtype | None,
+                 filler: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Loss and perplexity; accuracy and macro F1 for classification. Summed over every rank.
+
+    A sharded model's forward is every rank's at once: given a `filler` batch, a rank with fewer
+    batches than another runs it as often as it is short, counting nothing."""
     model.eval()
     loss_sum = weight = 0.0
     counts = torch.zeros(3, max(num_labels, 1), dtype=torch.float64)  # true positives, predicted, actual
+    rounds = len(batches) if filler is None else distributed.all_reduce_max(len(batches), runtime)
     with torch.no_grad(), torch.autocast(runtime.device.type, dtype=dtype, enabled=dtype is not None):
+        for _ in range(rounds - len(batches)):
+            assert filler is not None
+            model(**{k: v.to(runtime.device) for k, v in filler.items()})
         for batch in batches:
             batch = {k: v.to(runtime.device) for k, v in batch.items()}
             output = model(**batch)
@@ -112,6 +136,8 @@ class Workload(NamedTuple):
     eval_set: dict[str, torch.Tensor]
     model: torch.nn.Module
     labels: list[str] | None  # the class names of a sequence-classification job
+    #: The same model again, whole and on CPU: what a sharded model's gathered weights are exported through.
+    rebuild: Callable[[], torch.nn.Module]
 
 
 def pretrain_workload(job: PretrainJob, saved_tokenizer: bytes | None) -> Workload:
@@ -120,9 +146,9 @@ def pretrain_workload(job: PretrainJob, saved_tokenizer: bytes | None) -> Worklo
     train_texts, eval_texts = data.pretrain_texts(job.spec.data, job.spec.s3)
     tokenizer: PreTrainedTokenizerBase = (from_json(saved_tokenizer.decode()) if saved_tokenizer is not None
                                           else train_tokenizer(train_texts, job.spec.tokenizer))
+    build = partial(build_pretrain_model, job.spec.model, tokenizer, sequence_length)
     return Workload(tokenizer, data.pack_texts(train_texts, tokenizer, sequence_length, "data.train"),
-                    data.pack_texts(eval_texts, tokenizer, sequence_length, "data.eval"),
-                    build_pretrain_model(job.spec.model, tokenizer, sequence_length), None)
+                    data.pack_texts(eval_texts, tokenizer, sequence_length, "data.eval"), build(), None, build)
 
 
 def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Path) -> Workload:
@@ -140,8 +166,8 @@ def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Pat
         train_set, eval_set, labels = data.classification_sets(job.spec.data, job.spec.s3, tokenizer, sequence_length)
     else:
         train_set, eval_set = data.instruction_sets(job.spec.data, job.spec.s3, tokenizer, sequence_length)
-    return Workload(tokenizer, train_set, eval_set, load_finetune_model(job.spec, base_dir, tokenizer, labels),
-                    labels)
+    build = partial(load_finetune_model, job.spec, base_dir, tokenizer, labels)
+    return Workload(tokenizer, train_set, eval_set, build(), labels, build)
 
 
 @dataclass
@@ -173,8 +199,10 @@ class Trainer:
         torch.manual_seed(training.seed)
 
         self.storage = open_storage(checkpoint_root, spec.s3)
+        self.sharded = training.parallelism == "fsdp"  # checkpoints are DCP shards, written by every rank
         self.checkpointer = Checkpointer(self.storage, keep=spec.checkpoint.keep, spec_hash=job.spec_hash(),
                                          rank=runtime.rank, job=job_identity(job), on_uploaded=self._uploaded,
+                                         group=distributed.checkpoint_group(runtime) if self.sharded else None,
                                          on_failed=lambda _: self.metrics.checkpoint_failures.inc())
         self.metrics.count_uploads_pending(self.checkpointer.uploads_pending)
         restored = self._newest_checkpoint(scratch)
@@ -185,12 +213,15 @@ class Trainer:
             assert isinstance(job, FinetuneJob)
             workload = finetune_workload(job, base_model_uri, scratch)
         self.tokenizer, self.model, self.labels = workload.tokenizer, workload.model, workload.labels
+        self.rebuild = workload.rebuild
         self.batches = data.Batches(workload.train_set, training.batch_size, training.seed, runtime.rank,
                                     runtime.world_size, training.group_by_length, data.pad_multiple(runtime.device))
         self.eval_batches = data.eval_batches(workload.eval_set, training.batch_size, training.eval_batches,
                                               runtime.rank, runtime.world_size)
+        self.eval_filler = data.eval_batches(workload.eval_set, training.batch_size, 1, 0, 1)[0]
+        self.accumulation = self._accumulation(restored)
         self.total_steps: int = training.max_steps or max(1, math.ceil(  # the spec sets maxSteps or epochs
-            training.epochs * self.batches.per_epoch / training.gradient_accumulation_steps))  # type: ignore[operator]
+            training.epochs * self.batches.per_epoch / self.accumulation))  # type: ignore[operator]
         self.metrics.total_steps.set(self.total_steps)
 
         self.model.to(runtime.device)
@@ -199,6 +230,8 @@ class Trainer:
         self.use_cache = getattr(self.model_config, "use_cache", None)
         if self.use_cache is not None:
             self.model_config.use_cache = False
+        self.dtype = distributed.autocast_dtype(training.precision, runtime.device)
+        self.wrapped = distributed.wrap(self.model, training.parallelism, runtime, self.dtype)
         # The fused kernel: one launch for all parameters instead of a loop over them (CPU and CUDA).
         self.optimizer = torch.optim.AdamW(param_groups(self.model, training.weight_decay),
                                            lr=training.learning_rate, betas=(0.9, 0.95),
@@ -208,15 +241,11 @@ class Trainer:
         if restored:
             self.checkpointer.check_model(restored, self.model.state_dict())
             if restored.warm_start:  # its weights only: training starts at step 0
-                self.model.load_state_dict(restored.files["model.pt"])
+                self.load_weights(restored.files)
             else:
                 self.load_state_dict(restored.files)
         self.resumed_from = self.state.step
         self.metrics.resumed_from_step.set(self.resumed_from)
-        self.wrapped = (DistributedDataParallel(self.model, device_ids=[runtime.device.index]
-                                                if runtime.device.type == "cuda" else None)
-                        if runtime.distributed else self.model)
-        self.dtype = distributed.autocast_dtype(training.precision, runtime.device)
         config = self.model_config
         flops_per_token = training_flops_per_token(sum(p.numel() for p in self.model.parameters()),
                                                    getattr(config, "num_hidden_layers", 0),
@@ -262,20 +291,21 @@ class Trainer:
             # The export must never stand for a model whose last checkpoint did not commit.
             raise StorageError(f"the final checkpoint could not be written: {self.checkpointer.last_error}")
         result = self.result(final)
-        if self.runtime.is_main:
-            self.export(result)
+        exported = self.whole_model()
+        if exported is not None:
+            self.export(result, exported)
         return result
 
     def train_step(self) -> None:
-        """One optimizer step over gradient_accumulation_steps micro-batches; across ranks, gradients
-        are synchronised on the last micro-batch only."""
-        accumulation = self.training.gradient_accumulation_steps
+        """One optimizer step over self.accumulation micro-batches; across ranks, gradients are
+        synchronised on the last micro-batch only."""
+        accumulation = self.accumulation
         device, dtype = self.runtime.device, self.dtype
         for k in range(accumulation):
             micro = self._next_batch()
             batch = micro.inputs
             last = k == accumulation - 1
-            sync = self.wrapped.no_sync() if self.runtime.distributed and not last else nullcontext()  # type: ignore[operator]
+            sync = distributed.gradient_sync(self.wrapped, last)
             with sync, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = self.wrapped(**batch).loss / accumulation
                 loss.backward()
@@ -326,8 +356,9 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Evaluate on the eval split; the result joins the history (checkpointed) and the metrics."""
+        lockstep = self.eval_filler if isinstance(self.model, FSDPModule) else None
         result = eval_metrics(self.model, self.eval_batches, self.labels is not None, len(self.labels or []),
-                              self.runtime, self.dtype)
+                              self.runtime, self.dtype, lockstep)
         self.state.eval_history.append({"step": self.state.step, **result})
         self.metrics.eval_loss.set(result["loss"])
         for name, value in result.items():
@@ -351,12 +382,24 @@ class Trainer:
             result["labels"] = self.labels
         return result
 
-    def export(self, result: dict[str, Any]) -> None:
+    def whole_model(self) -> torch.nn.Module | None:
+        """The trained model whole, on rank 0 (None on the others): a sharded one's full weights are
+        gathered (every rank takes part) into the same model built again on CPU."""
+        if not isinstance(self.model, FSDPModule):
+            return self.model if self.runtime.is_main else None
+        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.runtime.is_main:
+            return None
+        whole = self.rebuild()
+        whole.load_state_dict(weights)
+        return whole
+
+    def export(self, result: dict[str, Any], model: torch.nn.Module) -> None:
         """The model in Hugging Face format (LoRA merged), with its tokenizer, job and result."""
         started = time.perf_counter()
         if self.use_cache is not None:
             self.model_config.use_cache = self.use_cache  # the exported model generates with its cache
-        export_model(self.storage, unwrap_for_export(self.model), self.tokenizer,
+        export_model(self.storage, unwrap_for_export(model), self.tokenizer,
                      yaml.safe_dump(self.job.to_manifest(), sort_keys=False), result, self.job.spec_hash())
         log.info("exported the model to %s in %.1fs", result["exportUri"], time.perf_counter() - started)
 
@@ -365,11 +408,16 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds, by file name. load_state_dict reads back the same names."""
         device = self.runtime.device
-        files: dict[str, Any] = {
-            "model.pt": self.model.state_dict(),
-            "optimizer.pt": self.optimizer.state_dict(),
+        files: dict[str, Any]
+        if self.sharded:  # by parameter name, each rank its shard: loadable into any sharding
+            model, optimizer = get_state_dict(self.model, self.optimizer)
+            files = {SHARDS: {"model": model, "optimizer": optimizer}}
+        else:
+            files = {"model.pt": self.model.state_dict(), "optimizer.pt": self.optimizer.state_dict()}
+        files |= {
             "state.pt": {
-                "scheduler": self.scheduler.state_dict(), **asdict(self.state),
+                "scheduler": self.scheduler.state_dict(), **asdict(self.state), "world_size": self.runtime.world_size,
+                "micro_batches_per_step": self.runtime.world_size * self.accumulation,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
             },
@@ -379,11 +427,32 @@ class Trainer:
             files["tokenizer.json"] = self.tokenizer.backend_tokenizer.to_str().encode()
         return files
 
+    def load_weights(self, files: dict[str, Any]) -> None:
+        """A checkpoint's weights, sharded or whole, into the model as it is sharded now (or not)."""
+        if SHARDS in files:
+            load_sharded(files[SHARDS], self.model)
+        else:
+            set_model_state_dict(self.model, files["model.pt"], options=StateDictOptions(full_state_dict=True))
+
     def load_state_dict(self, files: dict[str, Any]) -> None:
         """Restore what state_dict saved. tokenizer.json is read before: the model is built from it."""
         saved = files["state.pt"]
-        self.model.load_state_dict(files["model.pt"])
-        self.optimizer.load_state_dict(files["optimizer.pt"])
+        if SHARDS in files:
+            load_sharded(files[SHARDS], self.model, self.optimizer)
+        elif isinstance(self.model, FSDPModule):  # a ddp run's whole checkpoint, into this run's shards
+            saved_optimizer = files["optimizer.pt"]  # parameters by index in the optimizer's groups
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            by_index = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+            optimizer: dict[str, Any] = {
+                "state": {by_index[i]: state for i, state in saved_optimizer["state"].items()},
+                "param_groups": [{**group, "params": [by_index[i] for i in group["params"]]}
+                                 for group in saved_optimizer["param_groups"]],
+            }
+            set_state_dict(self.model, self.optimizer, model_state_dict=files["model.pt"], optim_state_dict=optimizer,
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(files["model.pt"])
+            self.optimizer.load_state_dict(files["optimizer.pt"])
         self.scheduler.load_state_dict(saved["scheduler"])
         rng = saved["rng"]
         torch.set_rng_state(rng["torch"])
@@ -391,12 +460,15 @@ class Trainer:
         if self.runtime.device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"], self.runtime.device)
         self.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
+        # Resumed on another number of ranks: where the same rows of the same epoch have been trained.
+        self.state.micro_batch = self.batches.continue_from(self.state.micro_batch,
+                                                            saved.get("world_size", self.runtime.world_size))
 
     def save_checkpoint(self, synchronous: bool = False) -> None:
         """Snapshot the state and upload it, in the background unless `synchronous` (a graceful stop:
-        the commit must land before the process exits). Every rank holds the same weights: rank 0
-        writes them."""
-        if self.runtime.is_main:
+        the commit must land before the process exits). Under ddp every rank holds the same weights
+        and rank 0 writes them; a sharded checkpoint is every rank's, each writing its shard."""
+        if self.runtime.is_main or self.sharded:
             blocked = self.checkpointer.save(self.state.step, self.state_dict(), synchronous=synchronous)
             self.metrics.checkpoint_blocked.observe(blocked)
 
@@ -425,6 +497,21 @@ class Trainer:
             if self.runtime.is_main:
                 log.info("warm start from the weights of %s/%s", restored.uri, restored.checkpoint.prefix)
         return restored
+
+    def _accumulation(self, restored: Restored | None) -> int:
+        """Micro-batches per optimizer step on each rank: the spec's; resumed on another number of
+        ranks, as many as keep a step's batch across all ranks what it was, so the run goes on as it
+        would have (with two ranks' micro-batches of a step trained one after the other by one)."""
+        spec, world = self.training.gradient_accumulation_steps, self.runtime.world_size
+        if restored is None or restored.warm_start:
+            return spec
+        per_step = int(restored.files["state.pt"].get("micro_batches_per_step", spec * world))
+        if per_step % world:
+            if self.runtime.is_main:
+                log.warning("resumed on %d processes: a step's %d micro-batches do not divide among them; each "
+                            "step now trains %d instead", world, per_step, spec * world)
+            return spec
+        return per_step // world
 
     def _uploaded(self, report: UploadReport) -> None:
         self.metrics.checkpoint_duration.observe(report.seconds)

@@ -1,5 +1,5 @@
-"""Ways a committed checkpoint (a local directory with manifest.json) gets corrupted, shared by the
-checkpoint unit tests and the fault suite."""
+"""Committed checkpoints in a local directory (each with its manifest.json): which steps are there,
+and ways one gets corrupted. Shared by the checkpoint unit tests, the resume tests and the fault suite."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import json
 from pathlib import Path
 
 
-def flip_a_byte(directory: Path) -> None:
-    model = directory / "model.pt"
-    data = bytearray(model.read_bytes())
+def committed_steps(checkpoints: Path) -> list[int]:
+    """The steps of the checkpoints whose manifest was written, under a job's checkpoint directory."""
+    return sorted(json.loads(m.read_text())["step"] for m in checkpoints.glob("checkpoints/*/manifest.json"))
+
+
+def flip_a_byte(directory: Path, name: str = "model.pt") -> None:
+    target = directory / name
+    data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    model.write_bytes(bytes(data))
+    target.write_bytes(bytes(data))
 
 
 def truncate(directory: Path) -> None:

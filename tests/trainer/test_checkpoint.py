@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 from support.corruption import flip_a_byte, garble_the_manifest, remove_a_file, truncate
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from kubeforge.storage import LocalStorage, StorageError
-from kubeforge.trainer.checkpoint import CHECKPOINTS, Checkpointer, CheckpointMismatch, step_prefix
+from kubeforge.trainer.checkpoint import (
+    CHECKPOINTS,
+    SHARDS,
+    Checkpointer,
+    CheckpointMismatch,
+    CorruptCheckpoint,
+    load_sharded,
+    step_prefix,
+)
 
 
 def state(value: float) -> dict[str, object]:
@@ -247,3 +258,73 @@ def test_a_model_of_another_shape_is_refused_and_a_warm_start_names_its_field(tm
         mine.check_model(warm, {"weight": torch.zeros(8, 4)})
     with pytest.raises(CheckpointMismatch, match="spec.checkpoint.warmStartFrom: .* holds no verified checkpoint"):
         mine.warm_start(LocalStorage(tmp_path / "empty"), tmp_path / "r2")
+
+
+def trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A small model one AdamW step in: its weights and optimizer state differ by seed."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, object]:
+    """What an fsdp Trainer saves (a single process writes the one shard there is)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {SHARDS: {"model": model_state, "optimizer": optimizer_state}, "state.pt": {"step": step}}
+
+
+def test_a_sharded_checkpoint_lists_every_shard_and_restores_model_and_optimizer_exactly(tmp_path: Path) -> None:
+    model, optimizer = trained(seed=1)
+    Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB, background=False).save(
+        10, sharded_state(model, optimizer, 10))
+    manifest = json.loads((tmp_path / step_prefix(10) / "manifest.json").read_text())
+    assert manifest["sharded"] is True and manifest["worldSize"] == 1
+    assert {entry["name"] for entry in manifest["files"]} == {"shards/.metadata", "shards/__0_0.distcp", "state.pt"}
+
+    restored = Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB).resume(tmp_path / "r")
+    assert restored is not None and restored.files["state.pt"] == {"step": 10}
+    fresh, fresh_optimizer = trained(seed=2)
+    load_sharded(restored.files[SHARDS], fresh, fresh_optimizer)
+    for saved, loaded in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(saved, loaded)
+        assert torch.equal(optimizer.state[saved]["exp_avg_sq"], fresh_optimizer.state[loaded]["exp_avg_sq"])
+
+
+def test_a_sharded_checkpoint_with_a_tampered_shard_is_quarantined_and_the_previous_one_used(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB, background=False)
+    older, _ = trained(seed=1)
+    checkpointer.save(10, sharded_state(older, torch.optim.AdamW(older.parameters()), 10))
+    newer, _ = trained(seed=2)
+    checkpointer.save(20, sharded_state(newer, torch.optim.AdamW(newer.parameters()), 20))
+    flip_a_byte(tmp_path / step_prefix(20), "shards/__0_0.distcp")
+
+    restored = Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB).resume(tmp_path / "r")
+    assert restored is not None and restored.checkpoint.step == 10
+    marker = json.loads((tmp_path / step_prefix(20) / "QUARANTINED").read_text())
+    assert "step-00000020/shards/__0_0.distcp does not match its manifest" in marker["reason"], marker
+    fresh, _ = trained(seed=3)
+    load_sharded(restored.files[SHARDS], fresh)
+    assert all(torch.equal(a, b) for a, b in zip(older.parameters(), fresh.parameters(), strict=True))
+
+
+class RunsCode:
+    def __init__(self, witness: Path):
+        self.witness = witness
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.witness}",)
+
+
+def test_sharded_metadata_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    """The manifest proves integrity, not authorship: whoever can write the storage can write a
+    .metadata pickle and a manifest to match. Loading it must not run what it holds."""
+    model, _ = trained(seed=1)
+    witness = tmp_path / "code-ran"
+    (tmp_path / SHARDS).mkdir()
+    (tmp_path / SHARDS / ".metadata").write_bytes(pickle.dumps(RunsCode(witness)))
+    with pytest.raises(CorruptCheckpoint, match=r"not DCP metadata, refusing to load it \(GLOBAL posix.system"):
+        load_sharded(tmp_path / SHARDS, model)
+    assert not witness.exists()

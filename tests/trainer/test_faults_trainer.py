@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.corruption import flip_a_byte, garble_the_manifest, make_it_another_jobs, remove_a_file, truncate
+from support.corruption import (
+    committed_steps,
+    flip_a_byte,
+    garble_the_manifest,
+    make_it_another_jobs,
+    remove_a_file,
+    truncate,
+)
 from support.faults import FAULT_RESULTS
 from support.jobs import ROOT, tiny_pretrain, write_manifest
 from support.processes import KUBEFORGE, wait_until
@@ -83,10 +90,6 @@ class Trainer:
 
     def outcome(self) -> dict[str, Any]:
         return dict(json.loads(self.termination.read_text()))
-
-
-def committed_steps(directory: Path) -> list[int]:
-    return sorted(json.loads(m.read_text())["step"] for m in directory.glob("checkpoints/*/manifest.json"))
 
 
 def job_manifest(tmp_path: Path, steps: int, **checkpoint: Any) -> Path:

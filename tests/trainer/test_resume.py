@@ -9,15 +9,12 @@ import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+from support.corruption import committed_steps
 from support.jobs import ROOT, tiny_pretrain, write_manifest
 from support.processes import KUBEFORGE, free_port, run_cli, wait_until
 
 STEPS = 400
 INTERVAL = 20
-
-
-def committed_steps(checkpoints: Path) -> list[int]:
-    return sorted(json.loads(m.read_text())["step"] for m in checkpoints.glob("checkpoints/*/manifest.json"))
 
 
 def scrape(port: int, name: str) -> float | None:
