@@ -31,6 +31,7 @@ from kubeforge.trainer.metrics import ThroughputWindow, TrainerMetrics
 from kubeforge.trainer.models import (
     BaseModelError,
     build_pretrain_model,
+    enable_activation_checkpointing,
     fetch_model_dir,
     load_finetune_model,
     unwrap_for_export,
@@ -199,6 +200,8 @@ class Trainer:
         self.use_cache = getattr(self.model_config, "use_cache", None)
         if self.use_cache is not None:
             self.model_config.use_cache = False
+        if training.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
         # The fused kernel: one launch for all parameters instead of a loop over them (CPU and CUDA).
         self.optimizer = torch.optim.AdamW(param_groups(self.model, training.weight_decay),
                                            lr=training.learning_rate, betas=(0.9, 0.95),
@@ -216,6 +219,10 @@ class Trainer:
         self.wrapped = (DistributedDataParallel(self.model, device_ids=[runtime.device.index]
                                                 if runtime.device.type == "cuda" else None)
                         if runtime.distributed else self.model)
+        if training.compile:
+            # The wrapped model is compiled (DDP's own hooks stay outside the graph); self.model, which
+            # evaluates, exports and checkpoints, keeps its plain parameter names.
+            self.wrapped = cast(torch.nn.Module, torch.compile(self.wrapped))
         self.dtype = distributed.autocast_dtype(training.precision, runtime.device)
         config = self.model_config
         flops_per_token = training_flops_per_token(sum(p.numel() for p in self.model.parameters()),
@@ -292,7 +299,10 @@ class Trainer:
         """The next micro-batch, on the device; the time it takes counts as waiting for data."""
         fetch_started = time.perf_counter()
         micro = self.batches[self.state.micro_batch]
-        micro = replace(micro, inputs={name: t.to(self.runtime.device, non_blocking=True)
+        device = self.runtime.device
+        # On a GPU from pinned memory: the host queues the forward pass while the copy runs, not after it.
+        pinned = device.type == "cuda"
+        micro = replace(micro, inputs={name: (t.pin_memory() if pinned else t).to(device, non_blocking=pinned)
                                        for name, t in micro.inputs.items()})
         self.metrics.data_wait.inc(time.perf_counter() - fetch_started)
         self.state.micro_batch += 1
