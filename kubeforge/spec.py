@@ -183,7 +183,7 @@ class TrainingSpec(_Model):
                           "computed; the batches stay a function of seed, epoch and step")
     compile: bool = Field(
         False, description="torch.compile the model: faster steps on a GPU after a compilation of a minute or "
-                           "so at the start; it gives nothing on CPU")
+                           "so at the start; it gives nothing dependable on CPU (and needs a C++ compiler there)")
     activation_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass instead of keeping them: less GPU "
                            "memory for about a third more compute; the model must support it (transformers' "
