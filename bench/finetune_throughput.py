@@ -29,7 +29,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hf import StepClock, hf_training_arguments
 from throughput import LOG_INTERVAL, stamped_steps
 
 from kubeforge.spec import FinetuneJob, ModelSpec, TokenizerSpec, parse_job
@@ -183,21 +183,12 @@ def run_hf(task: Task, padded: bool) -> Run:
         DataCollatorWithPadding,
         PrinterCallback,
         Trainer,
-        TrainerCallback,
-        TrainingArguments,
         default_data_collator,
     )
 
     training = task.job.spec.training
     steps = training.max_steps
     assert steps is not None
-    stamps: dict[int, float] = {}
-
-    class Stamp(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step % LOG_INTERVAL == 0 or state.global_step == state.max_steps:
-                stamps[state.global_step] = time.perf_counter()
-
     rows = []
     for i, length in enumerate(task.train_set[trainer_data.LENGTHS].tolist()):
         keep = slice(None) if padded else slice(0, length)
@@ -223,24 +214,17 @@ def run_hf(task: Task, padded: bool) -> Run:
     else:
         model = AutoModelForCausalLM.from_pretrained(task.base)
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as output:
-        arguments = TrainingArguments(
-            output_dir=output, use_cpu=True, seed=training.seed, max_steps=steps,
-            per_device_train_batch_size=training.batch_size, learning_rate=training.learning_rate,
-            warmup_steps=training.warmup_steps, lr_scheduler_type="cosine_with_min_lr",
-            lr_scheduler_kwargs={"min_lr_rate": training.min_lr_ratio},
-            weight_decay=training.weight_decay, max_grad_norm=training.max_grad_norm,
-            adam_beta1=0.9, adam_beta2=0.95, eval_strategy="no", save_strategy="no",
-            report_to="none", dataloader_num_workers=0, logging_steps=training.log_interval,
-            disable_tqdm=True, remove_unused_columns=False,
-            train_sampling_strategy="random" if padded else "group_by_length",
-        )
+        arguments = hf_training_arguments(
+            training, output, remove_unused_columns=False,
+            train_sampling_strategy="random" if padded else "group_by_length")
+        clock = StepClock()
         trainer = Trainer(model=model, args=arguments, train_dataset=Examples(rows), data_collator=counting,
-                          callbacks=[Stamp()])
+                          callbacks=[clock])
         trainer.remove_callback(PrinterCallback)
         trainer.train()
     in_window = collated[LOG_INTERVAL:steps]  # batch k trains step k + 1
     real, computed = sum(r for r, _ in in_window), sum(c for _, c in in_window)
-    seconds = window(stamps, steps)
+    seconds = window(clock.stamps, steps)
     rate = (steps - LOG_INTERVAL) * training.batch_size / seconds if task.classify else real / seconds
     return Run(rate, computed / real, final_metric(task, model))
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hf import StepClock, hf_training_arguments
 
 from kubeforge.spec import PretrainJob, parse_job
 from kubeforge.trainer import data
@@ -41,28 +42,27 @@ SHAKESPEARE = ROOT / "examples" / "data" / "shakespeare"
 LOG_INTERVAL = 10
 
 
-def make_job(args: argparse.Namespace) -> PretrainJob:
-    """The benchmark's hyperparameters, as a PretrainJob: they are read from it for HF as well."""
-    never = args.steps + 1  # no evaluation or checkpoint before the final step
-    job = parse_job({
-        "apiVersion": "kubeforge.io/v1alpha1",
-        "kind": "PretrainJob",
-        "metadata": {"name": "bench-throughput"},
-        "spec": {
-            "model": {"architecture": "gpt2", "size": args.size},
-            "tokenizer": {"vocabSize": 2048},
-            "data": {"train": {"uri": str(SHAKESPEARE / "train.txt")},
-                     "eval": {"uri": str(SHAKESPEARE / "eval.txt")}},
-            "training": {"maxSteps": args.steps, "batchSize": args.batch_size,
-                         "sequenceLength": args.sequence_length, "learningRate": 1e-3,
-                         "warmupSteps": LOG_INTERVAL, "lrSchedule": "cosine", "minLrRatio": 0.1,
-                         "weightDecay": 0.01, "maxGradNorm": 1.0, "seed": 0, "precision": "fp32",
-                         "evalInterval": never, "evalBatches": 1, "logInterval": LOG_INTERVAL},
-            "checkpoint": {"intervalSteps": never, "keep": 1},
-            "resources": {"gpusPerWorker": 0},
-            "metrics": {"port": 0},
-        },
-    })
+def make_job(*, size: str, steps: int, batch_size: int, sequence_length: int,
+             **sections: dict[str, Any]) -> PretrainJob:
+    """The benchmark's hyperparameters, as a PretrainJob: they are read from it for HF as well.
+    `sections` change spec sections field by field (bench/gpu.py: another corpus, bf16, a llama)."""
+    never = steps + 1  # no evaluation or checkpoint before the final step
+    spec: dict[str, dict[str, Any]] = {
+        "model": {"architecture": "gpt2", "size": size},
+        "tokenizer": {"vocabSize": 2048},
+        "data": {"train": {"uri": str(SHAKESPEARE / "train.txt")}, "eval": {"uri": str(SHAKESPEARE / "eval.txt")}},
+        "training": {"maxSteps": steps, "batchSize": batch_size, "sequenceLength": sequence_length,
+                     "learningRate": 1e-3, "warmupSteps": LOG_INTERVAL, "lrSchedule": "cosine", "minLrRatio": 0.1,
+                     "weightDecay": 0.01, "maxGradNorm": 1.0, "seed": 0, "precision": "fp32",
+                     "evalInterval": never, "evalBatches": 1, "logInterval": LOG_INTERVAL},
+        "checkpoint": {"intervalSteps": never, "keep": 1},
+        "resources": {"gpusPerWorker": 0},
+        "metrics": {"port": 0},
+    }
+    for section, fields in sections.items():
+        spec[section] = {**spec[section], **fields}
+    job = parse_job({"apiVersion": "kubeforge.io/v1alpha1", "kind": "PretrainJob",
+                     "metadata": {"name": "bench-throughput"}, "spec": spec})
     assert isinstance(job, PretrainJob)
     return job
 
@@ -109,6 +109,13 @@ def run_ours(job: PretrainJob) -> tuple[float, float]:
     return tokens_per_second(handler.stamps, job), handler.loss
 
 
+def tokenized(job: PretrainJob) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The tokenizer our loop trains for the job and the packed training tensors: what HF's run gets."""
+    texts, _ = data.pretrain_texts(job.spec.data, None)
+    tokenizer = train_tokenizer(texts, job.spec.tokenizer)
+    return tokenizer, data.pack_texts(texts, tokenizer, job.spec.training.sequence_length, "data.train")
+
+
 class Packed(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
@@ -121,34 +128,19 @@ class Packed(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 def run_hf(job: PretrainJob, tokenizer: Any, packed: dict[str, torch.Tensor]) -> tuple[float, float]:
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-
-    stamps: dict[int, float] = {}
-
-    class Stamp(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step % LOG_INTERVAL == 0 or state.global_step == state.max_steps:
-                stamps[state.global_step] = time.perf_counter()
+    from transformers import PrinterCallback, Trainer
 
     training = job.spec.training
     torch.manual_seed(training.seed)  # as our loop does before building: the same initial weights
     model = build_pretrain_model(job.spec.model, tokenizer, training.sequence_length)
+    clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as output:
-        arguments = TrainingArguments(
-            output_dir=output, use_cpu=True, seed=training.seed, max_steps=training.max_steps,
-            per_device_train_batch_size=training.batch_size, learning_rate=training.learning_rate,
-            warmup_steps=training.warmup_steps, lr_scheduler_type="cosine_with_min_lr",
-            lr_scheduler_kwargs={"min_lr_rate": training.min_lr_ratio},
-            weight_decay=training.weight_decay, max_grad_norm=training.max_grad_norm,
-            adam_beta1=0.9, adam_beta2=0.95, eval_strategy="no", save_strategy="no",
-            report_to="none", dataloader_num_workers=0, logging_steps=training.log_interval,
-            disable_tqdm=True,
-        )
-        trainer = Trainer(model=model, args=arguments, train_dataset=Packed(packed), callbacks=[Stamp()])
+        trainer = Trainer(model=model, args=hf_training_arguments(training, output), train_dataset=Packed(packed),
+                          callbacks=[clock])
         trainer.remove_callback(PrinterCallback)  # it prints every log line
         trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return tokens_per_second(stamps, job), losses[-1]
+    return tokens_per_second(clock.stamps, job), losses[-1]
 
 
 def main() -> None:
@@ -162,12 +154,10 @@ def main() -> None:
     if args.steps < 2 * LOG_INTERVAL or args.repeats < 1:
         parser.error(f"--steps must be at least {2 * LOG_INTERVAL} and --repeats at least 1")
 
-    job = make_job(args)
+    job = make_job(size=args.size, steps=args.steps, batch_size=args.batch_size,
+                   sequence_length=args.sequence_length)
     training = job.spec.training
-    train_records, _ = data.load_splits(job.spec.data, None, "text")
-    texts = [str(r["text"]) for r in train_records]
-    tokenizer = train_tokenizer(texts, job.spec.tokenizer)  # what our loop trains from the same texts
-    packed = data.pack_texts(texts, tokenizer, training.sequence_length, "data.train")
+    tokenizer, packed = tokenized(job)
     model = build_pretrain_model(job.spec.model, tokenizer, training.sequence_length)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"gpt2 size={args.size}: {parameters / 1e6:.2f}M parameters, {len(packed['input_ids'])} "

@@ -80,11 +80,13 @@ class _Model(BaseModel):
 
 ARCHITECTURES = ("gpt2", "llama")
 
-#: hidden size, layers, heads, MLP width. `tiny` trains in seconds on a CPU.
+#: hidden size, layers, heads, MLP width. `tiny` trains in seconds on a CPU; `125m` is GPT-2 small's
+#: shape, `1b` Llama 3.2 1B's (about 1.1B parameters as a llama, 0.8B as a gpt2, plus the embeddings).
 SIZE_PRESETS: dict[str, tuple[int, int, int, int]] = {
     "tiny": (64, 2, 2, 256),
     "small": (256, 4, 4, 1024),
     "125m": (768, 12, 12, 3072),
+    "1b": (2048, 16, 32, 8192),
 }
 
 
@@ -94,7 +96,9 @@ class ModelSpec(_Model):
     model_config = ConfigDict(json_schema_extra=IMMUTABLE)
 
     architecture: Literal["gpt2", "llama"] = Field("gpt2", description="transformers model family")
-    size: Literal["tiny", "small", "125m"] = Field("tiny", description="dimension preset")
+    size: Literal["tiny", "small", "125m", "1b"] = Field(
+        "tiny", description="dimension preset (hidden, layers, heads, MLP): tiny 64/2/2/256, small 256/4/4/1024, "
+                            "125m 768/12/12/3072 (GPT-2 small), 1b 2048/16/32/8192 (Llama 3.2 1B)")
     hidden_size: int | None = Field(None, ge=8, le=16384, description="overrides the preset")
     num_layers: int | None = Field(None, ge=1, le=256, description="overrides the preset")
     num_heads: int | None = Field(None, ge=1, le=256, description="overrides the preset")
@@ -181,6 +185,13 @@ class TrainingSpec(_Model):
     group_by_length: bool = Field(
         True, description="finetuning: batch examples of similar length together so little padding is "
                           "computed; the batches stay a function of seed, epoch and step")
+    compile: bool = Field(
+        False, description="torch.compile the model: faster steps on a GPU after a compilation of a minute or "
+                           "so at the start; it gives nothing dependable on CPU (and needs a C++ compiler there)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass instead of keeping them: less GPU "
+                           "memory for about a third more compute; the model must support it (transformers' "
+                           "gradient checkpointing)")
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingSpec:
@@ -743,8 +754,8 @@ class _Job(_Model):
         """Identifies what is trained; written into every checkpoint manifest, and a resume refuses
         checkpoints of another. Where and how often checkpoints are written is not part of it."""
         excluded: dict[str, Any] = {name: True for name in RUN_POLICY_FIELDS | {"checkpoint"}}
-        # How the work is split over the processes: the same model is trained either way.
-        excluded["training"] = {"parallelism"}
+        # How the work is split over the processes and computed: the same model is trained either way.
+        excluded["training"] = {"parallelism", "compile", "activation_checkpointing"}
         trained = self.spec.model_dump(mode="json", by_alias=True, exclude=excluded)  # type: ignore[attr-defined]
         return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 

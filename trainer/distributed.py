@@ -51,6 +51,10 @@ def start(gpus_wanted: int, allow_cpu_fallback: bool) -> Runtime:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         backend = "nccl"
+        # TF32 tensor cores for the float32 matmuls: those of precision fp32 and those autocast keeps
+        # in fp32. Its 10-bit mantissa is what the mixed-precision recipes train with; flops.py counts
+        # MFU of fp32 runs against the TF32 peak accordingly.
+        torch.set_float32_matmul_precision("high")
     else:
         if gpus_wanted and not allow_cpu_fallback:
             raise NoGPUError(

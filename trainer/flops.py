@@ -11,21 +11,22 @@ from __future__ import annotations
 import re
 
 # Dense peak FLOP/s per GPU from NVIDIA's data sheets, without sparsity: (name pattern, bf16, fp32).
-# fp32 is the plain (non-tensor-core) rate: torch leaves TF32 matmuls off by default.
+# fp32 is the TF32 tensor-core rate where the GPU has one (Ampere and later: distributed.start turns
+# TF32 matmuls on), else the plain fp32 rate.
 # The first pattern that matches the device name (lower-cased, as torch.cuda.get_device_name gives
 # it, e.g. "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "Tesla T4") wins.
 PEAK_FLOPS: tuple[tuple[str, float | None, float], ...] = (
-    (r"\bh100 pcie\b", 756e12, 51.2e12),
-    (r"\bh100 nvl\b", 835e12, 60e12),
-    (r"\bh100\b", 989.4e12, 66.9e12),  # SXM
-    (r"\bh200 nvl\b", 835e12, 60e12),
-    (r"\bh200\b", 989.4e12, 66.9e12),  # SXM
-    (r"\ba100\b", 312e12, 19.5e12),
-    (r"\bl40s\b", 362.05e12, 91.6e12),
+    (r"\bh100 pcie\b", 756e12, 378e12),
+    (r"\bh100 nvl\b", 835e12, 417.5e12),
+    (r"\bh100\b", 989.4e12, 494.7e12),  # SXM
+    (r"\bh200 nvl\b", 835e12, 417.5e12),
+    (r"\bh200\b", 989.4e12, 494.7e12),  # SXM
+    (r"\ba100\b", 312e12, 156e12),
+    (r"\bl40s\b", 362.05e12, 183e12),
     (r"\bl40\b", 181.05e12, 90.5e12),
-    (r"\bl4\b", 121e12, 30.3e12),
-    (r"\ba10\b", 125e12, 31.2e12),
-    (r"\bv100\b", None, 15.7e12),
+    (r"\bl4\b", 121e12, 60e12),
+    (r"\ba10\b", 125e12, 62.5e12),
+    (r"\bv100\b", None, 15.7e12),  # Volta and Turing: no TF32, no bf16
     (r"\bt4\b", None, 8.1e12),
 )
 

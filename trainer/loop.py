@@ -47,6 +47,7 @@ from kubeforge.trainer.metrics import ThroughputWindow, TrainerMetrics
 from kubeforge.trainer.models import (
     BaseModelError,
     build_pretrain_model,
+    enable_activation_checkpointing,
     fetch_model_dir,
     load_finetune_model,
     unwrap_for_export,
@@ -230,8 +231,11 @@ class Trainer:
         self.use_cache = getattr(self.model_config, "use_cache", None)
         if self.use_cache is not None:
             self.model_config.use_cache = False
+        if training.activation_checkpointing:  # before sharding: it wraps the model's own layers
+            enable_activation_checkpointing(self.model)
         self.dtype = distributed.autocast_dtype(training.precision, runtime.device)
-        self.wrapped = distributed.wrap(self.model, training.parallelism, runtime, self.dtype)
+        self.parallel = distributed.wrap(self.model, training.parallelism, runtime, self.dtype)
+        self.wrapped = self.parallel  # what the training step calls: compiled below when asked
         # The fused kernel: one launch for all parameters instead of a loop over them (CPU and CUDA).
         self.optimizer = torch.optim.AdamW(param_groups(self.model, training.weight_decay),
                                            lr=training.learning_rate, betas=(0.9, 0.95),
@@ -246,6 +250,10 @@ class Trainer:
                 self.load_state_dict(restored.files)
         self.resumed_from = self.state.step
         self.metrics.resumed_from_step.set(self.resumed_from)
+        if training.compile:
+            # The wrapped model is compiled (DDP's and FSDP's own hooks stay outside the graph);
+            # self.model, which evaluates, exports and checkpoints, keeps its plain parameter names.
+            self.wrapped = cast(torch.nn.Module, torch.compile(self.wrapped))
         config = self.model_config
         flops_per_token = training_flops_per_token(sum(p.numel() for p in self.model.parameters()),
                                                    getattr(config, "num_hidden_layers", 0),
@@ -305,7 +313,7 @@ class Trainer:
             micro = self._next_batch()
             batch = micro.inputs
             last = k == accumulation - 1
-            sync = distributed.gradient_sync(self.wrapped, last)
+            sync = distributed.gradient_sync(self.parallel, last)  # the DDP or FSDP module, not compiled
             with sync, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = self.wrapped(**batch).loss / accumulation
                 loss.backward()
@@ -322,7 +330,10 @@ class Trainer:
         """The next micro-batch, on the device; the time it takes counts as waiting for data."""
         fetch_started = time.perf_counter()
         micro = self.batches[self.state.micro_batch]
-        micro = replace(micro, inputs={name: t.to(self.runtime.device, non_blocking=True)
+        device = self.runtime.device
+        # On a GPU from pinned memory: the host queues the forward pass while the copy runs, not after it.
+        pinned = device.type == "cuda"
+        micro = replace(micro, inputs={name: (t.pin_memory() if pinned else t).to(device, non_blocking=pinned)
                                        for name, t in micro.inputs.items()})
         self.metrics.data_wait.inc(time.perf_counter() - fetch_started)
         self.state.micro_batch += 1

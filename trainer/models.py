@@ -130,6 +130,21 @@ def _with_lora(model: PreTrainedModel, spec: FinetuneSpec) -> Any:
     return adapted
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """training.activationCheckpointing: each layer's activations recomputed in the backward pass
+    (transformers' gradient checkpointing). Non-reentrant: it needs no input that requires grad (LoRA's
+    frozen embeddings) and works under torch.compile and FSDP."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise JobError(f"training.activationCheckpointing: {type(model).__name__} does not support activation "
+                       "checkpointing; set it to false")
+    non_reentrant = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=non_reentrant)
+    else:  # transformers releases before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+
+
 def unwrap_for_export(model: Any) -> PreTrainedModel:
     """A plain transformers model: LoRA adapters merged into the base weights."""
     if hasattr(model, "merge_and_unload"):
