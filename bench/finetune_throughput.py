@@ -17,7 +17,9 @@ Timing as in bench/throughput.py: a clock stamp after the optimizer step that en
 interval, the window from the first interval's end to the last step. Real tokens in that window are
 counted from the very micro-batches trained (ours: the loop's own Batches, rebuilt; HF: its collator's
 output). Each run's final eval metric (accuracy, or eval loss for SFT) is kubeforge's `eval_metrics` on
-the same eval examples, so the columns are comparable.
+the same eval examples, so the columns are comparable. Repeat k trains all three with seed k (batch
+order, the new head's initialisation): the final metrics' spread over seeds is the noise that a
+difference between trainers has to stand out from.
 
     .venv/bin/python bench/finetune_throughput.py [--task both] [--steps 60] [--repeats 3] [--size small]
     .venv/bin/python bench/finetune_throughput.py --task classification --data my.jsonl
@@ -30,7 +32,7 @@ import json
 import statistics
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,14 @@ def make_task(name: str, data: Path, args: argparse.Namespace, scratch: Path) ->
     eval_set = encode(eval_records)
     return Task(name, job, base, tokenizer, labels, encode(train_records),
                 trainer_data.eval_batches(eval_set, args.batch_size, len(eval_records), 0, 1))
+
+
+def with_seed(job: FinetuneJob, seed: int) -> FinetuneJob:
+    manifest = job.to_manifest()
+    manifest["spec"]["training"]["seed"] = seed
+    seeded = parse_job(manifest)
+    assert isinstance(seeded, FinetuneJob)
+    return seeded
 
 
 def final_metric(task: Task, model: torch.nn.Module) -> float:
@@ -252,32 +262,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as scratch:
         for name in names:
             task = make_task(name, args.data or DATA[name], args, Path(scratch))
-            trainers: dict[str, Callable[[], Run]] = {
-                "kubeforge": partial(run_ours, task),
-                "HF (a) max-length padding": partial(run_hf, task, padded=True),
-                "HF (b) dynamic padding + group_by_length": partial(run_hf, task, padded=False),
-            }
-            runs: dict[str, list[Run]] = {label: [] for label in trainers}
+            runs: dict[str, list[Run]] = {}
             for repeat in range(args.repeats):
+                # Repeat k trains with seed k, all three trainers alike: the seed orders the batches and
+                # initialises the new head, so the final metrics' spread over seeds is the noise a
+                # difference between trainers must stand out from.
+                seeded = replace(task, job=with_seed(task.job, repeat))
+                trainers: dict[str, Callable[[], Run]] = {
+                    "kubeforge": partial(run_ours, seeded),
+                    "HF (a) max-length padding": partial(run_hf, seeded, padded=True),
+                    "HF (b) dynamic padding + group_by_length": partial(run_hf, seeded, padded=False),
+                }
                 for label, run in trainers.items():
                     result = run()
-                    runs[label].append(result)
+                    runs.setdefault(label, []).append(result)
                     print(f"{name} repeat {repeat + 1}/{args.repeats} {label}: {result.rate:,.1f} "
                           f"{'samples' if task.classify else 'real tokens'}/s, computed/real "
                           f"{result.computed_per_real:.2f}, final eval {result.final_metric:.4f}", flush=True)
             ours = statistics.median(r.rate for r in runs["kubeforge"])
             for label, results in runs.items():
                 median = statistics.median(r.rate for r in results)
+                finals = [r.final_metric for r in results]
                 table.append((name, label, ", ".join(f"{r.rate:,.1f}" for r in results), median, ours / median,
                               statistics.median(r.computed_per_real for r in results),
-                              ", ".join(f"{r.final_metric:.4f}" for r in results)))
+                              ", ".join(f"{f:.4f}" for f in finals), statistics.mean(finals)))
     print()
     print("| task | trainer | runs (samples/s or real tokens/s) | median | kubeforge / this | computed / real tokens "
-          "| final eval (accuracy or loss) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, label, rates, median, ratio, padding, finals in table:
+          "| final eval by seed (accuracy or loss) | mean final eval |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, label, rates, median, ratio, padding, finals, mean in table:
         unit = "samples/s" if name == "classification" else "real tokens/s"
-        print(f"| {name} | {label} | {rates} | {median:,.1f} {unit} | {ratio:.2f} | {padding:.2f} | {finals} |")
+        print(f"| {name} | {label} | {rates} | {median:,.1f} {unit} | {ratio:.2f} | {padding:.2f} | {finals} "
+              f"| {mean:.4f} |")
 
 
 if __name__ == "__main__":

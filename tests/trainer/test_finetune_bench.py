@@ -22,7 +22,8 @@ def test_the_finetune_benchmark_prints_one_sane_table() -> None:
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[header + 2:] if line]
     expected = [(task, trainer) for task in ("classification", "sft") for trainer in TRAINERS]
     assert [(r[0], r[1]) for r in rows] == expected
-    for task, trainer, _runs, median, ratio, computed, final in rows:
+    for task, trainer, _runs, median, ratio, computed, final, mean in rows:
+        assert float(mean) == float(final)  # one repeat: the mean over seeds is its one value
         assert float(median.split()[0].replace(",", "")) > 0
         assert float(ratio) > 0 and (trainer != "kubeforge" or float(ratio) == 1.0)
         assert float(computed) >= 1.0
