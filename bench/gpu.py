@@ -164,9 +164,10 @@ def run_large(job: PretrainJob, processes: int, first: int, scratch: Path) -> tu
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     if processes > 1:
         env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: processes sharing the cores do not oversubscribe them
-    code = launch(processes, [sys.executable, __file__, "--large-worker", str(scratch)], env)
-    if code:
-        raise SystemExit(f"the {processes} training processes of the {job.spec.model.size} run failed (exit {code})")
+    ended = launch(processes, lambda _: [sys.executable, __file__, "--large-worker", str(scratch)], env)
+    if ended.code:
+        raise SystemExit(f"the {processes} training processes of the {job.spec.model.size} run failed "
+                         f"(exit {ended.code}, local rank {ended.local_rank})")
     stamps = {int(step): stamp for step, stamp in json.loads((scratch / "stamps.json").read_text()).items()}
     training, checkpoint = job.spec.training, job.spec.checkpoint.interval_steps
     median = statistics.median(stamps[k] - stamps[k - 1] for k in range(first + 1, checkpoint + 1))

@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -134,10 +136,23 @@ def _launch_processes(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "kubeforge", "--log-level", "debug" if args.verbose else args.log_level, "train"]
     command += ["--spec-env", args.spec_env] if args.spec_env else ["--spec", args.spec]
     for flag, value in (("--checkpoint-uri", args.checkpoint_uri), ("--base-model-uri", args.base_model_uri),
-                        ("--result", args.result), ("--termination-log", args.termination_log)):
+                        ("--result", args.result)):
         if value:
             command += [flag, value]
-    return launch(args.processes, command)
+    if not args.termination_log:
+        return launch(args.processes, lambda _: command).code
+    # Each process its own termination log: the processes a failure stops write their own (SIGTERM)
+    # outcome, which must not overwrite the cause that the pod's status should report.
+    with tempfile.TemporaryDirectory(prefix="kubeforge-termination-") as logs:
+        ended = launch(args.processes, lambda rank: [*command, "--termination-log", f"{logs}/{rank}"])
+        decided = Path(logs, str(ended.local_rank or 0))
+        if decided.exists():
+            shutil.copyfile(decided, args.termination_log)
+        elif ended.code:  # killed before it could say why (SIGKILL, the OOM killer)
+            _write_termination_log(args.termination_log, TrainerError(
+                error=f"local rank {ended.local_rank} exited with code {ended.code} and left no message",
+                permanent=False))
+    return ended.code
 
 
 def _write_termination_log(path: str, outcome: TrainerSummary | TrainerError) -> None:

@@ -9,7 +9,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -17,8 +18,17 @@ log = logging.getLogger(__name__)
 LAUNCHER_STOP_GRACE = 10.0
 
 
-def launch(processes: int, command: list[str], env: Mapping[str, str] = os.environ) -> int:
-    """Run `command` once per local rank with torchrun's environment, and supervise the processes.
+@dataclass(frozen=True)
+class Exit:
+    """How a pod's processes ended: the pod's exit code, and the local rank that decided it."""
+
+    code: int
+    #: The first process to fail (None when every process succeeded): its cause is the pod's.
+    local_rank: int | None
+
+
+def launch(processes: int, command: Callable[[int], list[str]], env: Mapping[str, str] = os.environ) -> Exit:
+    """Run `command(local_rank)` once per local rank with torchrun's environment, and supervise them.
 
     The pod's NODE_RANK and WORLD_SIZE (every process of every pod) give each process
     RANK = NODE_RANK * processes + LOCAL_RANK. The first process to fail takes the others down and
@@ -29,11 +39,13 @@ def launch(processes: int, command: list[str], env: Mapping[str, str] = os.envir
     if world_size % processes or node_rank >= world_size // processes:
         raise ValueError(f"NODE_RANK {node_rank} and WORLD_SIZE {world_size} do not fit {processes} processes per pod")
     children: dict[int, subprocess.Popen[bytes]] = {}
+    local_ranks: dict[int, int] = {}
     for local_rank in range(processes):
         child_env = {**env, "RANK": str(node_rank * processes + local_rank), "LOCAL_RANK": str(local_rank),
                      "LOCAL_WORLD_SIZE": str(processes), "WORLD_SIZE": str(world_size)}
-        child = subprocess.Popen(command, env=child_env)
+        child = subprocess.Popen(command(local_rank), env=child_env)
         children[child.pid] = child
+        local_ranks[child.pid] = local_rank
 
     terminating = False
 
@@ -46,18 +58,19 @@ def launch(processes: int, command: list[str], env: Mapping[str, str] = os.envir
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:
-        code = 0
+        code, failed = 0, None
         while children and code == 0:
             pid, status = os.wait()  # returns when a child exits: every child ends, or is ended below
             if pid in children:
                 exit_code = children.pop(pid).returncode = os.waitstatus_to_exitcode(status)
                 code = 128 - exit_code if exit_code < 0 else exit_code  # negative: killed by that signal
                 if code:
-                    log.error("local rank process %d exited with code %d: stopping the others", pid, code)
+                    failed = local_ranks[pid]
+                    log.error("local rank %d (pid %d) exited with code %d: stopping the others", failed, pid, code)
         # On SIGTERM every process stops by itself at the same step; rank 0 may still be committing its
         # checkpoint after the others exit, so none is killed (the kubelet's grace period bounds the wait).
         _stop(list(children.values()), grace=None if terminating else LAUNCHER_STOP_GRACE)
-        return code
+        return Exit(code, failed)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

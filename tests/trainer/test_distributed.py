@@ -137,12 +137,12 @@ def test_two_pods_of_two_processes_train_as_one_world_of_four(tmp_path: Path) ->
     assert single["workers"] == 1 and single["trainLoss"] != pytest.approx(two_by_two["trainLoss"], rel=1e-4)
 
 
-def launch_pod(manifest: Path, checkpoints: Path, processes: int) -> subprocess.Popen[str]:
+def launch_pod(manifest: Path, checkpoints: Path, processes: int, *extra: str) -> subprocess.Popen[str]:
     """`kubeforge train --processes N` as a pod runs it, in a process group of its own: SIGKILL to
     the group is the pod's death, every trainer process at once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     command = [sys.executable, "-m", "kubeforge", "train", "--spec", str(manifest), "--checkpoint-uri",
-               str(checkpoints), "--result", str(checkpoints / "result.json"), "--processes", str(processes)]
+               str(checkpoints), "--result", str(checkpoints / "result.json"), "--processes", str(processes), *extra]
     return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -198,3 +198,36 @@ def test_an_fsdp_run_killed_after_a_checkpoint_resumes_on_one_process_to_the_uni
     load_sharded(clean / "checkpoints" / f"step-{steps:08d}" / SHARDS, final)
     for (name, weight), (_, saved) in zip(exported.state_dict().items(), final.state_dict().items(), strict=True):
         assert torch.equal(weight, saved), name
+
+
+def local_rank_pid(launcher: int, local_rank: int) -> int | None:
+    """The pid of the launcher's child process of that LOCAL_RANK (from /proc), None until it exists."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"LOCAL_RANK={local_rank}".encode() in environ:
+            return pid
+    return None
+
+
+def test_a_killed_process_is_the_cause_its_pod_reports_not_the_siblings_it_stopped(tmp_path: Path) -> None:
+    job = tiny_pretrain("tiny-sigkill", maxSteps=100_000, batchSize=2, sequenceLength=32, warmupSteps=2,
+                        evalInterval=100_000, logInterval=1000)
+    job["spec"]["checkpoint"] = {"intervalSteps": 2}
+    manifest = write_manifest(tmp_path / "job.yaml", job)
+    checkpoints, termination_log = tmp_path / "checkpoints", tmp_path / "termination-log"
+    pod = launch_pod(manifest, checkpoints, 2, "--termination-log", str(termination_log))
+    try:
+        victim = wait_until(lambda: local_rank_pid(pod.pid, 1), 60, "local rank 1's process")
+        wait_until(lambda: committed_steps(checkpoints), 120, "a committed checkpoint: both ranks train")
+        os.kill(victim, signal.SIGKILL)
+        log = pod.communicate(timeout=120)[0]
+    finally:
+        if pod.poll() is None:
+            os.killpg(pod.pid, signal.SIGKILL)
+            pod.communicate(timeout=30)
+    assert pod.returncode == 128 + signal.SIGKILL, log[-3000:]
+    # Rank 0, stopped by the launcher once its sibling died, wrote an outcome of its own; the pod's
+    # termination message, which the operator reports, names the process that failed first.
+    reported = json.loads(termination_log.read_text())
+    assert reported == {"error": "local rank 1 exited with code 137 and left no message", "permanent": False}, log
