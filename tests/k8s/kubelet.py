@@ -241,6 +241,15 @@ class KubeClient:
             headers["Authorization"] = token
         return headers
 
+    def as_this_client(self, headers: Mapping[str, str]) -> tuple[dict[str, str], ssl.SSLContext | bool]:
+        """`headers` with this client's credentials in place of any others, and the TLS setting for
+        aiohttp: what a proxy needs to forward someone else's request to this server as this client."""
+        forwarded = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        token = self._authorization()
+        if token:
+            forwarded["Authorization"] = token
+        return forwarded, self._ssl if self._ssl is not None else True
+
     async def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                       body: Any = None, content_type: str = "application/json") -> Any:
         session = await self._ensure_session()

@@ -1,7 +1,7 @@
 """Fault injection, the operator's rows: real faults in real processes, with the figures printed.
 
 The operator runs as its own process (`kubeforge operator`), against the API server emulator of
-tests/k8s (CI) or the cluster of KUBEFORGE_E2E_KUBECONFIG; the kubelet harness runs the pods with
+tests/k8s or a real control plane (`--cluster=real`; CI runs both); the kubelet harness runs the pods with
 tests/support/fake_trainer.py as the trainer (the pod contract without torch: these rows are about the
 operator). Faults: the operator SIGKILLed at random moments; the API server answering 5xx/429 (a
 proxy in front of it); 200 fuzzed manifests; a NaN loss and a hung trainer among healthy jobs.
@@ -33,7 +33,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from k8s.cluster import node_harness
-from k8s.kubelet import ApiError, Kubelet
+from k8s.kubelet import ApiError, KubeClient, Kubelet
 from support.fake_trainer import MODE_LABEL, RATE_LABEL
 from support.jobs import ROOT, tiny_pretrain
 from support.processes import free_port
@@ -74,7 +74,9 @@ async def fake_kubelet(cluster: Any, tmp_path: Path) -> AsyncIterator[Kubelet]:
 
 
 def kubeconfig(cluster: Any, server: str, path: Path) -> Path:
-    if cluster.real:
+    """The operator's kubeconfig for `server`: the cluster's own for a real cluster's API server; for
+    the emulator or a fault proxy (which adds the cluster's credentials upstream), plain HTTP."""
+    if cluster.real and server == cluster.url:
         return Path(cluster.kubeconfig)
     return write_kubeconfig(path, {"server": server}, {}, cluster.namespace)
 
@@ -166,11 +168,12 @@ async def operator_process(cluster: Any, server: str, workdir: Path) -> AsyncIte
 
 class FaultProxy:
     """An HTTP proxy in front of the API server that answers 500/503/429 while `failing`, and cuts
-    the watch streams open when a failure starts (as an API server that goes away does)."""
+    the watch streams open when a failure starts (as an API server that goes away does). It forwards
+    every other request as `upstream` (TLS and credentials of a real cluster included)."""
 
     STATUSES = (500, 503, 429)
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: KubeClient):
         self.upstream = upstream
         self.refused = 0
         self.forwarded = 0
@@ -216,9 +219,13 @@ class FaultProxy:
             return web.json_response(body, status=code, headers={"Retry-After": "1"} if code == 429 else None)
         self.forwarded += 1
         assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
-                                         data=await request.read()) as upstream:
+        headers, tls = self.upstream.as_this_client(
+            {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")})
+        async with self._session.request(request.method, self.upstream.server + request.path_qs, headers=headers,
+                                         data=await request.read() or None, ssl=tls,
+                                         # as sent: a body without a type (the kubernetes client sends
+                                         # JSON so) is JSON to an API server, and 415 as octet-stream
+                                         skip_auto_headers=("Content-Type",)) as upstream:
             response = web.StreamResponse(status=upstream.status, headers={
                 k: v for k, v in upstream.headers.items()
                 if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection")})
@@ -241,7 +248,7 @@ class FaultProxy:
 
 
 @contextlib.asynccontextmanager
-async def fault_proxy(upstream: str) -> AsyncIterator[FaultProxy]:
+async def fault_proxy(upstream: KubeClient) -> AsyncIterator[FaultProxy]:
     proxy = FaultProxy(upstream)
     await proxy.start()
     try:
@@ -349,13 +356,11 @@ async def test_api_server_answering_errors(cluster: Any, fake_kubelet: Kubelet, 
     """The API server answers every operator request with 500/503/429 for a while, rounds apart, and
     drops the operator's watches: every job still reaches its final phase, the operator process
     stays up, counts the failed reconciliations, and its liveness fails while it cannot work."""
-    if cluster.real:
-        pytest.skip("the fault proxy forwards plain HTTP without credentials: the emulator only")
     rounds, window = SCALE[fault_size]["api_fault_rounds"], SCALE[fault_size]["api_fault_seconds"]
     names = [f"api-{i}" for i in range(4)]
     rate = 10
     steps = int(rate * (rounds * (window + 10) + 15))  # still training when the last round ends
-    async with fault_proxy(cluster.url) as proxy, operator_process(cluster, proxy.url, tmp_path) as operator:
+    async with fault_proxy(cluster.client) as proxy, operator_process(cluster, proxy.url, tmp_path) as operator:
         for name in names:
             await cluster.apply(fake_job(name, steps=steps, rate=rate))
         await cluster.wait_for(lambda: _all_phase(cluster, names, "Running"), 60, "every job Running")

@@ -231,3 +231,27 @@ def test_a_killed_process_is_the_cause_its_pod_reports_not_the_siblings_it_stopp
     # termination message, which the operator reports, names the process that failed first.
     reported = json.loads(termination_log.read_text())
     assert reported == {"error": "local rank 1 exited with code 137 and left no message", "permanent": False}, log
+
+
+def test_a_sigterm_to_a_two_process_fsdp_pod_commits_one_step_of_both_shards_and_says_so(tmp_path: Path) -> None:
+    steps = 100_000
+    job = tiny_pretrain("tiny-sigterm", maxSteps=steps, batchSize=2, sequenceLength=32, warmupSteps=2,
+                        evalInterval=100_000, logInterval=1000, parallelism="fsdp")
+    job["spec"]["checkpoint"] = {"intervalSteps": 7, "keep": 100}
+    manifest = write_manifest(tmp_path / "job.yaml", job)
+    checkpoints, termination_log = tmp_path / "checkpoints", tmp_path / "termination-log"
+    pod = launch_pod(manifest, checkpoints, 2, "--termination-log", str(termination_log))
+    try:
+        wait_until(lambda: committed_steps(checkpoints), 120, "a committed checkpoint: both ranks train")
+        pod.send_signal(signal.SIGTERM)  # the kubelet's SIGTERM reaches the pod's first process
+        log = pod.communicate(timeout=120)[0]
+    finally:
+        if pod.poll() is None:
+            os.killpg(pod.pid, signal.SIGKILL)
+            pod.communicate(timeout=30)
+    assert pod.returncode == 143, log[-3000:]
+    stopped_at = committed_steps(checkpoints)[-1]
+    committed = json.loads((checkpoints / "checkpoints" / f"step-{stopped_at:08d}" / "manifest.json").read_text())
+    assert {"shards/__0_0.distcp", "shards/__1_0.distcp"} <= {entry["name"] for entry in committed["files"]}
+    assert json.loads(termination_log.read_text()) == {
+        "error": f"stopped on SIGTERM at step {stopped_at} of {steps}, its checkpoint committed", "permanent": False}
