@@ -36,7 +36,7 @@ from k8s.cluster import node_harness
 from k8s.kubelet import ApiError, KubeClient, Kubelet
 from support.fake_trainer import MODE_LABEL, RATE_LABEL
 from support.jobs import ROOT, tiny_pretrain
-from support.processes import free_port
+from support.processes import free_port, stop_process
 from support.rbac import write_kubeconfig
 
 pytestmark = pytest.mark.faults
@@ -146,14 +146,8 @@ class OperatorProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.alive():
-            assert self.process is not None
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+        if self.process is not None:
+            stop_process(self.process, grace=30)
 
 
 @contextlib.asynccontextmanager
