@@ -17,7 +17,8 @@ split, no validation, no garbage collection, and merges every PATCH as a plain d
   `timeoutSeconds`;
 - writes: POST (201, 409 AlreadyExists, `generateName`, namespace must exist and not be terminating),
   PUT, PATCH as merge / JSON (a failed `test` is 422) / strategic merge (415 for custom resources) /
-  apply (approximated as a merge that may create), 409 Conflict on a stale resourceVersion;
+  apply (approximated as a merge that may create), 409 Conflict on a stale resourceVersion; a body
+  that is not JSON or YAML by its Content-Type (none: JSON) is 415;
 - the status subresource (CRDs, pods, nodes, namespaces, services): `/status` writes change only
   `.status`, main-resource writes keep the stored `.status`, create resets it;
 - validation: our CRDs' schemas (pruning, defaults, OpenAPI + CEL with `oldSelf`, via
@@ -1035,6 +1036,9 @@ class Emulator(kmock.KubernetesEmulator):
         content_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if not request.body:
             return content_type, None
+        if "json" not in content_type and "yaml" not in content_type:  # as kube-apiserver; protobuf aside
+            raise api_error(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
+                            "accepted media types include: application/json, application/yaml")
         try:
             if "yaml" in content_type:
                 return content_type, yaml.safe_load(request.body)

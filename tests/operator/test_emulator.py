@@ -50,6 +50,13 @@ async def raw(server: Emulator, method: str, path: str, body: Any = None,
         return response.status, await response.json(content_type=None)
 
 
+async def test_a_body_of_another_media_type_is_refused_as_a_real_server_refuses_it(emulator: Emulator) -> None:  # noqa: F811
+    # aiohttp types a bytes body application/octet-stream unless told otherwise: kube-apiserver says 415.
+    status, payload = await raw(emulator, "POST", PODS, pod("p"), content_type="application/octet-stream")
+    assert (status, payload["reason"]) == (415, "UnsupportedMediaType")
+    assert (await raw(emulator, "POST", PODS, pod("p")))[0] == 201
+
+
 async def watch(api: KubeClient, path: str, **params: Any) -> list[tuple[str, str]]:
     """(type, name) of every event of a watch that the server ends after one second."""
     events = []
