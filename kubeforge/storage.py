@@ -22,6 +22,10 @@ class StorageError(RuntimeError):
     pass
 
 
+class NotFound(StorageError):
+    """The key does not exist (S3 is strongly consistent: one just listed was deleted since)."""
+
+
 class Storage(Protocol):
     uri: str
 
@@ -74,13 +78,13 @@ class LocalStorage:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise StorageError(f"{self.uri}/{key}: not found") from None
+            raise NotFound(f"{self.uri}/{key}: not found") from None
 
     def get_file(self, key: str, path: Path) -> None:
         try:
             shutil.copyfile(self._path(key), path)
         except FileNotFoundError:
-            raise StorageError(f"{self.uri}/{key}: not found") from None
+            raise NotFound(f"{self.uri}/{key}: not found") from None
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         base = self._path(prefix) if prefix else self.root
@@ -135,7 +139,9 @@ class S3Storage:
 
     def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
         # botocore's messages name the operation and the error code, never the credentials.
-        return StorageError(f"{what} s3://{self.bucket}/{self._key(key)}: {exc}")
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")  # a botocore ClientError's
+        error = NotFound if code in ("NoSuchKey", "404") else StorageError  # get_object's, head_object's
+        return error(f"{what} s3://{self.bucket}/{self._key(key)}: {exc}")
 
     def put_file(self, key: str, path: Path) -> None:
         try:

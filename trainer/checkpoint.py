@@ -53,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from kubeforge.spec import EXPORT_DIR, Job, JobError
-from kubeforge.storage import Storage, StorageError, download_tree, join
+from kubeforge.storage import NotFound, Storage, StorageError, download_tree, join
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +393,8 @@ class Checkpointer:
         """Every kubeforge checkpoint directory with a manifest and not quarantined, oldest first.
 
         A failed listing or manifest read raises StorageError: a transient error must never make
-        a checkpoint look absent (retention would then count or delete the wrong ones)."""
+        a checkpoint look absent (retention would then count or delete the wrong ones). A manifest
+        that is gone since the listing (NotFound, not an error) was retired: no checkpoint."""
         sizes = storage.sizes(CHECKPOINTS)
         directories: dict[str, set[str]] = {}
         for key in sizes:
@@ -410,7 +411,12 @@ class Checkpointer:
                 log.info("ignoring %s/%s: no complete manifest", storage.uri, prefix)
                 continue
             step = int(directory.removeprefix("step-"))
-            manifest, problem = check_manifest(storage.get_bytes(join(prefix, MANIFEST)), sizes, prefix)
+            try:
+                body = storage.get_bytes(join(prefix, MANIFEST))
+            except NotFound:  # retired since the listing (another process's retention deletes it first)
+                log.info("ignoring %s/%s: its manifest was deleted after the listing", storage.uri, prefix)
+                continue
+            manifest, problem = check_manifest(body, sizes, prefix)
             if manifest is not None and manifest.get("step") != step:
                 problem = f"its manifest is for step {manifest.get('step')}, not {step}"
                 manifest = None

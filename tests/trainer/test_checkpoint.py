@@ -12,7 +12,7 @@ import torch
 from support.corruption import flip_a_byte, garble_the_manifest, remove_a_file, truncate
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from kubeforge.storage import LocalStorage, StorageError
+from kubeforge.storage import LocalStorage, NotFound, S3Storage, StorageError
 from kubeforge.trainer.checkpoint import (
     CHECKPOINTS,
     SHARDS,
@@ -94,6 +94,42 @@ def test_a_failed_read_during_retention_deletes_nothing(tmp_path: Path) -> None:
     flaky.close()
     assert flaky.last_error is None  # the new checkpoint committed; only retention was skipped
     assert [c.step for c in writer.committed()] == [10, 20]
+
+
+class RetiringStorage(LocalStorage):
+    """A directory where another process's retention deletes a checkpoint's manifest right after each
+    listing: the race of a reader (a warm start from a running job) with that job's writer."""
+
+    def __init__(self, root: Path, retired: str):
+        super().__init__(root)
+        self.retired = retired
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        listed = super().sizes(prefix)
+        LocalStorage(self.root).delete([self.retired])
+        return listed
+
+
+def test_a_checkpoint_retired_between_listing_and_reading_is_skipped_not_an_error(tmp_path: Path) -> None:
+    writer = Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, background=False)
+    for step in (10, 20):
+        writer.save(step, state(float(step)))
+    reader = Checkpointer(RetiringStorage(tmp_path, f"{step_prefix(10)}/manifest.json"), keep=3, spec_hash="abc",
+                          rank=1)
+    assert [c.step for c in reader.committed()] == [20]
+
+
+def test_s3_says_not_found_only_for_a_missing_key(bucket: str) -> None:
+    storage = S3Storage(f"s3://{bucket}/job")
+    storage.put_bytes("here", b"x")
+    assert storage.get_bytes("here") == b"x"
+    with pytest.raises(NotFound, match="NoSuchKey"):
+        storage.get_bytes("gone")
+    with pytest.raises(NotFound, match="404"):
+        storage.get_file("gone", Path("/nonexistent-dir/gone"))
+    with pytest.raises(StorageError) as other:
+        S3Storage("s3://no-such-bucket-kf/job").get_bytes("here")
+    assert not isinstance(other.value, NotFound)  # a missing bucket is a misconfiguration, not a retired key
 
 
 def test_a_quarantined_checkpoint_is_neither_counted_nor_deleted_by_retention(tmp_path: Path) -> None:
