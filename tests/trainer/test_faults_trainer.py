@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from support.corruption import (
@@ -29,7 +29,7 @@ from support.corruption import (
 )
 from support.faults import FAULT_RESULTS
 from support.jobs import ROOT, tiny_pretrain, write_manifest
-from support.processes import KUBEFORGE, wait_until
+from support.processes import KUBEFORGE, stop_process, wait_until
 
 from kubeforge.status import EXIT_PERMANENT, EXIT_PREEMPTED
 from kubeforge.storage import S3Storage
@@ -47,8 +47,18 @@ STEP_LINE = re.compile(r" step (\d+)/\d+ loss")
 RESUMED_LINE = re.compile(r"resuming from checkpoint step (\d+) ")
 
 
+@pytest.fixture(autouse=True)
+def no_trainer_outlives_its_test() -> Iterator[None]:
+    yield
+    while Trainer.started:
+        stop_process(Trainer.started.pop().process)
+
+
 class Trainer:
     """A `kubeforge train` process whose log is read on a thread: the step it reached, what it said."""
+
+    #: Every one started, so that a failing test's trainers are stopped with it (they train for hours).
+    started: ClassVar[list[Trainer]] = []
 
     def __init__(self, manifest: Path, uri: str, workdir: Path, env: dict[str, str] | None = None):
         self.termination = workdir / f"termination-{time.monotonic_ns()}"
@@ -62,6 +72,7 @@ class Trainer:
         self.resumed: int | None = None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self.started.append(self)
 
     def _read(self) -> None:
         assert self.process.stderr is not None
