@@ -232,23 +232,26 @@ class KubeClient:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
         return self._session
 
+    @property
+    def _tls(self) -> ssl.SSLContext | bool:
+        """aiohttp's `ssl=`: the kubeconfig's context, or its default checks."""
+        return self._ssl if self._ssl is not None else True
+
+    def _credentials(self) -> dict[str, str]:
+        token = self._authorization()
+        return {"Authorization": token} if token else {}
+
     def _headers(self, content_type: str | None) -> dict[str, str]:
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
-        token = self._authorization()
-        if token:
-            headers["Authorization"] = token
-        return headers
+        return headers | self._credentials()
 
     def as_this_client(self, headers: Mapping[str, str]) -> tuple[dict[str, str], ssl.SSLContext | bool]:
         """`headers` with this client's credentials in place of any others, and the TLS setting for
         aiohttp: what a proxy needs to forward someone else's request to this server as this client."""
         forwarded = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-        token = self._authorization()
-        if token:
-            forwarded["Authorization"] = token
-        return forwarded, self._ssl if self._ssl is not None else True
+        return forwarded | self._credentials(), self._tls
 
     async def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                       body: Any = None, content_type: str = "application/json") -> Any:
@@ -258,7 +261,7 @@ class KubeClient:
         data = json.dumps(body) if body is not None else None
         async with session.request(method, self.server + path, params=query, data=data,
                                    headers=self._headers(content_type if body is not None else None),
-                                   ssl=self._ssl if self._ssl is not None else True) as response:
+                                   ssl=self._tls) as response:
             text = await response.text()
             try:
                 data = await response.json(content_type=None) if text else None
@@ -276,7 +279,7 @@ class KubeClient:
         query = {"watch": "true", **{k: str(v) for k, v in (params or {}).items() if v is not None}}
         async with session.get(self.server + path, params=query, headers=self._headers(None),
                                timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
-                               ssl=self._ssl if self._ssl is not None else True) as response:
+                               ssl=self._tls) as response:
             if response.status >= 400:
                 raise ApiError(response.status, await response.json(content_type=None), "WATCH", path)
             if on_open is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +202,18 @@ def test_an_fsdp_run_killed_after_a_checkpoint_resumes_on_one_process_to_the_uni
         assert torch.equal(weight, saved), name
 
 
+@contextlib.contextmanager
+def pod_running(manifest: Path, checkpoints: Path, processes: int, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    """launch_pod, the pod's whole process group killed if it is still running after the block."""
+    pod = launch_pod(manifest, checkpoints, processes, *extra)
+    try:
+        yield pod
+    finally:
+        if pod.poll() is None:
+            os.killpg(pod.pid, signal.SIGKILL)
+            pod.communicate(timeout=30)
+
+
 def local_rank_pid(launcher: int, local_rank: int) -> int | None:
     """The pid of the launcher's child process of that LOCAL_RANK (from /proc), None until it exists."""
     children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
@@ -216,16 +230,11 @@ def test_a_killed_process_is_the_cause_its_pod_reports_not_the_siblings_it_stopp
     job["spec"]["checkpoint"] = {"intervalSteps": 2}
     manifest = write_manifest(tmp_path / "job.yaml", job)
     checkpoints, termination_log = tmp_path / "checkpoints", tmp_path / "termination-log"
-    pod = launch_pod(manifest, checkpoints, 2, "--termination-log", str(termination_log))
-    try:
+    with pod_running(manifest, checkpoints, 2, "--termination-log", str(termination_log)) as pod:
         victim = wait_until(lambda: local_rank_pid(pod.pid, 1), 60, "local rank 1's process")
         wait_until(lambda: committed_steps(checkpoints), 120, "a committed checkpoint: both ranks train")
         os.kill(victim, signal.SIGKILL)
         log = pod.communicate(timeout=120)[0]
-    finally:
-        if pod.poll() is None:
-            os.killpg(pod.pid, signal.SIGKILL)
-            pod.communicate(timeout=30)
     assert pod.returncode == 128 + signal.SIGKILL, log[-3000:]
     # Rank 0, stopped by the launcher once its sibling died, wrote an outcome of its own; the pod's
     # termination message, which the operator reports, names the process that failed first.
@@ -240,15 +249,10 @@ def test_a_sigterm_to_a_two_process_fsdp_pod_commits_one_step_of_both_shards_and
     job["spec"]["checkpoint"] = {"intervalSteps": 7, "keep": 100}
     manifest = write_manifest(tmp_path / "job.yaml", job)
     checkpoints, termination_log = tmp_path / "checkpoints", tmp_path / "termination-log"
-    pod = launch_pod(manifest, checkpoints, 2, "--termination-log", str(termination_log))
-    try:
+    with pod_running(manifest, checkpoints, 2, "--termination-log", str(termination_log)) as pod:
         wait_until(lambda: committed_steps(checkpoints), 120, "a committed checkpoint: both ranks train")
         pod.send_signal(signal.SIGTERM)  # the kubelet's SIGTERM reaches the pod's first process
         log = pod.communicate(timeout=120)[0]
-    finally:
-        if pod.poll() is None:
-            os.killpg(pod.pid, signal.SIGKILL)
-            pod.communicate(timeout=30)
     assert pod.returncode == 143, log[-3000:]
     stopped_at = committed_steps(checkpoints)[-1]
     committed = json.loads((checkpoints / "checkpoints" / f"step-{stopped_at:08d}" / "manifest.json").read_text())
