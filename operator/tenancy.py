@@ -7,6 +7,10 @@ retention) or as its `baseModel.uri`. The operator refuses such a job before any
 URI a job names must lie under its namespace's prefix of the storage root
 (`<root>/<namespace>/...`) or under an allow-listed prefix. Separate credentials per namespace
 (docs/security.md) enforce the same boundary in the storage itself.
+
+A relative path is the one exception: in a trainer pod it names a file of the image's working
+directory (`examples/data/...`), which is read-only and the same for every namespace, so it holds
+nothing of another team's. Absolute paths (where volumes are mounted) follow the prefix rule.
 """
 
 from __future__ import annotations
@@ -61,6 +65,12 @@ def uri_within(uri: str, prefix: str) -> bool:
     return inside is not None and outer is not None and inside[:len(outer)] == outer
 
 
+def in_image(uri: str) -> bool:
+    """Whether uri is a relative path that stays inside the trainer's working directory (no scheme,
+    no leading '/', no '.', '..' or empty segment): a file the trainer image ships."""
+    return "://" not in uri and not uri.startswith("/") and _segments(uri) is not None
+
+
 def job_uris(job: Job) -> list[tuple[str, str]]:
     """(field path, URI) of every storage location the job names itself."""
     spec = job.spec
@@ -82,7 +92,8 @@ def uri_violations(job: Job, policy: UriPolicy) -> list[str]:
         return []
     allowed = policy.prefixes_for(job.namespace)
     return [f"{field} {uri} is outside what namespace {job.namespace} may use ({', '.join(allowed)})"
-            for field, uri in job_uris(job) if not any(uri_within(uri, prefix) for prefix in allowed)]
+            for field, uri in job_uris(job)
+            if not in_image(uri) and not any(uri_within(uri, prefix) for prefix in allowed)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,12 +67,24 @@ def test_a_job_may_use_its_namespace_prefix_and_the_allow_list() -> None:
     ({"base": f"{ROOT}/team-b/pretrainjob/big/export"}, "spec.baseModel.uri"),
     ({"base": "s3://scratch/team-b/base-model"}, "spec.baseModel.uri"),  # {namespace} is the job's own
     ({"data": f"{ROOT}/team-b/data/train.txt"}, "spec.data.train.uri"),
-    ({"data": "/etc/passwd"}, "spec.data.train.uri"),
+    ({"data": "/etc/passwd"}, "spec.data.train.uri"),  # absolute: where volumes are mounted
+    ({"data": "../../etc/passwd"}, "spec.data.train.uri"),  # walks out of the image's working directory
+    ({"data": "examples/../../secrets/train.txt"}, "spec.data.train.uri"),
 ])
 def test_a_uri_of_another_namespace_is_named_by_its_field(where: dict[str, str], field: str) -> None:
     problems = uri_violations(team_job(**where), POLICY)
     assert len(problems) == 1 and problems[0].startswith(f"{field} ")
     assert "namespace team-a may use" in problems[0]
+
+
+def test_a_relative_path_names_the_images_own_files_and_any_namespace_may_read_it() -> None:
+    """examples/pipeline.yaml reads examples/data/..., which the trainer image ships in its working
+    directory: the same read-only files in every namespace's pods."""
+    job = team_job(data="examples/data/shakespeare/train.txt", base="examples/models/tiny")
+    assert uri_violations(job, POLICY) == []
+    for manifest in example("pipeline.yaml"):
+        assert uri_violations(parse_job({**manifest, "metadata": {**manifest["metadata"], "namespace": "team-a"}}),
+                              POLICY) == []
 
 
 def test_the_rule_can_be_turned_off_for_a_single_tenant_cluster() -> None:
