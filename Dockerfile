@@ -10,21 +10,28 @@ ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.4.1-base-ubuntu22.04
 ARG TORCH_VERSION=2.13.0
 ARG VERSION=0.1.0
+# Where pip finds packages: PyPI, and the CPU torch wheel on PyTorch's CPU index. Where neither is
+# reachable, pip options naming what is, e.g. "--no-index --find-links http://127.0.0.1:PORT/" with
+# `docker build --network host` (hack/build-images.sh --local does that with a base made by debootstrap).
+ARG PIP_INDEX_ARGS=""
+ARG TORCH_INDEX_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 
 # ---- the kubeforge wheel, built once
 FROM ${PYTHON_IMAGE} AS wheel
+ARG PIP_INDEX_ARGS
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kubeforge kubeforge
 COPY operator operator
 COPY trainer trainer
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --no-deps ${PIP_INDEX_ARGS} --wheel-dir /wheels .
 
 # ---- operator: kubeforge without the trainer extra, so no torch
 FROM ${PYTHON_IMAGE} AS operator-venv
+ARG PIP_INDEX_ARGS
 COPY --from=wheel /wheels /wheels
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir /wheels/kubeforge-*.whl \
+    && /opt/venv/bin/pip install --no-cache-dir ${PIP_INDEX_ARGS} /wheels/kubeforge-*.whl \
     && /opt/venv/bin/pip uninstall --yes pip
 
 FROM ${PYTHON_IMAGE} AS operator
@@ -43,11 +50,13 @@ CMD ["operator"]
 # ---- trainer-cpu: the CPU build of torch, then the trainer extra (which then pulls no CUDA build)
 FROM ${PYTHON_IMAGE} AS trainer-cpu-venv
 ARG TORCH_VERSION
-COPY --from=wheel /wheels /wheels
+ARG PIP_INDEX_ARGS
+ARG TORCH_INDEX_ARGS
+# torch in a layer of its own, before kubeforge's wheel: a change to kubeforge reinstalls no torch.
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
-        "torch==${TORCH_VERSION}" \
-    && /opt/venv/bin/pip install --no-cache-dir "$(ls /wheels/kubeforge-*.whl)[trainer]" \
+    && /opt/venv/bin/pip install --no-cache-dir ${TORCH_INDEX_ARGS} "torch==${TORCH_VERSION}"
+COPY --from=wheel /wheels /wheels
+RUN /opt/venv/bin/pip install --no-cache-dir ${PIP_INDEX_ARGS} "$(ls /wheels/kubeforge-*.whl)[trainer]" \
     && /opt/venv/bin/pip uninstall --yes pip
 
 FROM ${PYTHON_IMAGE} AS trainer-cpu
@@ -70,13 +79,14 @@ CMD ["train", "--spec-env", "KUBEFORGE_JOB"]
 # ---- trainer: CUDA torch from PyPI on the CUDA base, with the distribution's Python 3.11
 FROM ${CUDA_IMAGE} AS trainer-venv
 ARG TORCH_VERSION
+ARG PIP_INDEX_ARGS
 RUN apt-get update \
     && apt-get install --yes --no-install-recommends python3.11 python3.11-venv \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=wheel /wheels /wheels
 RUN python3.11 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir "torch==${TORCH_VERSION}" \
-    && /opt/venv/bin/pip install --no-cache-dir "$(ls /wheels/kubeforge-*.whl)[trainer]" \
+    && /opt/venv/bin/pip install --no-cache-dir ${PIP_INDEX_ARGS} "torch==${TORCH_VERSION}"
+COPY --from=wheel /wheels /wheels
+RUN /opt/venv/bin/pip install --no-cache-dir ${PIP_INDEX_ARGS} "$(ls /wheels/kubeforge-*.whl)[trainer]" \
     && /opt/venv/bin/pip uninstall --yes pip
 
 FROM ${CUDA_IMAGE} AS trainer

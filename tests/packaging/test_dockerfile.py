@@ -165,7 +165,12 @@ def test_the_operator_image_carries_no_torch() -> None:
     assert not {"torch", "transformers", "peft", "accelerate"} & dependency_closure("kubeforge")
     # The trainer images do get it, the CPU one from the CPU wheel index.
     cpu_installs = " ".join(run for stage in lineage("trainer-cpu") for run in stage.all("RUN"))
-    assert "download.pytorch.org/whl/cpu" in cpu_installs and '"torch==${TORCH_VERSION}"' in cpu_installs
+    assert '${TORCH_INDEX_ARGS} "torch==${TORCH_VERSION}"' in cpu_installs
+    assert "--index-url https://download.pytorch.org/whl/cpu" in ARGUMENTS["TORCH_INDEX_ARGS"], (
+        "by default, the CPU wheel index: no CUDA build")
+    # Where no index is reachable, one build argument names what is (hack/build-images.sh --local).
+    for stage in ("wheel", "operator-venv", "trainer-cpu-venv", "trainer-venv"):
+        assert all("_INDEX_ARGS}" in run for run in STAGES[stage].all("RUN") if "pip " in run), stage
     trainer_extra = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())[
         "project"]["optional-dependencies"]["trainer"]]
     torch = next(r for r in trainer_extra if r.name == "torch")
