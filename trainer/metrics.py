@@ -116,11 +116,19 @@ class TrainerMetrics:
 
     def serve(self, port: int) -> None:
         """Serve /metrics on the pod's IP (POD_IP, from the downward API); in a pod without it on
-        every address; outside a cluster (a laptop's `kubeforge run`) on 127.0.0.1 only."""
+        every address; outside a cluster (a laptop's `kubeforge run`) on 127.0.0.1 only, and not at
+        all when something else holds the port there (a local Prometheus listens on 9090 too): the
+        endpoint is what the operator reads progress from, and no operator reads a laptop's run."""
         if port:
             in_a_pod = "KUBERNETES_SERVICE_HOST" in os.environ
             address = os.environ.get("POD_IP") or ("0.0.0.0" if in_a_pod else "127.0.0.1")
-            self._server, _ = start_http_server(port, addr=address, registry=self.registry)
+            try:
+                self._server, _ = start_http_server(port, addr=address, registry=self.registry)
+            except OSError as exc:
+                if in_a_pod or os.environ.get("POD_IP"):
+                    raise
+                log.warning("no metrics endpoint: %s:%d is taken (%s)", address, port, exc.strerror)
+                return
             log.info("metrics on %s:%d/metrics", address, port)
 
     def close(self) -> None:

@@ -217,3 +217,26 @@ def test_mfu_is_model_flops_per_second_over_the_peak() -> None:
     # 400k tokens/s on an H100 in bf16: about 0.35 of its peak.
     mfu = model_flops_utilization(400_000, per_token, peak_flops("NVIDIA H100 80GB HBM3", True) or 0)
     assert mfu == pytest.approx(400_000 * per_token / 989.4e12) and 0.3 < mfu < 0.4
+
+
+def test_a_laptop_run_goes_on_without_metrics_when_the_port_is_taken(monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """`kubeforge run examples/pipeline.yaml` next to a local Prometheus (also 9090): the run trains on;
+    in a pod the same clash is an error, since the operator reads progress from that endpoint."""
+    import socket
+
+    from kubeforge.trainer.metrics import TrainerMetrics
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("POD_IP", raising=False)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        metrics = TrainerMetrics("clash", "default", "PretrainJob", 0)
+        metrics.serve(port)
+        assert f"no metrics endpoint: 127.0.0.1:{port} is taken" in caplog.text
+        metrics.close()
+        monkeypatch.setenv("POD_IP", "127.0.0.1")
+        with pytest.raises(OSError):
+            TrainerMetrics("clash", "default", "PretrainJob", 0).serve(port)
