@@ -31,8 +31,7 @@ fi
 kubectl config use-context "kind-${CLUSTER}"
 
 step "building the images (the first build downloads torch: several minutes)"
-docker build --target operator -t "kubeforge-operator:${TAG}" .
-docker build --target trainer-cpu -t "kubeforge-trainer-cpu:${TAG}" .
+TAG="${TAG}" hack/build-images.sh
 kind load docker-image --name "${CLUSTER}" "kubeforge-operator:${TAG}" "kubeforge-trainer-cpu:${TAG}"
 
 step "MinIO, the S3 credentials Secret, the bucket and the example data"
@@ -52,36 +51,7 @@ step "examples/pipeline.yaml"
 kubectl delete -f examples/pipeline.yaml --ignore-not-found --wait
 kubectl apply -f examples/pipeline.yaml
 
-# Waits until the job succeeds (0) or fails (1), printing its phase as it changes.
-wait_for_job() {
-  local resource="$1" deadline phase last=""
-  deadline=$(( $(date +%s) + JOB_TIMEOUT_SECONDS ))
-  while (( $(date +%s) < deadline )); do
-    phase="$(kubectl get "${resource}" -o jsonpath='{.status.phase}/{.status.reason}/{.status.stepProgress}')"
-    if [[ "${phase}" != "${last}" ]]; then
-      echo "${resource}: ${phase}"
-      last="${phase}"
-    fi
-    case "${phase}" in
-      Succeeded/*) return 0 ;;
-      Failed/*) kubectl describe "${resource}"; return 1 ;;
-    esac
-    sleep 5
-  done
-  kubectl describe "${resource}"
-  fail "${resource} did not finish within ${JOB_TIMEOUT_SECONDS}s"
-}
-
-wait_for_job pretrainjob/tiny-shakespeare
-wait_for_job finetunejob/review-sentiment
-
-step "status"
-kubectl get kubeforge
-for resource in pretrainjob/tiny-shakespeare finetunejob/review-sentiment; do
-  echo
-  echo "${resource}:"
-  kubectl get "${resource}" -o jsonpath='  device: {.status.device}{"\n"}  model: {.status.exportUri}{"\n"}  eval: {.status.evalMetrics}{"\n"}'
-done
+JOB_TIMEOUT_SECONDS="${JOB_TIMEOUT_SECONDS}" hack/wait-for-jobs.sh pretrainjob/tiny-shakespeare finetunejob/review-sentiment
 
 cat <<MESSAGE
 

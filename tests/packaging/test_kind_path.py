@@ -1,6 +1,8 @@
-"""The kind path (hack/kind-e2e.sh) cannot run here (no Docker engine): what it is made of is checked
-instead. The script is shellcheck-clean, the manifests it applies are valid, the pieces name the same
-images, Secret, bucket and endpoint, and its data upload puts what the kubectl examples read."""
+"""The kind path (hack/kind-e2e.sh) needs kind, whose node image no registry here serves: its own
+parts are checked here, and the parts it shares run on the real node (tests/node/, `--cluster=node`:
+hack/build-images.sh, the chart's kind values, hack/wait-for-jobs.sh). The scripts are
+shellcheck-clean, the manifests it applies are valid, the pieces name the same images, Secret, bucket
+and endpoint, and its data upload puts what the kubectl examples read."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from support.jobs import EXAMPLES, ROOT
 from kubeforge.spec import load_job_file, parse_job
 
 SCRIPT = ROOT / "hack" / "kind-e2e.sh"
+BUILD = ROOT / "hack" / "build-images.sh"
 MINIO = ROOT / "hack" / "kind" / "minio.yaml"
 KIND_VALUES = yaml.safe_load((ROOT / "charts" / "kubeforge" / "ci" / "kind-cpu-values.yaml").read_text())
 SECRET = yaml.safe_load((EXAMPLES / "kubectl" / "s3-secret.yaml").read_text())
@@ -50,14 +53,20 @@ def test_the_script_uses_files_that_exist() -> None:
             "charts/kubeforge/ci/kind-cpu-values.yaml"} <= paths
     for path in paths:
         assert (ROOT / path).is_file(), path
-    assert SCRIPT.stat().st_mode & 0o111, "executable"
-    # It builds the targets the Dockerfile has, with the tags the chart's kind values name.
-    dockerfile = (ROOT / "Dockerfile").read_text()
+    for script in (SCRIPT, BUILD, ROOT / "hack" / "wait-for-jobs.sh"):
+        assert script.stat().st_mode & 0o111, f"{script.name} is executable"
+    # It builds and waits through the scripts the real-node tests run.
+    assert 'TAG="${TAG}" hack/build-images.sh\n' in text
+    assert "hack/wait-for-jobs.sh pretrainjob/tiny-shakespeare finetunejob/review-sentiment" in text
+    # Those build the targets the Dockerfile has, with the names and tag the chart's kind values give.
+    dockerfile, build = (ROOT / "Dockerfile").read_text(), BUILD.read_text()
+    assert 'for target in operator trainer-cpu; do' in build
+    assert '--target "${target}" -t "kubeforge-${target}:${TAG}"' in build
     for target, values in (("operator", KIND_VALUES["operator"]["image"]),
                            ("trainer-cpu", KIND_VALUES["trainer"]["cpuImage"])):
         assert re.search(rf"^FROM \S+ AS {target}$", dockerfile, flags=re.MULTILINE)
-        assert f'--target {target} -t "{values["repository"]}:${{TAG}}"' in text
-        assert f'TAG="{values["tag"]}"' in text
+        assert values["repository"] == f"kubeforge-{target}"
+        assert f'TAG="{values["tag"]}"' in text and f'TAG="${{TAG:-{values["tag"]}}}"' in build
     assert KIND_VALUES["trainer"]["pullPolicy"] == "Never", "kind-loaded images are never pulled"
 
 
