@@ -7,12 +7,16 @@ BIN := $(VENV)/bin
 # links: operator/ and trainer/ are mapped by setuptools, which mypy cannot follow.
 TYPECHECK := build/typecheck
 
-# `make test` runs the suite twice: against the API server emulator, then its cluster tests against the
-# real control plane of ../shared/realk8s (started and stopped by the suite; skipped, saying so, where
-# that folder is missing). Its last line gives the counts per target.
+# `make test` runs the suite three times: against the API server emulator; its cluster tests against
+# the real control plane of ../shared/realk8s; and tests/node/ on that control plane's real node
+# (kubelet, containerd), in kubeforge's own images, built first (the suite starts and stops both; skipped,
+# saying so, where that folder is missing). Its last line gives the counts per target.
+# `make test-node` is the third alone: the README's kind path on the real node. FAULT_SIZE=full for
+# the fault counts of docs/reliability.md.
 RESULTS := build/test-results
+FAULT_SIZE ?= ci
 
-.PHONY: run test lint test-deps
+.PHONY: run test test-node lint test-deps
 
 $(BIN)/kubeforge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,5 +46,9 @@ test: test-deps lint
 	status=0; \
 	$(BIN)/pytest --junitxml=$(RESULTS)/emulator.xml || status=$$?; \
 	$(BIN)/pytest --cluster=real --junitxml=$(RESULTS)/real.xml || status=$$?; \
-	$(BIN)/python .ci/test-summary.py $(RESULTS)/emulator.xml $(RESULTS)/real.xml; \
+	$(BIN)/pytest --cluster=node --fault-size=$(FAULT_SIZE) --junitxml=$(RESULTS)/node.xml || status=$$?; \
+	$(BIN)/python .ci/test-summary.py $(RESULTS)/emulator.xml $(RESULTS)/real.xml $(RESULTS)/node.xml; \
 	exit $$status
+
+test-node: test-deps $(BIN)/kubeforge
+	$(BIN)/pytest --cluster=node --fault-size=$(FAULT_SIZE) -s

@@ -1,5 +1,5 @@
-"""One line with the test counts per target, from the JUnit XML files of `make test`'s two runs:
-    python .ci/test-summary.py build/test-results/emulator.xml build/test-results/real.xml"""
+"""One line with the test counts per target, from the JUnit XML files of `make test`'s three runs:
+    python .ci/test-summary.py build/test-results/{emulator,real,node}.xml"""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-TARGETS = {"emulator": "emulator", "real": "real control plane"}
+TARGETS = {"emulator": "emulator", "real": "real control plane", "node": "real node"}
 
 
 def counts(path: Path) -> str:

@@ -10,6 +10,9 @@ Which cluster, for the whole session (`pytest --cluster=...`, or `KUBEFORGE_E2E_
   `emulator_only("why")` are skipped, saying why (and those marked `real_only("why")` on the
   emulator). Without that folder they are skipped, saying so, unless `KUBEFORGE_REALK8S_REQUIRED=1`
   (CI), which fails the session instead;
+- `node`: the control plane of `real` with the real node of its node-up.sh (kubelet, containerd):
+  only the tests marked `node` (tests/node/) run, each in pods of kubeforge's own images, under the
+  chart as installed with its kind values (support.node). Those tests run in no other mode.
 - `KUBEFORGE_E2E_KUBECONFIG=PATH` (with either): the cluster of that kubeconfig, as it is.
 On a real cluster our CRDs are applied if missing, and each test gets a fresh namespace, deleted
 afterwards. Either way the fixture is a `Cluster`.
@@ -32,6 +35,7 @@ import inspect
 import logging
 import os
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
@@ -384,10 +388,12 @@ async def running_operator(registry: Any, cluster: Cluster | None = None, *, set
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--cluster", choices=["emulator", "real"], default=os.environ.get(CLUSTER_ENV) or "emulator",
+    parser.addoption("--cluster", choices=["emulator", "real", "node"],
+                     default=os.environ.get(CLUSTER_ENV) or "emulator",
                      help="where tests taking the `cluster` fixture run: a fresh API server emulator per test, "
                           f"or the real control plane of ../shared/realk8s (${REALK8S_ENV}), started for the "
-                          "session; `real` runs only those tests (default: $KUBEFORGE_E2E_CLUSTER or emulator)")
+                          "session; `real` runs only those tests; `node` runs only the tests of tests/node/, "
+                          "on that control plane's real node (default: $KUBEFORGE_E2E_CLUSTER or emulator)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -395,6 +401,24 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "cluster, saying why")
     config.addinivalue_line("markers", "real_only(why): the test needs a real API server; skipped on the "
                                        "emulator, saying why")
+    config.addinivalue_line("markers", "node: the test runs kubeforge's images on the real node; only with "
+                                       "--cluster=node")
+    if config.getoption("--cluster") == "node" and not os.environ.get("REALK8S_HOME"):
+        # node-up.sh's dnsmasq drops to `nobody` and then reads its hosts folder under REALK8S_HOME:
+        # under the default ~/.cache of a root whose home is private it could not ("bad dynamic
+        # directory ... Permission denied"), and no pod name resolved. A folder anyone may enter.
+        os.environ["REALK8S_HOME"] = str(Path(tempfile.gettempdir()) / "kubeforge-realk8s-node")
+
+
+def missing_node_tools() -> str:
+    """What the real node and the image build need that this machine lacks, said as what to do; empty
+    when nothing is missing."""
+    from support.node import missing_tools
+
+    if os.geteuid() != 0:
+        return "the real node runs as root (kubelet, containerd, a bridge of its own)"
+    missing = missing_tools()
+    return f"the real node needs Debian's packages: apt-get install {' '.join(missing)}" if missing else ""
 
 
 def realk8s_dir() -> Path:
@@ -402,18 +426,28 @@ def realk8s_dir() -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    real = config.getoption("--cluster") == "real" or bool(os.environ.get(KUBECONFIG_ENV))
-    if config.getoption("--cluster") == "real":
-        kept = [item for item in items if "cluster" in getattr(item, "fixturenames", ())]
-        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
-        items[:] = kept
-        if not os.environ.get(KUBECONFIG_ENV) and not (realk8s_dir() / "up.sh").exists():
+    mode = config.getoption("--cluster")
+    real = mode == "real" or bool(os.environ.get(KUBECONFIG_ENV))
+    if mode == "node":
+        kept = [item for item in items if item.get_closest_marker("node")]
+    elif mode == "real":
+        kept = [item for item in items if "cluster" in getattr(item, "fixturenames", ())
+                and not item.get_closest_marker("node")]
+    else:
+        kept = [item for item in items if not item.get_closest_marker("node")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
+    if mode != "emulator":
+        why = ""
+        if mode == "node" and (missing := missing_node_tools()):
+            why = missing
+        elif not os.environ.get(KUBECONFIG_ENV) and not (realk8s_dir() / "up.sh").exists():
             why = (f"no real control plane: {realk8s_dir() / 'up.sh'} does not exist (a checkout of the "
                    f"project's shared/realk8s next to the repository, or set {REALK8S_ENV})")
-            if os.environ.get(REALK8S_REQUIRED_ENV) == "1":
-                raise pytest.UsageError(why)
-            for item in items:
-                item.add_marker(pytest.mark.skip(reason=why))
+        if why and os.environ.get(REALK8S_REQUIRED_ENV) == "1":
+            raise pytest.UsageError(why)
+        for item in items if why else []:
+            item.add_marker(pytest.mark.skip(reason=why))
     for item in items:
         marker = item.get_closest_marker("emulator_only" if real else "real_only")
         if marker is not None:
@@ -429,7 +463,7 @@ def real_kubeconfig(request: pytest.FixtureRequest) -> Iterator[str | None]:
     if os.environ.get(KUBECONFIG_ENV):
         yield os.environ[KUBECONFIG_ENV]
         return
-    if request.config.getoption("--cluster") != "real":
+    if request.config.getoption("--cluster") not in ("real", "node"):
         yield None
         return
     with realk8s() as kubeconfig:

@@ -23,9 +23,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
                           env=env, cwd=cwd or ROOT)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -51,14 +51,15 @@ def stop_process(process: subprocess.Popen[Any], grace: float = 20) -> None:
 
 
 @contextmanager
-def moto_server() -> Iterator[str]:
-    """A moto S3 server on a free port of 127.0.0.1: its endpoint URL, while the block runs."""
-    port = free_port()
+def moto_server(host: str = "127.0.0.1") -> Iterator[str]:
+    """A moto S3 server on a free port of host (an address of this machine): its endpoint URL, while
+    the block runs."""
+    port = free_port(host)
     process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"http://{host}:{port}"
 
     def up() -> bool:
         if process.poll() is not None:
