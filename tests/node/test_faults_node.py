@@ -26,15 +26,13 @@ from typing import Any
 import pytest
 import yaml
 from k8s.cluster import Cluster
-from support.e2e import PTJ, phase_is, status
-from support.faults import FAULT_RESULTS
+from support.e2e import PTJ, no_job_pods, phase_is, status
+from support.faults import FAULT_RESULTS, RESUMED_LINE, STEP_LINE
 from support.jobs import EXAMPLES
 from support.node import RELEASE, RELEASE_NAMESPACE, Node
 
 pytestmark = [pytest.mark.node, pytest.mark.faults]
 
-STEP_LINE = re.compile(r" step (\d+)/\d+ loss")
-RESUMED_LINE = re.compile(r"resuming from checkpoint step (\d+) ")
 STOPPED_LINE = re.compile(r"stopped on SIGTERM at step (\d+) of \d+, its checkpoint committed")
 WORLD_LINE = re.compile(r"steps \d+\.\.\d+ on (\w+) x(\d+)")
 INTERVAL = 20
@@ -118,6 +116,12 @@ class Follower:
         return str(self.pod["status"]["containerStatuses"][0]["containerID"])
 
 
+async def resumed_at(cluster: Cluster, log: PodLog) -> int:
+    """The step the trainer of log resumed from, once it says so."""
+    await cluster.wait_for(lambda: log.last(RESUMED_LINE) is not None, 120, "the resume line")
+    return log.last(RESUMED_LINE) or 0
+
+
 async def wait_for_step(cluster: Cluster, log: PodLog, step: int, timeout: float = 300) -> int:
     await cluster.wait_for(lambda: log.step >= step, timeout, f"step {step} in the trainer's log")
     return log.step
@@ -150,8 +154,7 @@ async def test_a_deleted_worker_pod_loses_no_step_and_a_sigkilled_trainer_resume
         stopped = log.last(STOPPED_LINE)
         assert stopped is not None, text[-3000:]
         log = await trainer.next()
-        await cluster.wait_for(lambda log=log: log.last(RESUMED_LINE) is not None, 120, "the resume line")
-        resumed = log.last(RESUMED_LINE) or 0
+        resumed = await resumed_at(cluster, log)
         deleted_lost.append(stopped - resumed)
 
         # SIGKILL inside the container, from the node: no chance to commit.
@@ -161,8 +164,7 @@ async def test_a_deleted_worker_pod_loses_no_step_and_a_sigkilled_trainer_resume
         killed_at = log.step
         log.close()
         log = await trainer.next()
-        await cluster.wait_for(lambda log=log: log.last(RESUMED_LINE) is not None, 120, "the resume line")
-        reached = log.last(RESUMED_LINE) or 0
+        reached = await resumed_at(cluster, log)
         killed_lost.append(killed_at - reached)
         log.close()
     done = await finished(cluster, "faulted")
@@ -189,14 +191,13 @@ async def test_a_suspended_job_resumes_where_it_stopped(node_cluster: Cluster, n
     await cluster.patch(PTJ, "paused", {"spec": {"suspend": True}})
     suspended = await cluster.wait_for(lambda: phase_is(cluster, PTJ, "paused", "Suspended"), 120, "Suspended",
                                        interval=0.5)
-    await cluster.wait_for(_no_pods(cluster, "paused"), 120, "the suspended job's pods deleted")
+    await cluster.wait_for(lambda: no_job_pods(cluster, "paused"), 120, "the suspended job's pods deleted")
     text = log.close()
     stopped = log.last(STOPPED_LINE)
     assert stopped is not None, text[-3000:]
     await cluster.patch(PTJ, "paused", {"spec": {"suspend": False}})
     log = await trainer.next()
-    await cluster.wait_for(lambda: log.last(RESUMED_LINE) is not None, 120, "the resume line")
-    resumed = log.last(RESUMED_LINE)
+    resumed = await resumed_at(cluster, log)
     log.close()
     done = await finished(cluster, "paused")
     assert done["phase"] == "Succeeded" and done["stepProgress"] == "1000/1000", done
@@ -205,12 +206,6 @@ async def test_a_suspended_job_resumes_where_it_stopped(node_cluster: Cluster, n
         "real node: spec.suspend set, then cleared", "1 time", "pods deleted, 0 steps lost",
         f"stopped at step {stopped}, resumed at {resumed}; Suspended reason {suspended.get('reason')}; "
         "job Succeeded 1000/1000"))
-
-
-def _no_pods(cluster: Cluster, job: str) -> Any:
-    async def none() -> bool:
-        return not await cluster.list_pods(f"kubeforge.io/job-name={job}")
-    return none
 
 
 async def test_two_workers_rendezvous_through_pod_dns(node_cluster: Cluster, node: Node) -> None:

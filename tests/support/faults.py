@@ -3,5 +3,11 @@ the run (tests/conftest.py pytest_terminal_summary) and kept in docs/reliability
 
 from __future__ import annotations
 
+import re
+
 #: (fault, injected, what held, figures)
 FAULT_RESULTS: list[tuple[str, str, str, str]] = []
+
+#: The trainer's log lines a fault row reads: a step done, and the checkpoint a run resumed from.
+STEP_LINE = re.compile(r" step (\d+)/\d+ loss")
+RESUMED_LINE = re.compile(r"resuming from checkpoint step (\d+) ")

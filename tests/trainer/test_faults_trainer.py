@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import re
 import shutil
 import signal
 import socket
@@ -27,7 +26,7 @@ from support.corruption import (
     remove_a_file,
     truncate,
 )
-from support.faults import FAULT_RESULTS
+from support.faults import FAULT_RESULTS, RESUMED_LINE, STEP_LINE
 from support.jobs import ROOT, tiny_pretrain, write_manifest
 from support.processes import KUBEFORGE, stop_process, wait_until
 
@@ -43,8 +42,6 @@ STEPS = {"ci": 40, "full": 250}
 ROUNDS = {"ci": {"sigkill": 2, "sigterm": 2, "s3": 1}, "full": {"sigkill": 20, "sigterm": 10, "s3": 5}}
 OUTAGE_SECONDS = {"ci": 5.0, "full": 30.0}
 SEED = 11  # where the kills land: fixed, so a failure can be replayed
-STEP_LINE = re.compile(r" step (\d+)/\d+ loss")
-RESUMED_LINE = re.compile(r"resuming from checkpoint step (\d+) ")
 
 
 @pytest.fixture(autouse=True)
