@@ -170,7 +170,7 @@ def run_ours(task: Task) -> Run:
     seconds = window(handler.stamps, steps)
     real = sum(m.real_tokens for m in served)
     rate = (steps - LOG_INTERVAL) * training.batch_size / seconds if task.classify else real / seconds
-    final = result["finalEval"]["accuracy" if task.classify else "loss"]
+    final = result.final_eval["accuracy" if task.classify else "loss"]
     return Run(rate, sum(m.computed_tokens for m in served) / real, final)
 
 

@@ -82,11 +82,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"==> {job.kind} {job.namespace}/{job.name}: checkpoints in {root}", file=sys.stderr)
         result = train(job, checkpoint_root=root, base_model_uri=base, progress=not args.no_progress)
         results.append(result)
-        evals = ", ".join(f"{k} {v:.4f}" for k, v in result["finalEval"].items())
-        print(f"==> {job.kind} {job.name} done at step {result['step']}: {evals}", file=sys.stderr)
-        print(f"    model: {result['exportUri']}", file=sys.stderr)
+        evals = ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items())
+        print(f"==> {job.kind} {job.name} done at step {result.step}: {evals}", file=sys.stderr)
+        print(f"    model: {result.export_uri}", file=sys.stderr)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps([result.to_json() for result in results], indent=2))
     return 0
 
 
@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """What a pod runs: one job, its URIs given by the operator (or defaulted as `run` does)."""
     if args.processes > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_processes(args)
-    from kubeforge.trainer.loop import termination_summary, train
+    from kubeforge.trainer.loop import train
 
     job = _read_train_spec(args)
     root = args.checkpoint_uri or checkpoint_uri(job, DEFAULT_RUN_ROOT)
@@ -120,10 +120,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # rank 0 speaks for the job
     if args.result:
         with open(args.result, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+            json.dump(result.to_json(), handle, indent=2)
     if args.termination_log:
         # Kubernetes keeps at most 4 KiB of it in the pod's status: the operator reads the outcome there.
-        _write_termination_log(args.termination_log, termination_summary(result))
+        _write_termination_log(args.termination_log, result.summary())
     return 0
 
 

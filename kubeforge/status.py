@@ -114,6 +114,23 @@ class TrainerSummary(_Reported):
     checkpoint_uri: str
 
 
+class TrainerResult(TrainerSummary):
+    """A run's whole result: what `train` returns, `kubeforge run --json` prints and the export keeps
+    as result.json. Its TrainerSummary part is the termination message (which must fit in 4 KiB)."""
+
+    job: str
+    namespace: str
+    kind: str
+    tokens_seen: int
+    eval_history: list[dict[str, Any]]  # each evaluation's metrics, with its step
+    device: str
+    workers: int
+    labels: list[str] | None = None  # the class names of a sequence-classification job
+
+    def summary(self) -> TrainerSummary:
+        return TrainerSummary.model_validate(self.model_dump(include=set(TrainerSummary.model_fields)))
+
+
 class TrainerError(_Reported):
     """Why training stopped: `permanent` as the exit code `EXIT_PERMANENT` says it."""
 

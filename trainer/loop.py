@@ -1,8 +1,8 @@
 """The training loop: spec in, exported Hugging Face model out, resumable at every checkpoint.
 
-Read `Trainer` top to bottom: `__init__` sets a run up (resuming from the newest checkpoint),
-`train` is the loop, `train_step` one optimizer step, and `state_dict`/`load_state_dict` are the one
-definition of what a checkpoint holds.
+Read `Trainer` top to bottom: `__init__` sets a run up in named steps (resuming from the newest
+checkpoint), `train` is the loop, `train_step` one optimizer step. What a checkpoint holds is
+checkpoint/state.py's, registered here in one `TrainingState`.
 """
 
 from __future__ import annotations
@@ -13,34 +13,29 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import yaml
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
 from kubeforge.spec import FinetuneJob, Job, PretrainJob, TrainingSpec, export_uri
-from kubeforge.status import Preempted, TrainerSummary
+from kubeforge.status import Preempted, TrainerResult
 from kubeforge.storage import StorageError, open_storage
 from kubeforge.trainer import data, distributed
-from kubeforge.trainer.checkpoint import (
-    SHARDS,
-    Checkpointer,
-    Restored,
-    UploadReport,
-    export_model,
-    job_identity,
-    load_sharded,
+from kubeforge.trainer.checkpoint import Checkpointer, Restored, UploadReport, export_model, job_identity
+from kubeforge.trainer.checkpoint.state import (
+    Progress,
+    Rng,
+    TrainingState,
+    TrainState,
+    Weights,
+    saved_micro_batches_per_step,
+    saved_tokenizer,
 )
 from kubeforge.trainer.flops import training_flops_per_token
 from kubeforge.trainer.metrics import ThroughputWindow, TrainerMetrics
@@ -141,11 +136,11 @@ class Workload(NamedTuple):
     rebuild: Callable[[], torch.nn.Module]
 
 
-def pretrain_workload(job: PretrainJob, saved_tokenizer: bytes | None) -> Workload:
+def pretrain_workload(job: PretrainJob, saved_tokenizer: str | None) -> Workload:
     """A new model, with the tokenizer trained on the corpus (or the one a checkpoint saved)."""
     sequence_length = job.spec.training.sequence_length
     train_texts, eval_texts = data.pretrain_texts(job.spec.data, job.spec.s3)
-    tokenizer: PreTrainedTokenizerBase = (from_json(saved_tokenizer.decode()) if saved_tokenizer is not None
+    tokenizer: PreTrainedTokenizerBase = (from_json(saved_tokenizer) if saved_tokenizer is not None
                                           else train_tokenizer(train_texts, job.spec.tokenizer))
     build = partial(build_pretrain_model, job.spec.model, tokenizer, sequence_length)
     return Workload(tokenizer, data.pack_texts(train_texts, tokenizer, sequence_length, "data.train"),
@@ -171,100 +166,115 @@ def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Pat
     return Workload(tokenizer, train_set, eval_set, build(), labels, build)
 
 
-@dataclass
-class TrainState:
-    """Where a run stands. A checkpoint holds it under these names in state.pt."""
-
-    step: int = 0  # optimizer steps done
-    micro_batch: int = 0  # the data position: the global index of the next micro-batch (data.Batches)
-    tokens_seen: int = 0  # training tokens up to the last logged step
-    eval_history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def termination_summary(result: dict[str, Any]) -> TrainerSummary:
-    """The part of a run's result the operator reads back from the pod's termination message."""
-    return TrainerSummary.model_validate(result)
-
-
 class Trainer:
     """One job's run: `__init__` builds it (restoring the newest checkpoint), `train` runs it."""
 
     def __init__(self, job: Job, runtime: distributed.Runtime, metrics: TrainerMetrics, stop: distributed.GracefulStop,
                  checkpoint_root: str, base_model_uri: str | None, progress: bool, scratch: Path):
-        # One screen of setup, kept whole: its order is the order the seeded RNG is drawn from
-        # (tokenizer, data, model weights) before a checkpoint's RNG state replaces it.
-        spec, training = job.spec, job.spec.training
-        self.job, self.runtime, self.training = job, runtime, training
+        # The steps run in the order the seeded RNG is drawn from (tokenizer, data, model weights)
+        # before a checkpoint's RNG state replaces it; the optimizer needs the model sharded first.
+        self.job, self.runtime, self.training = job, runtime, job.spec.training
         self.checkpoint_root, self.progress, self.metrics, self.stop = checkpoint_root, progress, metrics, stop
-        random.seed(training.seed)
-        torch.manual_seed(training.seed)
-
-        self.storage = open_storage(checkpoint_root, spec.s3)
-        self.sharded = training.parallelism == "fsdp"  # checkpoints are DCP shards, written by every rank
-        self.checkpointer = Checkpointer(self.storage, keep=spec.checkpoint.keep, spec_hash=job.spec_hash(),
-                                         rank=runtime.rank, job=job_identity(job), on_uploaded=self._uploaded,
-                                         group=distributed.checkpoint_group(runtime) if self.sharded else None,
-                                         on_failed=lambda _: self.metrics.checkpoint_failures.inc())
-        self.metrics.count_uploads_pending(self.checkpointer.uploads_pending)
+        random.seed(self.training.seed)
+        torch.manual_seed(self.training.seed)
+        self.storage = open_storage(checkpoint_root, job.spec.s3)
+        self.sharded = self.training.parallelism == "fsdp"  # checkpoints are DCP shards, written by every rank
+        self.checkpointer = self._checkpointer()
         restored = self._newest_checkpoint(scratch)
+        self._set_workload(restored, base_model_uri, scratch)
+        self._plan_steps(restored)
+        self._place_model()
+        self._set_optimizer()
+        self.state = TrainState()
+        self.checkpoint_state = TrainingState(
+            Weights(self.raw_model, self.optimizer, self.sharded),
+            {"scheduler": self.scheduler, "progress": Progress(self.state, self.batches, runtime.world_size,
+                                                               self.accumulation),
+             "rng": Rng(runtime.device)},
+            self.tokenizer if isinstance(job, PretrainJob) else None)
+        if restored:
+            self.checkpoint_state.restore(restored)
+        self.resumed_from = self.state.step
+        self.metrics.resumed_from_step.set(self.resumed_from)
+        self._compile()
+        self._set_throughput_window()
+        self.train_loss: float | None = None  # the mean over the last logging window
 
-        if isinstance(job, PretrainJob):
-            workload = pretrain_workload(job, restored.files["tokenizer.json"] if restored else None)
+    def _checkpointer(self) -> Checkpointer:
+        checkpointer = Checkpointer(
+            self.storage, keep=self.job.spec.checkpoint.keep, spec_hash=self.job.spec_hash(),
+            rank=self.runtime.rank, job=job_identity(self.job), on_uploaded=self._uploaded,
+            group=distributed.checkpoint_group(self.runtime) if self.sharded else None,
+            on_failed=lambda _: self.metrics.checkpoint_failures.inc())
+        self.metrics.count_uploads_pending(checkpointer.uploads_pending)
+        return checkpointer
+
+    def _set_workload(self, restored: Restored | None, base_model_uri: str | None, scratch: Path) -> None:
+        """Tokenizer, data and the model, as the job's kind builds them; its batches on this rank."""
+        training, runtime = self.training, self.runtime
+        if isinstance(self.job, PretrainJob):
+            workload = pretrain_workload(self.job, saved_tokenizer(restored))
         else:
-            assert isinstance(job, FinetuneJob)
-            workload = finetune_workload(job, base_model_uri, scratch)
-        self.tokenizer, self.model, self.labels = workload.tokenizer, workload.model, workload.labels
-        self.rebuild = workload.rebuild
+            assert isinstance(self.job, FinetuneJob)
+            workload = finetune_workload(self.job, base_model_uri, scratch)
+        self.tokenizer, self.labels, self.rebuild = workload.tokenizer, workload.labels, workload.rebuild
+        #: The model itself, sharded in place under fsdp: what evaluates, exports and checkpoints.
+        self.raw_model = workload.model
         self.batches = data.Batches(workload.train_set, training.batch_size, training.seed, runtime.rank,
                                     runtime.world_size, training.group_by_length, data.pad_multiple(runtime.device))
         self.eval_batches = data.eval_batches(workload.eval_set, training.batch_size, training.eval_batches,
                                               runtime.rank, runtime.world_size)
         self.eval_filler = data.eval_batches(workload.eval_set, training.batch_size, 1, 0, 1)[0]
-        self.accumulation = self._accumulation(restored)
-        self.total_steps: int = training.max_steps or max(1, math.ceil(  # the spec sets maxSteps or epochs
-            training.epochs * self.batches.per_epoch / self.accumulation))  # type: ignore[operator]
+
+    def _plan_steps(self, restored: Restored | None) -> None:
+        """Micro-batches per step, and the optimizer steps the job trains for (maxSteps or epochs)."""
+        self.accumulation = self._accumulation(saved_micro_batches_per_step(restored))
+        self.total_steps: int = self.training.max_steps or max(1, math.ceil(
+            self.training.epochs * self.batches.per_epoch / self.accumulation))  # type: ignore[operator]
         self.metrics.total_steps.set(self.total_steps)
 
-        self.model.to(runtime.device)
+    def _place_model(self) -> None:
+        """The model on its device, ready to train, and wrapped for the data-parallel step."""
+        model, training = self.raw_model, self.training
+        model.to(self.runtime.device)
         # Training needs no key/value cache; without one, packed rows get their per-pair attention mask.
-        self.model_config: Any = cast(Any, getattr(self.model, "config", None))  # a transformers model's config
+        self.model_config: Any = cast(Any, getattr(model, "config", None))  # a transformers model's config
         self.use_cache = getattr(self.model_config, "use_cache", None)
         if self.use_cache is not None:
             self.model_config.use_cache = False
         if training.activation_checkpointing:  # before sharding: it wraps the model's own layers
-            enable_activation_checkpointing(self.model)
-        self.dtype = distributed.autocast_dtype(training.precision, runtime.device)
-        self.parallel = distributed.wrap(self.model, training.parallelism, runtime, self.dtype)
-        self.wrapped = self.parallel  # what the training step calls: compiled below when asked
+            enable_activation_checkpointing(model)
+        self.dtype = distributed.autocast_dtype(training.precision, self.runtime.device)
+        #: The DDP or FSDP module: what synchronises gradients across ranks.
+        self.distributed_model = distributed.wrap(model, training.parallelism, self.runtime, self.dtype)
+        #: What the training step calls: the distributed model, compiled when asked (see _compile).
+        self.step_model = self.distributed_model
+
+    def _set_optimizer(self) -> None:
+        training = self.training
         # The fused kernel: one launch for all parameters instead of a loop over them (CPU and CUDA).
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, training.weight_decay),
+        self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, training.weight_decay),
                                            lr=training.learning_rate, betas=(0.9, 0.95),
-                                           fused=runtime.device.type in ("cpu", "cuda"))
+                                           fused=self.runtime.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(training, self.total_steps))
-        self.state = TrainState()
-        if restored:
-            self.checkpointer.check_model(restored, self.model.state_dict())
-            if restored.warm_start:  # its weights only: training starts at step 0
-                self.load_weights(restored.files)
-            else:
-                self.load_state_dict(restored.files)
-        self.resumed_from = self.state.step
-        self.metrics.resumed_from_step.set(self.resumed_from)
-        if training.compile:
-            # The wrapped model is compiled (DDP's and FSDP's own hooks stay outside the graph);
-            # self.model, which evaluates, exports and checkpoints, keeps its plain parameter names.
-            self.wrapped = cast(torch.nn.Module, torch.compile(self.wrapped))
+
+    def _compile(self) -> None:
+        if self.training.compile:
+            # DDP's and FSDP's own hooks stay outside the graph; raw_model, which evaluates, exports
+            # and checkpoints, keeps its plain parameter names.
+            self.step_model = cast(torch.nn.Module, torch.compile(self.step_model))
+
+    def _set_throughput_window(self) -> None:
         config = self.model_config
-        flops_per_token = training_flops_per_token(sum(p.numel() for p in self.model.parameters()),
+        flops_per_token = training_flops_per_token(sum(p.numel() for p in self.raw_model.parameters()),
                                                    getattr(config, "num_hidden_layers", 0),
-                                                   getattr(config, "hidden_size", 0), training.sequence_length)
-        self.window = ThroughputWindow(self.metrics, runtime.device, flops_per_token,
+                                                   getattr(config, "hidden_size", 0), self.training.sequence_length)
+        self.window = ThroughputWindow(self.metrics, self.runtime.device, flops_per_token,
                                        bf16=self.dtype == torch.bfloat16)
-        self.train_loss: float | None = None  # the mean over the last logging window
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def train(self) -> dict[str, Any]:
+    def train(self) -> TrainerResult:
         """Train to total_steps, evaluating, logging and checkpointing at their intervals; then export."""
         training, checkpoint_interval = self.training, self.job.spec.checkpoint.interval_steps
         if self.state.step == 0:
@@ -274,7 +284,7 @@ class Trainer:
                      self.state.step, self.total_steps, self.runtime.device.type, self.runtime.world_size)
         bar = self._progress_bar()
         self.window.restart()
-        self.model.train()
+        self.raw_model.train()
         while self.state.step < self.total_steps:
             self.train_step()
             step, last = self.state.step, self.state.step == self.total_steps
@@ -313,13 +323,13 @@ class Trainer:
             micro = self._next_batch()
             batch = micro.inputs
             last = k == accumulation - 1
-            sync = distributed.gradient_sync(self.parallel, last)  # the DDP or FSDP module, not compiled
+            sync = distributed.gradient_sync(self.distributed_model, last)  # not the compiled one
             with sync, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = self.wrapped(**batch).loss / accumulation
+                loss = self.step_model(**batch).loss / accumulation
                 loss.backward()
             self.window.count_micro_batch(loss, micro.real_tokens, micro.computed_tokens, len(batch["input_ids"]))
         if self.training.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.training.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.training.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -367,8 +377,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Evaluate on the eval split; the result joins the history (checkpointed) and the metrics."""
-        lockstep = self.eval_filler if isinstance(self.model, FSDPModule) else None
-        result = eval_metrics(self.model, self.eval_batches, self.labels is not None, len(self.labels or []),
+        lockstep = self.eval_filler if isinstance(self.raw_model, FSDPModule) else None
+        result = eval_metrics(self.raw_model, self.eval_batches, self.labels is not None, len(self.labels or []),
                               self.runtime, self.dtype, lockstep)
         self.state.eval_history.append({"step": self.state.step, **result})
         self.metrics.eval_loss.set(result["loss"])
@@ -378,109 +388,46 @@ class Trainer:
             log.info("eval at step %d: %s", self.state.step, ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
 
-    def result(self, final_eval: dict[str, float]) -> dict[str, Any]:
+    def result(self, final_eval: dict[str, float]) -> TrainerResult:
         """The run's result: returned, exported as result.json, summarised for the operator."""
-        result: dict[str, Any] = {
-            "job": self.job.name, "namespace": self.job.namespace, "kind": self.job.kind, "step": self.state.step,
-            "totalSteps": self.total_steps, "resumedFromStep": self.resumed_from,
-            "tokensSeen": self.state.tokens_seen, "trainLoss": self.train_loss,
-            "finalEval": {k: v for k, v in final_eval.items() if k != "step"},
-            "evalHistory": self.state.eval_history,
-            "device": self.runtime.device.type, "workers": self.runtime.world_size,
-            "checkpointUri": self.checkpoint_root, "exportUri": export_uri(self.checkpoint_root),
-        }
-        if self.labels is not None:
-            result["labels"] = self.labels
-        return result
+        return TrainerResult(
+            job=self.job.name, namespace=self.job.namespace, kind=self.job.kind, step=self.state.step,
+            total_steps=self.total_steps, resumed_from_step=self.resumed_from, tokens_seen=self.state.tokens_seen,
+            train_loss=self.train_loss, final_eval={k: v for k, v in final_eval.items() if k != "step"},
+            eval_history=self.state.eval_history, device=self.runtime.device.type,
+            workers=self.runtime.world_size, checkpoint_uri=self.checkpoint_root,
+            export_uri=export_uri(self.checkpoint_root), labels=self.labels)
 
     def whole_model(self) -> torch.nn.Module | None:
         """The trained model whole, on rank 0 (None on the others): a sharded one's full weights are
         gathered (every rank takes part) into the same model built again on CPU."""
-        if not isinstance(self.model, FSDPModule):
-            return self.model if self.runtime.is_main else None
-        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not isinstance(self.raw_model, FSDPModule):
+            return self.raw_model if self.runtime.is_main else None
+        weights = get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.runtime.is_main:
             return None
         whole = self.rebuild()
         whole.load_state_dict(weights)
         return whole
 
-    def export(self, result: dict[str, Any], model: torch.nn.Module) -> None:
+    def export(self, result: TrainerResult, model: torch.nn.Module) -> None:
         """The model in Hugging Face format (LoRA merged), with its tokenizer, job and result."""
         started = time.perf_counter()
         if self.use_cache is not None:
             self.model_config.use_cache = self.use_cache  # the exported model generates with its cache
         export_model(self.storage, unwrap_for_export(model), self.tokenizer,
                      yaml.safe_dump(self.job.to_manifest(), sort_keys=False), result, self.job.spec_hash())
-        log.info("exported the model to %s in %.1fs", result["exportUri"], time.perf_counter() - started)
+        log.info("exported the model to %s in %.1fs", result.export_uri, time.perf_counter() - started)
 
     # -- checkpoints -------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint holds, by file name. load_state_dict reads back the same names."""
-        device = self.runtime.device
-        files: dict[str, Any]
-        if self.sharded:  # by parameter name, each rank its shard: loadable into any sharding
-            model, optimizer = get_state_dict(self.model, self.optimizer)
-            files = {SHARDS: {"model": model, "optimizer": optimizer}}
-        else:
-            files = {"model.pt": self.model.state_dict(), "optimizer.pt": self.optimizer.state_dict()}
-        files |= {
-            "state.pt": {
-                "scheduler": self.scheduler.state_dict(), **asdict(self.state), "world_size": self.runtime.world_size,
-                "micro_batches_per_step": self.runtime.world_size * self.accumulation,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-            },
-        }
-        if isinstance(self.job, PretrainJob):
-            # The model's vocabulary is that of the tokenizer this job trained.
-            files["tokenizer.json"] = self.tokenizer.backend_tokenizer.to_str().encode()
-        return files
-
-    def load_weights(self, files: dict[str, Any]) -> None:
-        """A checkpoint's weights, sharded or whole, into the model as it is sharded now (or not)."""
-        if SHARDS in files:
-            load_sharded(files[SHARDS], self.model)
-        else:
-            set_model_state_dict(self.model, files["model.pt"], options=StateDictOptions(full_state_dict=True))
-
-    def load_state_dict(self, files: dict[str, Any]) -> None:
-        """Restore what state_dict saved. tokenizer.json is read before: the model is built from it."""
-        saved = files["state.pt"]
-        if SHARDS in files:
-            load_sharded(files[SHARDS], self.model, self.optimizer)
-        elif isinstance(self.model, FSDPModule):  # a ddp run's whole checkpoint, into this run's shards
-            saved_optimizer = files["optimizer.pt"]  # parameters by index in the optimizer's groups
-            names = {id(p): name for name, p in self.model.named_parameters()}
-            by_index = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
-            optimizer: dict[str, Any] = {
-                "state": {by_index[i]: state for i, state in saved_optimizer["state"].items()},
-                "param_groups": [{**group, "params": [by_index[i] for i in group["params"]]}
-                                 for group in saved_optimizer["param_groups"]],
-            }
-            set_state_dict(self.model, self.optimizer, model_state_dict=files["model.pt"], optim_state_dict=optimizer,
-                           options=StateDictOptions(full_state_dict=True))
-        else:
-            self.model.load_state_dict(files["model.pt"])
-            self.optimizer.load_state_dict(files["optimizer.pt"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        rng = saved["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if self.runtime.device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], self.runtime.device)
-        self.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
-        # Resumed on another number of ranks: where the same rows of the same epoch have been trained.
-        self.state.micro_batch = self.batches.continue_from(self.state.micro_batch,
-                                                            saved.get("world_size", self.runtime.world_size))
 
     def save_checkpoint(self, synchronous: bool = False) -> None:
         """Snapshot the state and upload it, in the background unless `synchronous` (a graceful stop:
         the commit must land before the process exits). Under ddp every rank holds the same weights
         and rank 0 writes them; a sharded checkpoint is every rank's, each writing its shard."""
         if self.runtime.is_main or self.sharded:
-            blocked = self.checkpointer.save(self.state.step, self.state_dict(), synchronous=synchronous)
+            blocked = self.checkpointer.save(self.state.step, self.checkpoint_state.files(),
+                                             model_shape=self.checkpoint_state.weights.shape(), synchronous=synchronous)
             self.metrics.checkpoint_blocked.observe(blocked)
 
     def _stop_preempted(self) -> None:
@@ -509,20 +456,19 @@ class Trainer:
                 log.info("warm start from the weights of %s/%s", restored.uri, restored.checkpoint.prefix)
         return restored
 
-    def _accumulation(self, restored: Restored | None) -> int:
+    def _accumulation(self, saved_per_step: int | None) -> int:
         """Micro-batches per optimizer step on each rank: the spec's; resumed on another number of
         ranks, as many as keep a step's batch across all ranks what it was, so the run goes on as it
         would have (with two ranks' micro-batches of a step trained one after the other by one)."""
         spec, world = self.training.gradient_accumulation_steps, self.runtime.world_size
-        if restored is None or restored.warm_start:
+        if saved_per_step is None:
             return spec
-        per_step = int(restored.files["state.pt"].get("micro_batches_per_step", spec * world))
-        if per_step % world:
+        if saved_per_step % world:
             if self.runtime.is_main:
                 log.warning("resumed on %d processes: a step's %d micro-batches do not divide among them; each "
-                            "step now trains %d instead", world, per_step, spec * world)
+                            "step now trains %d instead", world, saved_per_step, spec * world)
             return spec
-        return per_step // world
+        return saved_per_step // world
 
     def _uploaded(self, report: UploadReport) -> None:
         self.metrics.checkpoint_duration.observe(report.seconds)
@@ -531,7 +477,7 @@ class Trainer:
 
 
 def train(job: Job, *, checkpoint_root: str, base_model_uri: str | None = None,
-          progress: bool = False) -> dict[str, Any]:
+          progress: bool = False) -> TrainerResult:
     """Run one job to completion (resuming from its newest checkpoint) and return its result."""
     resources = job.spec.resources
     runtime = distributed.start(resources.gpus_per_worker, resources.allow_cpu_fallback)

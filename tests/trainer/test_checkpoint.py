@@ -19,7 +19,10 @@ from kubeforge.trainer.checkpoint import (
     Checkpointer,
     CheckpointMismatch,
     CorruptCheckpoint,
+    JobIdentity,
+    check_model,
     load_sharded,
+    model_shape,
     step_prefix,
 )
 
@@ -209,7 +212,7 @@ def test_a_failed_upload_is_reported_and_training_can_go_on(tmp_path: Path) -> N
     assert checkpointer.last_error is not None
 
 
-JOB = {"namespace": "default", "kind": "PretrainJob", "name": "tiny", "uid": "0123-4567"}
+JOB = JobIdentity(namespace="default", kind="PretrainJob", name="tiny", uid="0123-4567")
 
 
 CORRUPTIONS = {"byte flip": (flip_a_byte, "does not match its manifest"),
@@ -234,7 +237,7 @@ def test_resume_falls_back_past_a_corrupt_newest_and_quarantines_it(tmp_path: Pa
     assert restored is not None and restored.checkpoint.step == 10
     assert torch.equal(restored.files["model.pt"]["weight"], torch.full((4, 4), 10.0))
     marker = json.loads((tmp_path / step_prefix(20) / "QUARANTINED").read_text())
-    assert reason in marker["reason"] and marker["by"] == JOB
+    assert reason in marker["reason"] and marker["by"] == JOB.model_dump()
     assert (tmp_path / step_prefix(20) / "manifest.json").exists()  # kept for whoever investigates
     again = Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB).resume(tmp_path / "r2")
     assert again is not None and again.checkpoint.step == 10
@@ -251,10 +254,11 @@ def test_a_transient_read_error_on_resume_quarantines_nothing(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(("reader", "message"), [
-    ({**JOB, "name": "other"}, "belongs to PretrainJob default/tiny (uid 0123-4567), not to PretrainJob default/other"),
-    ({**JOB, "uid": "89ab"}, "belongs to PretrainJob default/tiny (uid 0123-4567), not to"),
+    (JOB.model_copy(update={"name": "other"}),
+     "belongs to PretrainJob default/tiny (uid 0123-4567), not to PretrainJob default/other"),
+    (JOB.model_copy(update={"uid": "89ab"}), "belongs to PretrainJob default/tiny (uid 0123-4567), not to"),
 ])
-def test_another_jobs_checkpoints_are_refused_permanently(tmp_path: Path, reader: dict[str, str],
+def test_another_jobs_checkpoints_are_refused_permanently(tmp_path: Path, reader: JobIdentity,
                                                           message: str) -> None:
     Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB, background=False).save(
         10, full_state(10.0))
@@ -268,7 +272,7 @@ def test_the_same_job_without_a_uid_resumes(tmp_path: Path) -> None:
     """`kubeforge train` by hand on a cluster job's checkpoints: no uid to compare, the names agree."""
     Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=JOB, background=False).save(
         10, full_state(10.0))
-    local = {k: v for k, v in JOB.items() if k != "uid"}
+    local = JOB.model_copy(update={"uid": None})
     restored = Checkpointer(LocalStorage(tmp_path), keep=3, spec_hash="abc", rank=0, job=local).resume(tmp_path / "r")
     assert restored is not None and restored.checkpoint.step == 10
 
@@ -284,14 +288,14 @@ def test_a_changed_spec_is_refused_permanently(tmp_path: Path) -> None:
 def test_a_model_of_another_shape_is_refused_and_a_warm_start_names_its_field(tmp_path: Path) -> None:
     source = tmp_path / "other-job"
     Checkpointer(LocalStorage(source), keep=3, spec_hash="abc", rank=0, job=JOB, background=False).save(
-        10, full_state(10.0))
+        10, full_state(10.0), model_shape=model_shape(full_state(10.0)["model.pt"]))  # type: ignore[arg-type]
     mine = Checkpointer(LocalStorage(tmp_path / "mine"), keep=3, spec_hash="def", rank=0,
-                        job={**JOB, "name": "other"})
+                        job=JOB.model_copy(update={"name": "other"}))
     warm = mine.warm_start(LocalStorage(source), tmp_path / "r")
     assert warm.warm_start and warm.checkpoint.step == 10
-    mine.check_model(warm, {"weight": torch.zeros(4, 4)})  # same shape: fine
+    check_model(warm, {"weight": torch.zeros(4, 4)})  # same shape: fine
     with pytest.raises(CheckpointMismatch, match="spec.checkpoint.warmStartFrom: .* another shape"):
-        mine.check_model(warm, {"weight": torch.zeros(8, 4)})
+        check_model(warm, {"weight": torch.zeros(8, 4)})
     with pytest.raises(CheckpointMismatch, match="spec.checkpoint.warmStartFrom: .* holds no verified checkpoint"):
         mine.warm_start(LocalStorage(tmp_path / "empty"), tmp_path / "r2")
 

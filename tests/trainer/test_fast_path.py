@@ -42,8 +42,8 @@ def test_activation_checkpointing_recomputes_each_block_and_trains_to_the_same_l
         checkpointed = run(tmp_path, "checkpointed", activationCheckpointing=True)
     # One more forward of every block per training step (the recomputation in backward), none in eval.
     assert checkpointed_forwards.call_count - plain_forwards.call_count == LAYERS * STEPS
-    assert checkpointed["trainLoss"] == pytest.approx(plain["trainLoss"], abs=1e-5)
-    assert checkpointed["finalEval"]["loss"] == pytest.approx(plain["finalEval"]["loss"], abs=1e-5)
+    assert checkpointed.train_loss == pytest.approx(plain.train_loss, abs=1e-5)
+    assert checkpointed.final_eval["loss"] == pytest.approx(plain.final_eval["loss"], abs=1e-5)
 
 
 def test_a_model_without_activation_checkpointing_is_refused_naming_the_field() -> None:
@@ -58,6 +58,6 @@ def test_a_compiled_model_trains_as_the_plain_one(tmp_path: Path) -> None:
         compiled = run(tmp_path, "compiled", compile=True)
     [call] = compile_.call_args_list
     assert isinstance(call.args[0], torch.nn.Module)  # the training model, not a function of it
-    assert compiled["trainLoss"] == pytest.approx(plain["trainLoss"], abs=1e-4)
-    assert compiled["finalEval"]["loss"] == pytest.approx(plain["finalEval"]["loss"], abs=1e-4)
-    assert compiled["finalEval"]["loss"] < compiled["evalHistory"][0]["loss"] - 0.2
+    assert compiled.train_loss == pytest.approx(plain.train_loss, abs=1e-4)
+    assert compiled.final_eval["loss"] == pytest.approx(plain.final_eval["loss"], abs=1e-4)
+    assert compiled.final_eval["loss"] < compiled.eval_history[0]["loss"] - 0.2

@@ -145,7 +145,7 @@ def test_a_finetune_on_short_texts_computes_at_most_1_25x_its_real_tokens(
     ratios = [float(m.group(1)) for m in map(COMPUTED.search, caplog.messages) if m]
     assert len(ratios) == 4, caplog.messages  # one per logging interval of 5 steps
     assert all(1.0 <= r <= 1.25 for r in ratios), ratios
-    assert result["step"] == 20 and result["finalEval"]["loss"] < 50
+    assert result.step == 20 and result.final_eval["loss"] < 50
 
 
 def test_a_packed_length_grouped_finetune_resumes_exactly(tokenizer: Any, tmp_path: Path) -> None:
@@ -161,6 +161,6 @@ def test_a_packed_length_grouped_finetune_resumes_exactly(tokenizer: Any, tmp_pa
     uninterrupted = train(job, checkpoint_root=str(root), base_model_uri=str(base))
     shutil.rmtree(root / step_prefix(12))  # as if the run had died after its step-6 checkpoint
     resumed = train(job, checkpoint_root=str(root), base_model_uri=str(base))
-    assert resumed["resumedFromStep"] == 6 and resumed["step"] == 12
-    assert resumed["finalEval"]["loss"] == uninterrupted["finalEval"]["loss"]
-    assert resumed["trainLoss"] == uninterrupted["trainLoss"]
+    assert resumed.resumed_from_step == 6 and resumed.step == 12
+    assert resumed.final_eval["loss"] == uninterrupted.final_eval["loss"]
+    assert resumed.train_loss == uninterrupted.train_loss
