@@ -184,6 +184,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     import yaml
 
     from kubeforge.operator import builders
+    from kubeforge.operator.contract import LaunchPlan
     from kubeforge.operator.settings import OperatorSettings
 
     jobs = load_job_file(args.file)
@@ -197,7 +198,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     for job in jobs:
         root = checkpoint_uri(job, settings.storage_root)
         base = resolve_base_model(job, jobs, settings.storage_root) if isinstance(job, FinetuneJob) else None
-        plan = builders.LaunchPlan(root, base, cpu_fallback=args.cpu_fallback)
+        plan = LaunchPlan(root, base, cpu_fallback=args.cpu_fallback)
         group = builders.build_pod_group(job, settings)
         documents += [builders.build_service(job), *([group] if group else []),
                       *builders.build_pods(job, args.attempt, plan, settings)]

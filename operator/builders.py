@@ -5,11 +5,27 @@ The shapes are the pod contract in docs/pod-contract.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
+from kubeforge.operator.contract import (
+    ANNOTATION_CPU_FALLBACK,
+    ANNOTATION_POD_SHAPE,
+    COSCHEDULING_GROUP_LABEL,
+    KUEUE_POD_GROUP_LABEL,
+    KUEUE_QUEUE_LABEL,
+    KUEUE_RETRIABLE_ANNOTATION,
+    KUEUE_TOTAL_COUNT_ANNOTATION,
+    LABEL_ATTEMPT,
+    LABEL_MANAGED_BY,
+    LABEL_RANK,
+    VOLCANO_GROUP_ANNOTATION,
+    LaunchPlan,
+    group_name,
+    pod_name,
+    pod_shape,
+    selector,
+)
 from kubeforge.operator.settings import OperatorSettings
 from kubeforge.spec import KINDS, GangSpec, Job, PodTemplateSpec, merge_pod_templates
 
@@ -17,52 +33,9 @@ C10D_PORT = 29500
 TERMINATION_LOG = "/dev/termination-log"
 TRAINER_UID = 10001
 
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_JOB = "kubeforge.io/job-name"
-LABEL_KIND = "kubeforge.io/job-kind"
-LABEL_RANK = "kubeforge.io/rank"
-LABEL_ATTEMPT = "kubeforge.io/attempt"
-ANNOTATION_POD_SHAPE = "kubeforge.io/pod-shape"
-ANNOTATION_CPU_FALLBACK = "kubeforge.io/cpu-fallback"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-
-# Gang admission. Kueue's plain-pod integration admits the pods sharing a pod-group name as one
-# workload once the group's total count of pods exists.
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
-KUEUE_TOTAL_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
-# A failed pod ends its Kueue workload at once: the operator restarts the whole gang as a new group.
-KUEUE_RETRIABLE_ANNOTATION = "kueue.x-k8s.io/retriable-in-group"
-VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
 VOLCANO_SCHEDULER = "volcano"
-COSCHEDULING_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
 POD_GROUP_API = {"volcano": "scheduling.volcano.sh/v1beta1", "coscheduling": "scheduling.x-k8s.io/v1alpha1"}
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    """What the operator decided for one gang of pods."""
-
-    checkpoint_uri: str
-    base_model_uri: str | None
-    cpu_fallback: bool
-
-
-def group_name(job: Job) -> str:
-    """The job's headless Service, and the stem of its pod names."""
-    return f"{job.name}-{KINDS[job.kind].short_name}"
-
-
-def pod_name(job: Job, rank: int, attempt: int) -> str:
-    return f"{group_name(job)}-w{rank}-a{attempt}"
-
-
-def selector(job: Job) -> dict[str, str]:
-    return {LABEL_JOB: job.name, LABEL_KIND: KINDS[job.kind].short_name}
-
-
-def label_selector(job: Job) -> str:
-    return ",".join(f"{k}={v}" for k, v in selector(job).items())
 
 
 def owner_references(job: Job) -> list[dict[str, Any]]:
@@ -83,16 +56,6 @@ def _metadata(job: Job, name: str, labels: dict[str, str], annotations: dict[str
     if owners:
         metadata["ownerReferences"] = owners
     return metadata
-
-
-def pod_shape(job: Job) -> str:
-    """A digest of the spec fields that shape pods: pods of another shape belong to an older spec."""
-    spec = job.spec
-    shaping = {"resources": spec.resources.model_dump(), "metrics": spec.metrics.model_dump(),
-               "s3": spec.s3.model_dump() if spec.s3 else None,
-               "podTemplate": spec.pod_template.model_dump() if spec.pod_template else None,
-               "gang": spec.gang.model_dump() if spec.gang else None}
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def build_service(job: Job) -> dict[str, Any]:

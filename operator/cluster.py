@@ -17,7 +17,7 @@ import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubeforge.operator import builders
+from kubeforge.operator.contract import label_selector
 from kubeforge.spec import KINDS, Job
 
 GPU = "nvidia.com/gpu"
@@ -54,7 +54,7 @@ class Cluster:
 
     def pods(self, job: Job) -> list[dict[str, Any]]:
         found = call_kubeapi(self.core.list_namespaced_pod, job.namespace,
-                             label_selector=builders.label_selector(job))
+                             label_selector=label_selector(job))
         return list(found["items"])
 
     def gpu_nodes(self) -> bool:

@@ -10,8 +10,8 @@ from typing import Any
 import kopf
 from kubernetes import client
 
-from kubeforge.operator import builders
 from kubeforge.operator.cluster import CachedView, Cluster
+from kubeforge.operator.contract import LABEL_JOB, LABEL_KIND
 from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.reconciler import Operator
 from kubeforge.operator.settings import OperatorSettings
@@ -58,10 +58,10 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
     # Every pod of every job, and every PretrainJob (for FinetuneJobs that name one), as the watches
     # report them: a resync that finds nothing to do makes no request. The indexers are coroutines:
     # Kopf runs a sync handler in a worker thread, and the hop cost more than the indexing.
-    @kopf.index("pods", labels={builders.LABEL_JOB: kopf.PRESENT, builders.LABEL_KIND: kopf.PRESENT},
+    @kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT, LABEL_KIND: kopf.PRESENT},
                 id="job_pods", registry=registry)
     async def job_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        return {(namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]): _pod_entry(body)}
+        return {(namespace, labels[LABEL_KIND], labels[LABEL_JOB]): _pod_entry(body)}
 
     pretrain = KINDS["PretrainJob"]
 

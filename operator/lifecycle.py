@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from kubeforge.operator.builders import (
+from kubeforge.operator.contract import (
     ANNOTATION_POD_SHAPE,
     LABEL_ATTEMPT,
     LABEL_RANK,

@@ -15,6 +15,7 @@ import kopf
 
 from kubeforge.operator import builders
 from kubeforge.operator.cluster import CachedView, Cluster
+from kubeforge.operator.contract import LABEL_ATTEMPT, LABEL_RANK
 from kubeforge.operator.lifecycle import Observed, Plan, owned, parse_time, reconcile
 from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.progress import scrape
@@ -26,7 +27,7 @@ from kubeforge.status import FAILED, PENDING, RESTARTING, SUCCEEDED, JobStatus
 def _rank0_ip(pods: list[dict[str, Any]], attempt: int) -> str | None:
     for pod in pods:
         labels = pod["metadata"].get("labels", {})
-        if labels.get(builders.LABEL_RANK) == "0" and labels.get(builders.LABEL_ATTEMPT) == str(attempt) \
+        if labels.get(LABEL_RANK) == "0" and labels.get(LABEL_ATTEMPT) == str(attempt) \
                 and pod.get("status", {}).get("phase") == "Running":
             return pod["status"].get("podIP")
     return None

@@ -12,7 +12,7 @@ from support.jobs import tiny_pretrain
 
 from kubeforge.operator import builders
 from kubeforge.operator.cluster import CachedView
-from kubeforge.operator.lifecycle import LaunchPlan
+from kubeforge.operator.contract import LaunchPlan
 from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.reconciler import Operator
 from kubeforge.operator.settings import OperatorSettings

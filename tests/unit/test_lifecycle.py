@@ -8,7 +8,8 @@ from typing import Any
 
 from support.jobs import SETTINGS, UID, example, job
 
-from kubeforge.operator.builders import LaunchPlan, build_pods
+from kubeforge.operator.builders import build_pods
+from kubeforge.operator.contract import LaunchPlan
 from kubeforge.operator.lifecycle import Observed, Plan, Progress, reconcile
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
