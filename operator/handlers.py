@@ -13,6 +13,7 @@ from kubernetes import client
 from kubeforge.operator.cluster import CachedView, Cluster
 from kubeforge.operator.contract import LABEL_JOB, LABEL_KIND
 from kubeforge.operator.metrics import OperatorMetrics
+from kubeforge.operator.pods import PodView
 from kubeforge.operator.reconciler import Operator
 from kubeforge.operator.settings import OperatorSettings
 from kubeforge.spec import KINDS
@@ -21,16 +22,6 @@ from kubeforge.spec import KINDS
 WORKERS = 16
 #: Seconds between Kopf's retries of a failed API request: 594 s in all.
 API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21) + (30,) * 18
-
-
-def _pod_entry(body: kopf.Body) -> dict[str, Any]:
-    """The parts of a pod the lifecycle reads (the index keeps one per pod, not its whole body)."""
-    metadata = body["metadata"]
-    return {"metadata": {"name": metadata["name"], "labels": dict(metadata.get("labels") or {}),
-                         "annotations": dict(metadata.get("annotations") or {}),
-                         "deletionTimestamp": metadata.get("deletionTimestamp"),
-                         "ownerReferences": copy.deepcopy(list(metadata.get("ownerReferences") or []))},
-            "status": copy.deepcopy(dict(body.get("status") or {}))}
 
 
 def api_client() -> client.ApiClient:
@@ -56,12 +47,13 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
         configure(settings)
 
     # Every pod of every job, and every PretrainJob (for FinetuneJobs that name one), as the watches
-    # report them: a resync that finds nothing to do makes no request. The indexers are coroutines:
-    # Kopf runs a sync handler in a worker thread, and the hop cost more than the indexing.
+    # report them: a resync that finds nothing to do makes no request. The index keeps each pod's view
+    # (parsed once per watch event), not its body. The indexers are coroutines: Kopf runs a sync
+    # handler in a worker thread, and the hop cost more than the indexing.
     @kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT, LABEL_KIND: kopf.PRESENT},
                 id="job_pods", registry=registry)
     async def job_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        return {(namespace, labels[LABEL_KIND], labels[LABEL_JOB]): _pod_entry(body)}
+        return {(namespace, labels[LABEL_KIND], labels[LABEL_JOB]): PodView.parse(body)}
 
     pretrain = KINDS["PretrainJob"]
 

@@ -17,13 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from kubeforge.operator.contract import (
-    ANNOTATION_POD_SHAPE,
-    LABEL_ATTEMPT,
-    LABEL_RANK,
-    LaunchPlan,
-    pod_shape,
-)
+from kubeforge.operator.contract import LaunchPlan, pod_shape
+from kubeforge.operator.pods import PodView, live, of_attempt, owned
 from kubeforge.operator.tenancy import UriPolicy, uri_violations
 from kubeforge.spec import FinetuneJob, Job
 from kubeforge.status import (
@@ -38,9 +33,7 @@ from kubeforge.status import (
     Condition,
     JobStatus,
     Phase,
-    TrainerError,
     TrainerSummary,
-    read_termination_message,
 )
 
 
@@ -60,7 +53,7 @@ class Observed:
     job: Job
     #: The job's status as the API server has it (JSON): what earlier reconciliations wrote.
     status: dict[str, Any]
-    pods: list[dict[str, Any]]
+    pods: list[PodView]
     gpu_nodes: bool
     checkpoint_uri: str
     #: The PretrainJob named by baseModel.fromPretrainJob: its body, or None when it does not exist.
@@ -108,27 +101,6 @@ def set_condition(conditions: list[Condition], kind: str, status: bool, reason: 
     return [c for c in conditions if c.type != kind] + [condition]
 
 
-def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
-    for status in pod.get("status", {}).get("containerStatuses", []):
-        if status.get("name") == "trainer" and "terminated" in status.get("state", {}):
-            return status["state"]["terminated"]
-    return None
-
-
-def _outcome(pod: dict[str, Any]) -> TrainerSummary | TrainerError | None:
-    """What the trainer left in its termination message, if it is a summary or an error."""
-    return read_termination_message((_termination(pod) or {}).get("message") or "")
-
-
-def _failure(pod: dict[str, Any]) -> tuple[int | None, str]:
-    terminated = _termination(pod) or {}
-    code = terminated.get("exitCode")
-    outcome = _outcome(pod)
-    error = outcome.error if isinstance(outcome, TrainerError) else None
-    detail = error or (terminated.get("message") or "").strip()[-300:] or terminated.get("reason")
-    return code, str(detail or pod.get("status", {}).get("reason") or "no reason given")
-
-
 class _Decision:
     """Accumulates one reconciliation's outcome: the new status, and what to do."""
 
@@ -168,8 +140,7 @@ def reconcile(seen: Observed, now: datetime) -> Plan:
     _decide(decision)
     # A predecessor's pods (same name, another uid) would hold the names this job's pods need.
     ours = owned(seen.pods, seen.job)
-    decision.delete_pods += [p["metadata"]["name"] for p in seen.pods
-                             if p not in ours and not p["metadata"].get("deletionTimestamp")]
+    decision.delete_pods += [p.name for p in live(seen.pods) if p not in ours]
     return decision.plan()
 
 
@@ -191,14 +162,14 @@ def _decide(decision: _Decision) -> None:
                        "model would be lost with the pod; use an s3:// URI (local paths are for `kubeforge run`)")
         return
 
-    live = [p for p in owned(seen.pods, seen.job) if not p["metadata"].get("deletionTimestamp")]
+    ours = live(owned(seen.pods, seen.job))
     refused = uri_violations(job, seen.uri_policy) if seen.uri_policy else []
     if refused:
-        decision.delete_pods = [p["metadata"]["name"] for p in live]
+        decision.delete_pods = [p.name for p in ours]
         decision.phase(FAILED, "URINotAllowed", "; ".join(refused))
         return
     if spec.suspend:
-        decision.delete_pods = [p["metadata"]["name"] for p in live]
+        decision.delete_pods = [p.name for p in ours]
         decision.condition(SUSPENDED, True, "Suspended", "spec.suspend is true: pods deleted, checkpoints kept")
         decision.phase(SUSPENDED, "Suspended", "spec.suspend is true: pods deleted, checkpoints kept")
         return
@@ -210,29 +181,17 @@ def _decide(decision: _Decision) -> None:
     if spec.active_deadline_seconds and status.start_time:
         elapsed = now - parse_time(status.start_time)
         if elapsed >= timedelta(seconds=spec.active_deadline_seconds):
-            decision.delete_pods = [p["metadata"]["name"] for p in live]
+            decision.delete_pods = [p.name for p in ours]
             decision.phase(FAILED, "DeadlineExceeded",
                            f"ran longer than activeDeadlineSeconds ({spec.active_deadline_seconds}s)")
             return
 
-    current = [p for p in live if p["metadata"]["labels"].get(LABEL_ATTEMPT) == str(attempt)]
-    decision.delete_pods = [p["metadata"]["name"] for p in live if p not in current]
+    current = of_attempt(ours, attempt)
+    decision.delete_pods = [p.name for p in ours if p not in current]
     if current:
         _follow_gang(decision, current, attempt, base_uri)
     else:
         _launch(decision, attempt, base_uri)
-
-
-def _owner_uid(pod: dict[str, Any]) -> str | None:
-    return next((ref.get("uid") for ref in pod["metadata"].get("ownerReferences") or [] if ref.get("controller")),
-                None)
-
-
-def owned(pods: list[dict[str, Any]], job: Job) -> list[dict[str, Any]]:
-    """The job's own pods: a job deleted and created again under its name must not adopt its
-    predecessor's pods, which carry the same labels (and names) but the old job's uid."""
-    uid = job.metadata.uid
-    return [p for p in pods if uid is None or _owner_uid(p) == uid]
 
 
 def _non_finite(values: dict[str, float | None]) -> str | None:
@@ -241,14 +200,14 @@ def _non_finite(values: dict[str, float | None]) -> str | None:
                  if value is not None and not math.isfinite(value)), None)
 
 
-def _loss_not_finite(decision: _Decision, which: str, pods: list[dict[str, Any]]) -> None:
-    decision.delete_pods += [p["metadata"]["name"] for p in pods if p["metadata"]["name"] not in decision.delete_pods]
+def _loss_not_finite(decision: _Decision, which: str, pods: list[PodView]) -> None:
+    decision.delete_pods += [p.name for p in pods if p.name not in decision.delete_pods]
     decision.phase(FAILED, "LossNotFinite",
                    f"the trainer reported {which}: training diverged (lower training.learningRate, or raise "
                    "training.warmupSteps or maxGradNorm's clipping) and a retry would diverge again")
 
 
-def _follow_gang(decision: _Decision, current: list[dict[str, Any]], attempt: int, base_uri: str | None) -> None:
+def _follow_gang(decision: _Decision, current: list[PodView], attempt: int, base_uri: str | None) -> None:
     """What the pods of the current attempt say: progress, and whether the gang runs, failed or finished."""
     job, status = decision.seen.job, decision.status
     spec = job.spec
@@ -259,13 +218,13 @@ def _follow_gang(decision: _Decision, current: list[dict[str, Any]], attempt: in
             _loss_not_finite(decision, bad, current)
             return
     _report_progress(decision)
-    if any(p["metadata"].get("annotations", {}).get(ANNOTATION_POD_SHAPE) != pod_shape(job) for p in current):
+    if any(p.shape != pod_shape(job) for p in current):
         decision.condition("SpecChangePending", True, "PodsOutdated",
                            "resources, metrics or s3 changed while running: applied at the next restart "
                            "(suspend and resume to apply now)")
-    phases = {int(p["metadata"]["labels"][LABEL_RANK]): p.get("status", {}).get("phase", PENDING) for p in current}
+    phases = {p.rank: p.phase for p in current}
     workers = spec.resources.workers
-    failed = [p for p in current if p.get("status", {}).get("phase") == FAILED]
+    failed = [p for p in current if p.phase == FAILED]
     vanished = [r for r in range(workers) if r not in phases]
     if failed or (vanished and decision.before.phase in (RUNNING, RESTARTING)):
         _gang_failure(decision, current, failed, vanished, attempt)
@@ -368,20 +327,12 @@ def _launch(decision: _Decision, attempt: int, base_uri: str | None) -> None:
         decision.phase(PENDING, "PodsCreated", f"{resources.workers} worker(s) created")
 
 
-def _disrupted(pod: dict[str, Any]) -> bool:
-    """Whether Kubernetes stopped the pod on purpose (eviction, preemption, node drain): its
-    DisruptionTarget condition."""
-    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
-               for c in pod.get("status", {}).get("conditions") or [])
-
-
-def _gang_failure(decision: _Decision, current: list[dict[str, Any]], failed: list[dict[str, Any]],
+def _gang_failure(decision: _Decision, current: list[PodView], failed: list[PodView],
                   vanished: list[int], attempt: int, stalled: bool = False) -> None:
     job, status = decision.seen.job, decision.status
-    decision.delete_pods += [p["metadata"]["name"] for p in current]
+    decision.delete_pods += [p.name for p in current]
     # Evicted pods may already be terminating (no longer `current`): look at every pod of this attempt.
-    disrupted = sorted(p["metadata"]["labels"][LABEL_RANK] for p in owned(decision.seen.pods, decision.seen.job)
-                       if p["metadata"]["labels"].get(LABEL_ATTEMPT) == str(attempt) and _disrupted(p))
+    disrupted = sorted(str(p.rank) for p in of_attempt(owned(decision.seen.pods, job), attempt) if p.disrupted)
     if disrupted and not stalled:
         status.restarts, status.disruptions, status.last_step_time = attempt + 1, status.disruptions + 1, None
         decision.phase(RESTARTING, "Disrupted",
@@ -390,12 +341,11 @@ def _gang_failure(decision: _Decision, current: list[dict[str, Any]], failed: li
         return
     causes = []
     for pod in failed:
-        code, detail = _failure(pod)
-        rank = pod["metadata"]["labels"][LABEL_RANK]
+        code, detail = pod.failure()
         if code == EXIT_PERMANENT:
-            decision.phase(FAILED, "PermanentError", f"worker {rank} cannot succeed as written: {detail}")
+            decision.phase(FAILED, "PermanentError", f"worker {pod.rank} cannot succeed as written: {detail}")
             return
-        causes.append(f"worker {rank} exited with code {code}: {detail}")
+        causes.append(f"worker {pod.rank} exited with code {code}: {detail}")
     causes += [f"worker {rank} disappeared (its node may be gone)" for rank in vanished]
     if stalled:
         causes.append(f"no new step since {status.last_step_time} (stallTimeoutSeconds "
@@ -429,10 +379,10 @@ def _report_progress(decision: _Decision) -> None:
         status.last_checkpoint_step = progress.last_checkpoint_step
 
 
-def _succeed(decision: _Decision, current: list[dict[str, Any]]) -> None:
+def _succeed(decision: _Decision, current: list[PodView]) -> None:
     status = decision.status
-    rank0 = next((p for p in current if p["metadata"]["labels"][LABEL_RANK] == "0"), current[0])
-    summary = _outcome(rank0)
+    rank0 = next((p for p in current if p.rank == 0), current[0])
+    summary = rank0.outcome
     if isinstance(summary, TrainerSummary):
         bad = _non_finite({"trainLoss": summary.train_loss,
                            **{f"finalEval {k}": v for k, v in summary.final_eval.items()}})
@@ -453,12 +403,10 @@ def _succeed(decision: _Decision, current: list[dict[str, Any]]) -> None:
 
 def _after_finish(decision: _Decision) -> None:
     spec = decision.seen.job.spec
-    live = [p for p in decision.seen.pods if not p["metadata"].get("deletionTimestamp")]
     if spec.clean_pod_policy == "All":
-        decision.delete_pods = [p["metadata"]["name"] for p in live]
+        decision.delete_pods = [p.name for p in live(decision.seen.pods)]
     elif spec.clean_pod_policy == "Running":
-        decision.delete_pods = [p["metadata"]["name"] for p in live
-                                if p.get("status", {}).get("phase") not in FINISHED]
+        decision.delete_pods = [p.name for p in live(decision.seen.pods) if p.phase not in FINISHED]
     finished = decision.status.completion_time
     if spec.ttl_seconds_after_finished is not None and finished:
         decision.delete_job = decision.now >= parse_time(finished) + timedelta(
