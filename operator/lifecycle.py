@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from kubeforge.basemodel import BaseModelResolution, Resolved, WaitingForPretrainJob, resolve_base_model
 from kubeforge.operator.contract import LaunchPlan, pod_shape
 from kubeforge.operator.pods import PodView, live, of_attempt, owned
 from kubeforge.operator.tenancy import UriPolicy, uri_violations
-from kubeforge.spec import FinetuneJob, Job
+from kubeforge.spec import Job
 from kubeforge.status import (
     EXIT_PERMANENT,
     FAILED,
@@ -162,32 +163,34 @@ def _decide(decision: _Decision) -> None:
                        "model would be lost with the pod; use an s3:// URI (local paths are for `kubeforge run`)")
         return
 
-    ours = live(owned(seen.pods, seen.job))
+    our_pods = live(owned(seen.pods, seen.job))
     refused = uri_violations(job, seen.uri_policy) if seen.uri_policy else []
     if refused:
-        decision.delete_pods = [p.name for p in ours]
+        decision.delete_pods = [p.name for p in our_pods]
         decision.phase(FAILED, "URINotAllowed", "; ".join(refused))
         return
     if spec.suspend:
-        decision.delete_pods = [p.name for p in ours]
+        decision.delete_pods = [p.name for p in our_pods]
         decision.condition(SUSPENDED, True, "Suspended", "spec.suspend is true: pods deleted, checkpoints kept")
         decision.phase(SUSPENDED, "Suspended", "spec.suspend is true: pods deleted, checkpoints kept")
         return
 
-    base_uri = _base_model(decision)
-    if isinstance(job, FinetuneJob) and base_uri is None:
+    base_model = _base_model(decision)
+    if isinstance(base_model, WaitingForPretrainJob):
+        _wait_for_base_model(decision, base_model)
         return
+    base_uri = base_model.uri if isinstance(base_model, Resolved) else None
 
     if spec.active_deadline_seconds and status.start_time:
         elapsed = now - parse_time(status.start_time)
         if elapsed >= timedelta(seconds=spec.active_deadline_seconds):
-            decision.delete_pods = [p.name for p in ours]
+            decision.delete_pods = [p.name for p in our_pods]
             decision.phase(FAILED, "DeadlineExceeded",
                            f"ran longer than activeDeadlineSeconds ({spec.active_deadline_seconds}s)")
             return
 
-    current = of_attempt(ours, attempt)
-    decision.delete_pods = [p.name for p in ours if p not in current]
+    current = of_attempt(our_pods, attempt)
+    decision.delete_pods = [p.name for p in our_pods if p not in current]
     if current:
         _follow_gang(decision, current, attempt, base_uri)
     else:
@@ -253,49 +256,45 @@ def _stalled(decision: _Decision) -> bool:
     return decision.now - parse_time(status.last_step_time) >= timedelta(seconds=spec.stall_timeout_seconds)
 
 
-def _base_model(decision: _Decision) -> str | None:
-    """The base model URI of a FinetuneJob, or None (and a WaitingForBaseModel condition) while unknown.
+def _base_model(decision: _Decision) -> BaseModelResolution:
+    """The job's base model, kept in status once resolved and used from then on: the base PretrainJob
+    may be deleted later (its TTL) without the finetune noticing."""
+    seen = decision.seen
+    resolution = resolve_base_model(
+        seen.job, lambda _: JobStatus.read(seen.base_job.get("status")) if seen.base_job is not None else None,
+        kept=decision.before.base_model_uri)
+    if isinstance(resolution, Resolved) and resolution.uri != decision.before.base_model_uri:
+        decision.status.base_model_uri = resolution.uri
+        if resolution.from_pretrain_job:
+            decision.condition("WaitingForBaseModel", False, "BaseModelReady",
+                               f"starting from PretrainJob {resolution.from_pretrain_job}: {resolution.uri}")
+    return resolution
 
-    Once resolved, the URI is kept in status and used from then on: the base PretrainJob may be
-    deleted later (its TTL) without the finetune noticing."""
-    job = decision.seen.job
-    if not isinstance(job, FinetuneJob):
-        return None
-    if decision.before.base_model_uri:
-        return decision.before.base_model_uri
-    wanted = job.spec.base_model
-    if wanted.uri:
-        decision.status.base_model_uri = wanted.uri
-        return wanted.uri
-    name = wanted.from_pretrain_job
-    base = decision.seen.base_job
-    base_status = JobStatus.read((base or {}).get("status"))
-    if base is None:
+
+def _wait_for_base_model(decision: _Decision, waiting: WaitingForPretrainJob) -> None:
+    """Pending while the base PretrainJob is missing or still training, within baseModelWaitSeconds;
+    failed when it failed or that time is up."""
+    job, name, base_status = decision.seen.job, waiting.name, waiting.status
+    if base_status is None:
         reason, message = "BaseModelMissing", f"PretrainJob {name} does not exist in namespace {job.namespace}"
     elif base_status.phase == FAILED:
         message = f"its base model, PretrainJob {name}, failed: {base_status.message or base_status.reason}"
         decision.condition("WaitingForBaseModel", False, "BaseModelFailed", message)
         decision.phase(FAILED, "BaseModelFailed", message)
-        return None
-    elif base_status.phase != SUCCEEDED or not base_status.export_uri:
+        return
+    else:
         progress = base_status.step_progress
         reason = "BaseModelNotReady"
         message = f"waiting for PretrainJob {name} to succeed (now {base_status.phase or PENDING}" + (
             f", step {progress})" if progress else ")")
-    else:
-        decision.condition("WaitingForBaseModel", False, "BaseModelReady",
-                           f"starting from PretrainJob {name}: {base_status.export_uri}")
-        decision.status.base_model_uri = base_status.export_uri
-        return base_status.export_uri
-    created, limit = decision.seen.created, job.spec.base_model_wait_seconds
+    created, limit = decision.seen.created, waiting.wait_seconds
     if created is not None and decision.now - created >= timedelta(seconds=limit):
         message = f"{message}; gave up after baseModelWaitSeconds ({limit}s)"
         decision.condition("WaitingForBaseModel", False, "BaseModelTimeout", message)
         decision.phase(FAILED, "BaseModelTimeout", message)
-        return None
+        return
     decision.condition("WaitingForBaseModel", True, reason, message)
     decision.phase(PENDING, "WaitingForBaseModel", message)
-    return None
 
 
 def _launch(decision: _Decision, attempt: int, base_uri: str | None) -> None:

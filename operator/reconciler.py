@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import kopf
 
+from kubeforge.basemodel import upstream_pretrain_job
 from kubeforge.operator import builders
 from kubeforge.operator.cluster import CachedView, Cluster
 from kubeforge.operator.lifecycle import Observed, Plan, parse_time, reconcile
@@ -110,9 +111,8 @@ class Operator:
               source: Cluster | CachedView) -> tuple[list[PodView], Plan]:
         pods = source.pods(job)
         attempt = JobStatus.read(status).restarts
-        base_job = None
-        if job.kind == "FinetuneJob" and job.spec.base_model.from_pretrain_job:  # type: ignore[union-attr]
-            base_job = source.pretrain_job(job.namespace, job.spec.base_model.from_pretrain_job)  # type: ignore[union-attr]
+        upstream = upstream_pretrain_job(job)
+        base_job = source.pretrain_job(job.namespace, upstream) if upstream else None
         ip = _rank0_ip(owned(pods, job), attempt)
         progress = scrape(ip, job.spec.metrics.port) if ip and job.spec.metrics.port else None
         seen = Observed(job=job, status=status, pods=pods, gpu_nodes=self.cluster.gpu_nodes(),
