@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from kubeforge.basemodel import BaseModelResolution, Resolved, WaitingForPretrainJob, resolve_base_model
 from kubeforge.operator.contract import LaunchPlan, pod_shape
@@ -69,13 +69,21 @@ class Observed:
     created: datetime | None = None
 
 
+class Event(NamedTuple):
+    """A Kubernetes Event for the job, which the reconciler posts."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
 @dataclass
 class Plan:
     job_status: JobStatus
     launch: LaunchPlan | None = None  # create the Service and any missing pod of this attempt
     delete_pods: list[str] = field(default_factory=list)
     delete_job: bool = False
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    events: list[Event] = field(default_factory=list)
 
     @property
     def status(self) -> dict[str, Any]:
@@ -113,7 +121,6 @@ class _Decision:
         self.launch: LaunchPlan | None = None
         self.delete_pods: list[str] = []
         self.delete_job = False
-        self.events: list[tuple[str, str, str]] = []
 
     def condition(self, kind: str, status: bool, reason: str, message: str) -> None:
         self.status.conditions = set_condition(self.status.conditions, kind, status, reason, message,
@@ -124,15 +131,20 @@ class _Decision:
         for kind in (RUNNING, SUCCEEDED, FAILED, SUSPENDED, RESTARTING):
             if kind == phase or self.status.condition(kind):
                 self.condition(kind, kind == phase, reason, message if kind == phase else "")
-        if phase != self.before.phase:
-            warning = phase in (FAILED, RESTARTING) or (phase == PENDING and reason.startswith("Waiting"))
-            self.events.append(("Warning" if warning else "Normal", reason, message))
         if phase in FINISHED and not self.status.completion_time:
             self.status.completion_time = _iso(self.now)
 
+    def events(self) -> list[Event]:
+        """One event when the phase changed, saying why: a warning for a failure, a restart or a wait."""
+        phase, reason = self.status.phase, self.status.reason or ""
+        if phase is None or phase == self.before.phase:
+            return []
+        warning = phase in (FAILED, RESTARTING) or (phase == PENDING and reason.startswith("Waiting"))
+        return [Event("Warning" if warning else "Normal", reason, self.status.message or "")]
+
     def plan(self) -> Plan:
         return Plan(job_status=self.status, launch=self.launch, delete_pods=self.delete_pods,
-                    delete_job=self.delete_job, events=self.events)
+                    delete_job=self.delete_job, events=self.events())
 
 
 def reconcile(seen: Observed, now: datetime) -> Plan:

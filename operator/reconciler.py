@@ -138,8 +138,8 @@ class Operator:
             age = _age(body)
             if attempt == 0 and any(created) and age is not None:
                 self.metrics.pods_created_seconds.labels(job.kind).observe(age)
-        for kind, reason, message in plan.events:
-            kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message)
+        for event in plan.events:
+            kopf.event(cast(kopf.Body, body), type=event.type, reason=event.reason, message=event.message)
         if plan.delete_job:
             self.cluster.delete_job(job)
 
