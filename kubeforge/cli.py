@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kubeforge.basemodel import Resolved, resolve_base_model
 from kubeforge.spec import (
-    FinetuneJob,
     Job,
     JobError,
     SpecError,
@@ -32,6 +32,8 @@ from kubeforge.spec import (
 from kubeforge.status import (
     EXIT_PERMANENT,
     EXIT_PREEMPTED,
+    SUCCEEDED,
+    JobStatus,
     Preempted,
     TrainerError,
     TrainerSummary,
@@ -53,17 +55,18 @@ def _setup_logging(verbose: bool, level: str = "info") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def resolve_base_model(job: FinetuneJob, jobs: list[Job], root: str) -> str:
-    """The base model URI of a finetune job: explicit, or the export of the named PretrainJob."""
-    base = job.spec.base_model
-    if base.uri:
-        return base.uri
-    for other in jobs:
-        if other.kind == "PretrainJob" and other.name == base.from_pretrain_job \
-                and other.namespace == job.namespace:
-            return export_uri(checkpoint_uri(other, root))
-    # Not in this file: the pretrain job ran before, under the same root.
-    return export_uri(job_storage_uri(root, "PretrainJob", job.namespace, base.from_pretrain_job or ""))
+def base_model_uri(job: Job, jobs: list[Job], root: str) -> str | None:
+    """The base model URI of a finetune job, None for a pretrain job. With no cluster, a PretrainJob
+    it names has finished: it ran first in this file (`_order`), or ran before under the same root."""
+    def finished(name: str) -> JobStatus:
+        upstream = next((other for other in jobs if other.kind == "PretrainJob" and other.name == name
+                         and other.namespace == job.namespace), None)
+        storage = checkpoint_uri(upstream, root) if upstream else job_storage_uri(root, "PretrainJob",
+                                                                                  job.namespace, name)
+        return JobStatus(phase=SUCCEEDED, export_uri=export_uri(storage))
+
+    resolution = resolve_base_model(job, finished)
+    return resolution.uri if isinstance(resolution, Resolved) else None
 
 
 def _order(jobs: list[Job]) -> list[Job]:
@@ -78,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = []
     for job in _order(jobs):
         root = checkpoint_uri(job, args.output)
-        base = resolve_base_model(job, jobs, args.output) if isinstance(job, FinetuneJob) else None
+        base = base_model_uri(job, jobs, args.output)
         print(f"==> {job.kind} {job.namespace}/{job.name}: checkpoints in {root}", file=sys.stderr)
         result = train(job, checkpoint_root=root, base_model_uri=base, progress=not args.no_progress)
         results.append(result)
@@ -112,9 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     job = _read_train_spec(args)
     root = args.checkpoint_uri or checkpoint_uri(job, DEFAULT_RUN_ROOT)
-    base = args.base_model_uri
-    if isinstance(job, FinetuneJob) and base is None:
-        base = resolve_base_model(job, [job], DEFAULT_RUN_ROOT)
+    base = args.base_model_uri or base_model_uri(job, [job], DEFAULT_RUN_ROOT)
     result = train(job, checkpoint_root=root, base_model_uri=base, progress=False)
     if os.environ.get("RANK", "0") != "0":
         return 0  # rank 0 speaks for the job
@@ -184,6 +185,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     import yaml
 
     from kubeforge.operator import builders
+    from kubeforge.operator.contract import LaunchPlan
     from kubeforge.operator.settings import OperatorSettings
 
     jobs = load_job_file(args.file)
@@ -196,8 +198,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     documents: list[dict[str, Any]] = []
     for job in jobs:
         root = checkpoint_uri(job, settings.storage_root)
-        base = resolve_base_model(job, jobs, settings.storage_root) if isinstance(job, FinetuneJob) else None
-        plan = builders.LaunchPlan(root, base, cpu_fallback=args.cpu_fallback)
+        base = base_model_uri(job, jobs, settings.storage_root)
+        plan = LaunchPlan(root, base, cpu_fallback=args.cpu_fallback)
         group = builders.build_pod_group(job, settings)
         documents += [builders.build_service(job), *([group] if group else []),
                       *builders.build_pods(job, args.attempt, plan, settings)]

@@ -17,7 +17,8 @@ import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubeforge.operator import builders
+from kubeforge.operator.contract import label_selector
+from kubeforge.operator.pods import PodView
 from kubeforge.spec import KINDS, Job
 
 GPU = "nvidia.com/gpu"
@@ -52,10 +53,10 @@ class Cluster:
         self._gpu_nodes: tuple[float, bool] | None = None
         self._node_cache_seconds = node_cache_seconds
 
-    def pods(self, job: Job) -> list[dict[str, Any]]:
+    def pods(self, job: Job) -> list[PodView]:
         found = call_kubeapi(self.core.list_namespaced_pod, job.namespace,
-                             label_selector=builders.label_selector(job))
-        return list(found["items"])
+                             label_selector=label_selector(job))
+        return [PodView.parse(item) for item in found["items"]]
 
     def gpu_nodes(self) -> bool:
         """Whether any node has allocatable GPUs (cached briefly: every job asks)."""
@@ -106,12 +107,12 @@ class CachedView:
     Answers the questions `Cluster` answers, without a request. It may lag the API server by a watch
     event, so the operator reads status from it but acts only on a fresh `Cluster` read."""
 
-    def __init__(self, job_pods: kopf.Index[tuple[str, str, str], dict[str, Any]],
+    def __init__(self, job_pods: kopf.Index[tuple[str, str, str], PodView],
                  pretrain_jobs: kopf.Index[tuple[str, str], dict[str, Any]]):
         self.job_pods = job_pods
         self.pretrain_jobs = pretrain_jobs
 
-    def pods(self, job: Job) -> list[dict[str, Any]]:
+    def pods(self, job: Job) -> list[PodView]:
         return list(self.job_pods.get((job.namespace, KINDS[job.kind].short_name, job.name), []))
 
     def pretrain_job(self, namespace: str, name: str) -> dict[str, Any] | None:

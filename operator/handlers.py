@@ -10,27 +10,18 @@ from typing import Any
 import kopf
 from kubernetes import client
 
-from kubeforge.operator import builders
 from kubeforge.operator.cluster import CachedView, Cluster
+from kubeforge.operator.contract import LABEL_JOB, LABEL_KIND
 from kubeforge.operator.metrics import OperatorMetrics
+from kubeforge.operator.pods import PodView
 from kubeforge.operator.reconciler import Operator
 from kubeforge.operator.settings import OperatorSettings
-from kubeforge.spec import KINDS
+from kubeforge.spec import KINDS, JobKind
 
 #: Threads that run the (sync) handlers; the API client keeps as many connections alive.
 WORKERS = 16
 #: Seconds between Kopf's retries of a failed API request: 594 s in all.
 API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21) + (30,) * 18
-
-
-def _pod_entry(body: kopf.Body) -> dict[str, Any]:
-    """The parts of a pod the lifecycle reads (the index keeps one per pod, not its whole body)."""
-    metadata = body["metadata"]
-    return {"metadata": {"name": metadata["name"], "labels": dict(metadata.get("labels") or {}),
-                         "annotations": dict(metadata.get("annotations") or {}),
-                         "deletionTimestamp": metadata.get("deletionTimestamp"),
-                         "ownerReferences": copy.deepcopy(list(metadata.get("ownerReferences") or []))},
-            "status": copy.deepcopy(dict(body.get("status") or {}))}
 
 
 def api_client() -> client.ApiClient:
@@ -50,55 +41,75 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
     registry = kopf.OperatorRegistry()
     operator = Operator(settings, Cluster(api, node_cache_seconds=settings.resync_seconds), metrics)
     kopf.on.login(registry=registry)(login)
+    kopf.on.startup(registry=registry)(startup)
+    _register_indexes(registry, settings)
+    for kind in KINDS.values():
+        _register_job_handlers(registry, kind, settings, operator)
+    _register_liveness_probe(registry, operator)
+    return registry
 
-    @kopf.on.startup(registry=registry)
-    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure(settings)
 
-    # Every pod of every job, and every PretrainJob (for FinetuneJobs that name one), as the watches
-    # report them: a resync that finds nothing to do makes no request. The indexers are coroutines:
-    # Kopf runs a sync handler in a worker thread, and the hop cost more than the indexing.
-    @kopf.index("pods", labels={builders.LABEL_JOB: kopf.PRESENT, builders.LABEL_KIND: kopf.PRESENT},
-                id="job_pods", registry=registry)
-    async def job_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        return {(namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]): _pod_entry(body)}
+def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    configure(settings)
 
+
+# Every pod of every job, and every PretrainJob (for FinetuneJobs that name one), as the watches
+# report them: a resync that finds nothing to do makes no request. The index keeps each pod's view
+# (parsed once per watch event), not its body. The indexers are coroutines: Kopf runs a sync
+# handler in a worker thread, and the hop cost more than the indexing.
+
+
+async def job_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_KIND], labels[LABEL_JOB]): PodView.parse(body)}
+
+
+async def pretrain_jobs(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): {"status": copy.deepcopy(dict(status))}}
+
+
+async def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    return {name: dict(labels)}
+
+
+def _register_indexes(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
+    kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT, LABEL_KIND: kopf.PRESENT},
+               id="job_pods", registry=registry)(job_pods)
     pretrain = KINDS["PretrainJob"]
-
-    @kopf.index(pretrain.group, pretrain.version, pretrain.plural, id="pretrain_jobs", registry=registry)
-    async def pretrain_jobs(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): {"status": copy.deepcopy(dict(status))}}
-
+    kopf.index(pretrain.group, pretrain.version, pretrain.plural, id="pretrain_jobs", registry=registry)(pretrain_jobs)
     if settings.namespace_selector:
         # Namespaces' labels, for the selector that says which namespaces' jobs are ours.
-        @kopf.index("namespaces", id="namespace_labels", registry=registry)
-        async def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
-            return {name: dict(labels)}
+        kopf.index("namespaces", id="namespace_labels", registry=registry)(namespace_labels)
 
-    def ours(namespace: str, indexes: dict[str, Any]) -> bool:
-        labels = None
-        if settings.namespace_selector:
-            labels = next(iter(indexes["namespace_labels"].get(namespace, [])), None)
-        return settings.acts_in(namespace, labels)
 
-    for kind in KINDS.values():
-        # One timer per job, and nothing else, reconciles it: its first tick comes as soon as the job
-        # appears and its ticks never overlap, so no two reconciliations of a job race on a status the
-        # other has not written yet. A spec change (suspend, say) takes effect within a resync interval.
-        @kopf.timer(kind.group, kind.version, kind.plural, interval=settings.resync_seconds, registry=registry)
-        def reconcile_job(body: kopf.Body, **indexes: Any) -> None:
-            if not ours(body["metadata"]["namespace"], indexes):
-                return  # watched (the operator may watch every namespace) but not this operator's to act on
-            cached = CachedView(indexes["job_pods"], indexes["pretrain_jobs"])  # Kopf passes indexes by id
-            operator.reconcile(copy.deepcopy(dict(body)), cached)
+def _acts_in(settings: OperatorSettings, namespace: str, indexes: dict[str, Any]) -> bool:
+    """Whether the job's namespace is this operator's to act in (it may watch every namespace)."""
+    labels = None
+    if settings.namespace_selector:
+        labels = next(iter(indexes["namespace_labels"].get(namespace, [])), None)
+    return settings.acts_in(namespace, labels)
 
-        # A raw event, not kopf.on.delete: any on-create/update/delete handler makes Kopf keep a copy of
-        # each job's spec in an annotation, one more write and watch event per job for nothing we use.
-        @kopf.on.event(kind.group, kind.version, kind.plural, when=lambda type, **_: type == "DELETED",
-                       registry=registry)
-        async def deleted(body: kopf.Body, **_: Any) -> None:
-            operator.forget(dict(body))
 
+def _register_job_handlers(registry: kopf.OperatorRegistry, kind: JobKind, settings: OperatorSettings,
+                           operator: Operator) -> None:
+    # One timer per job, and nothing else, reconciles it: its first tick comes as soon as the job
+    # appears and its ticks never overlap, so no two reconciliations of a job race on a status the
+    # other has not written yet. A spec change (suspend, say) takes effect within a resync interval.
+    @kopf.timer(kind.group, kind.version, kind.plural, interval=settings.resync_seconds, registry=registry)
+    def reconcile_job(body: kopf.Body, **indexes: Any) -> None:
+        if not _acts_in(settings, body["metadata"]["namespace"], indexes):
+            return  # watched (the operator may watch every namespace) but not this operator's to act on
+        cached = CachedView(indexes["job_pods"], indexes["pretrain_jobs"])  # Kopf passes indexes by id
+        operator.reconcile(copy.deepcopy(dict(body)), cached)
+
+    # A raw event, not kopf.on.delete: any on-create/update/delete handler makes Kopf keep a copy of
+    # each job's spec in an annotation, one more write and watch event per job for nothing we use.
+    @kopf.on.event(kind.group, kind.version, kind.plural, when=lambda type, **_: type == "DELETED",
+                   registry=registry)
+    async def deleted(body: kopf.Body, **_: Any) -> None:
+        operator.forget(dict(body))
+
+
+def _register_liveness_probe(registry: kopf.OperatorRegistry, operator: Operator) -> None:
     @kopf.on.probe(id="reconciling", registry=registry)
     def reconciling(**_: Any) -> bool:
         # A probe that fails permanently makes /healthz answer 500 (Kubernetes restarts the operator);
@@ -108,8 +119,6 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
         except RuntimeError as exc:
             raise kopf.PermanentError(str(exc)) from exc
         return True
-
-    return registry
 
 
 class NoChangeDetection(kopf.DiffBaseStorage):

@@ -15,17 +15,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
-from kubeforge.operator.builders import (
-    ANNOTATION_POD_SHAPE,
-    LABEL_ATTEMPT,
-    LABEL_RANK,
-    LaunchPlan,
-    pod_shape,
-)
+from kubeforge.basemodel import BaseModelResolution, Resolved, WaitingForPretrainJob, resolve_base_model
+from kubeforge.operator.contract import LaunchPlan, pod_shape
+from kubeforge.operator.pods import PodView, live, of_attempt, owned
 from kubeforge.operator.tenancy import UriPolicy, uri_violations
-from kubeforge.spec import FinetuneJob, Job
+from kubeforge.spec import Job
 from kubeforge.status import (
     EXIT_PERMANENT,
     FAILED,
@@ -38,9 +34,7 @@ from kubeforge.status import (
     Condition,
     JobStatus,
     Phase,
-    TrainerError,
     TrainerSummary,
-    read_termination_message,
 )
 
 
@@ -60,7 +54,7 @@ class Observed:
     job: Job
     #: The job's status as the API server has it (JSON): what earlier reconciliations wrote.
     status: dict[str, Any]
-    pods: list[dict[str, Any]]
+    pods: list[PodView]
     gpu_nodes: bool
     checkpoint_uri: str
     #: The PretrainJob named by baseModel.fromPretrainJob: its body, or None when it does not exist.
@@ -75,13 +69,21 @@ class Observed:
     created: datetime | None = None
 
 
+class Event(NamedTuple):
+    """A Kubernetes Event for the job, which the reconciler posts."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
 @dataclass
 class Plan:
     job_status: JobStatus
     launch: LaunchPlan | None = None  # create the Service and any missing pod of this attempt
     delete_pods: list[str] = field(default_factory=list)
     delete_job: bool = False
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    events: list[Event] = field(default_factory=list)
 
     @property
     def status(self) -> dict[str, Any]:
@@ -108,27 +110,6 @@ def set_condition(conditions: list[Condition], kind: str, status: bool, reason: 
     return [c for c in conditions if c.type != kind] + [condition]
 
 
-def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
-    for status in pod.get("status", {}).get("containerStatuses", []):
-        if status.get("name") == "trainer" and "terminated" in status.get("state", {}):
-            return status["state"]["terminated"]
-    return None
-
-
-def _outcome(pod: dict[str, Any]) -> TrainerSummary | TrainerError | None:
-    """What the trainer left in its termination message, if it is a summary or an error."""
-    return read_termination_message((_termination(pod) or {}).get("message") or "")
-
-
-def _failure(pod: dict[str, Any]) -> tuple[int | None, str]:
-    terminated = _termination(pod) or {}
-    code = terminated.get("exitCode")
-    outcome = _outcome(pod)
-    error = outcome.error if isinstance(outcome, TrainerError) else None
-    detail = error or (terminated.get("message") or "").strip()[-300:] or terminated.get("reason")
-    return code, str(detail or pod.get("status", {}).get("reason") or "no reason given")
-
-
 class _Decision:
     """Accumulates one reconciliation's outcome: the new status, and what to do."""
 
@@ -140,7 +121,6 @@ class _Decision:
         self.launch: LaunchPlan | None = None
         self.delete_pods: list[str] = []
         self.delete_job = False
-        self.events: list[tuple[str, str, str]] = []
 
     def condition(self, kind: str, status: bool, reason: str, message: str) -> None:
         self.status.conditions = set_condition(self.status.conditions, kind, status, reason, message,
@@ -151,15 +131,20 @@ class _Decision:
         for kind in (RUNNING, SUCCEEDED, FAILED, SUSPENDED, RESTARTING):
             if kind == phase or self.status.condition(kind):
                 self.condition(kind, kind == phase, reason, message if kind == phase else "")
-        if phase != self.before.phase:
-            warning = phase in (FAILED, RESTARTING) or (phase == PENDING and reason.startswith("Waiting"))
-            self.events.append(("Warning" if warning else "Normal", reason, message))
         if phase in FINISHED and not self.status.completion_time:
             self.status.completion_time = _iso(self.now)
 
+    def events(self) -> list[Event]:
+        """One event when the phase changed, saying why: a warning for a failure, a restart or a wait."""
+        phase, reason = self.status.phase, self.status.reason or ""
+        if phase is None or phase == self.before.phase:
+            return []
+        warning = phase in (FAILED, RESTARTING) or (phase == PENDING and reason.startswith("Waiting"))
+        return [Event("Warning" if warning else "Normal", reason, self.status.message or "")]
+
     def plan(self) -> Plan:
         return Plan(job_status=self.status, launch=self.launch, delete_pods=self.delete_pods,
-                    delete_job=self.delete_job, events=self.events)
+                    delete_job=self.delete_job, events=self.events())
 
 
 def reconcile(seen: Observed, now: datetime) -> Plan:
@@ -168,8 +153,7 @@ def reconcile(seen: Observed, now: datetime) -> Plan:
     _decide(decision)
     # A predecessor's pods (same name, another uid) would hold the names this job's pods need.
     ours = owned(seen.pods, seen.job)
-    decision.delete_pods += [p["metadata"]["name"] for p in seen.pods
-                             if p not in ours and not p["metadata"].get("deletionTimestamp")]
+    decision.delete_pods += [p.name for p in live(seen.pods) if p not in ours]
     return decision.plan()
 
 
@@ -191,48 +175,38 @@ def _decide(decision: _Decision) -> None:
                        "model would be lost with the pod; use an s3:// URI (local paths are for `kubeforge run`)")
         return
 
-    live = [p for p in owned(seen.pods, seen.job) if not p["metadata"].get("deletionTimestamp")]
+    our_pods = live(owned(seen.pods, seen.job))
     refused = uri_violations(job, seen.uri_policy) if seen.uri_policy else []
     if refused:
-        decision.delete_pods = [p["metadata"]["name"] for p in live]
+        decision.delete_pods = [p.name for p in our_pods]
         decision.phase(FAILED, "URINotAllowed", "; ".join(refused))
         return
     if spec.suspend:
-        decision.delete_pods = [p["metadata"]["name"] for p in live]
+        decision.delete_pods = [p.name for p in our_pods]
         decision.condition(SUSPENDED, True, "Suspended", "spec.suspend is true: pods deleted, checkpoints kept")
         decision.phase(SUSPENDED, "Suspended", "spec.suspend is true: pods deleted, checkpoints kept")
         return
 
-    base_uri = _base_model(decision)
-    if isinstance(job, FinetuneJob) and base_uri is None:
+    base_model = _base_model(decision)
+    if isinstance(base_model, WaitingForPretrainJob):
+        _wait_for_base_model(decision, base_model)
         return
+    base_uri = base_model.uri if isinstance(base_model, Resolved) else None
 
     if spec.active_deadline_seconds and status.start_time:
         elapsed = now - parse_time(status.start_time)
         if elapsed >= timedelta(seconds=spec.active_deadline_seconds):
-            decision.delete_pods = [p["metadata"]["name"] for p in live]
+            decision.delete_pods = [p.name for p in our_pods]
             decision.phase(FAILED, "DeadlineExceeded",
                            f"ran longer than activeDeadlineSeconds ({spec.active_deadline_seconds}s)")
             return
 
-    current = [p for p in live if p["metadata"]["labels"].get(LABEL_ATTEMPT) == str(attempt)]
-    decision.delete_pods = [p["metadata"]["name"] for p in live if p not in current]
+    current = of_attempt(our_pods, attempt)
+    decision.delete_pods = [p.name for p in our_pods if p not in current]
     if current:
         _follow_gang(decision, current, attempt, base_uri)
     else:
         _launch(decision, attempt, base_uri)
-
-
-def _owner_uid(pod: dict[str, Any]) -> str | None:
-    return next((ref.get("uid") for ref in pod["metadata"].get("ownerReferences") or [] if ref.get("controller")),
-                None)
-
-
-def owned(pods: list[dict[str, Any]], job: Job) -> list[dict[str, Any]]:
-    """The job's own pods: a job deleted and created again under its name must not adopt its
-    predecessor's pods, which carry the same labels (and names) but the old job's uid."""
-    uid = job.metadata.uid
-    return [p for p in pods if uid is None or _owner_uid(p) == uid]
 
 
 def _non_finite(values: dict[str, float | None]) -> str | None:
@@ -241,14 +215,14 @@ def _non_finite(values: dict[str, float | None]) -> str | None:
                  if value is not None and not math.isfinite(value)), None)
 
 
-def _loss_not_finite(decision: _Decision, which: str, pods: list[dict[str, Any]]) -> None:
-    decision.delete_pods += [p["metadata"]["name"] for p in pods if p["metadata"]["name"] not in decision.delete_pods]
+def _loss_not_finite(decision: _Decision, which: str, pods: list[PodView]) -> None:
+    decision.delete_pods += [p.name for p in pods if p.name not in decision.delete_pods]
     decision.phase(FAILED, "LossNotFinite",
                    f"the trainer reported {which}: training diverged (lower training.learningRate, or raise "
                    "training.warmupSteps or maxGradNorm's clipping) and a retry would diverge again")
 
 
-def _follow_gang(decision: _Decision, current: list[dict[str, Any]], attempt: int, base_uri: str | None) -> None:
+def _follow_gang(decision: _Decision, current: list[PodView], attempt: int, base_uri: str | None) -> None:
     """What the pods of the current attempt say: progress, and whether the gang runs, failed or finished."""
     job, status = decision.seen.job, decision.status
     spec = job.spec
@@ -259,13 +233,13 @@ def _follow_gang(decision: _Decision, current: list[dict[str, Any]], attempt: in
             _loss_not_finite(decision, bad, current)
             return
     _report_progress(decision)
-    if any(p["metadata"].get("annotations", {}).get(ANNOTATION_POD_SHAPE) != pod_shape(job) for p in current):
+    if any(p.shape != pod_shape(job) for p in current):
         decision.condition("SpecChangePending", True, "PodsOutdated",
                            "resources, metrics or s3 changed while running: applied at the next restart "
                            "(suspend and resume to apply now)")
-    phases = {int(p["metadata"]["labels"][LABEL_RANK]): p.get("status", {}).get("phase", PENDING) for p in current}
+    phases = {p.rank: p.phase for p in current}
     workers = spec.resources.workers
-    failed = [p for p in current if p.get("status", {}).get("phase") == FAILED]
+    failed = [p for p in current if p.phase == FAILED]
     vanished = [r for r in range(workers) if r not in phases]
     if failed or (vanished and decision.before.phase in (RUNNING, RESTARTING)):
         _gang_failure(decision, current, failed, vanished, attempt)
@@ -294,49 +268,45 @@ def _stalled(decision: _Decision) -> bool:
     return decision.now - parse_time(status.last_step_time) >= timedelta(seconds=spec.stall_timeout_seconds)
 
 
-def _base_model(decision: _Decision) -> str | None:
-    """The base model URI of a FinetuneJob, or None (and a WaitingForBaseModel condition) while unknown.
+def _base_model(decision: _Decision) -> BaseModelResolution:
+    """The job's base model, kept in status once resolved and used from then on: the base PretrainJob
+    may be deleted later (its TTL) without the finetune noticing."""
+    seen = decision.seen
+    resolution = resolve_base_model(
+        seen.job, lambda _: JobStatus.read(seen.base_job.get("status")) if seen.base_job is not None else None,
+        kept=decision.before.base_model_uri)
+    if isinstance(resolution, Resolved) and resolution.uri != decision.before.base_model_uri:
+        decision.status.base_model_uri = resolution.uri
+        if resolution.from_pretrain_job:
+            decision.condition("WaitingForBaseModel", False, "BaseModelReady",
+                               f"starting from PretrainJob {resolution.from_pretrain_job}: {resolution.uri}")
+    return resolution
 
-    Once resolved, the URI is kept in status and used from then on: the base PretrainJob may be
-    deleted later (its TTL) without the finetune noticing."""
-    job = decision.seen.job
-    if not isinstance(job, FinetuneJob):
-        return None
-    if decision.before.base_model_uri:
-        return decision.before.base_model_uri
-    wanted = job.spec.base_model
-    if wanted.uri:
-        decision.status.base_model_uri = wanted.uri
-        return wanted.uri
-    name = wanted.from_pretrain_job
-    base = decision.seen.base_job
-    base_status = JobStatus.read((base or {}).get("status"))
-    if base is None:
+
+def _wait_for_base_model(decision: _Decision, waiting: WaitingForPretrainJob) -> None:
+    """Pending while the base PretrainJob is missing or still training, within baseModelWaitSeconds;
+    failed when it failed or that time is up."""
+    job, name, base_status = decision.seen.job, waiting.name, waiting.status
+    if base_status is None:
         reason, message = "BaseModelMissing", f"PretrainJob {name} does not exist in namespace {job.namespace}"
     elif base_status.phase == FAILED:
         message = f"its base model, PretrainJob {name}, failed: {base_status.message or base_status.reason}"
         decision.condition("WaitingForBaseModel", False, "BaseModelFailed", message)
         decision.phase(FAILED, "BaseModelFailed", message)
-        return None
-    elif base_status.phase != SUCCEEDED or not base_status.export_uri:
+        return
+    else:
         progress = base_status.step_progress
         reason = "BaseModelNotReady"
         message = f"waiting for PretrainJob {name} to succeed (now {base_status.phase or PENDING}" + (
             f", step {progress})" if progress else ")")
-    else:
-        decision.condition("WaitingForBaseModel", False, "BaseModelReady",
-                           f"starting from PretrainJob {name}: {base_status.export_uri}")
-        decision.status.base_model_uri = base_status.export_uri
-        return base_status.export_uri
-    created, limit = decision.seen.created, job.spec.base_model_wait_seconds
+    created, limit = decision.seen.created, waiting.wait_seconds
     if created is not None and decision.now - created >= timedelta(seconds=limit):
         message = f"{message}; gave up after baseModelWaitSeconds ({limit}s)"
         decision.condition("WaitingForBaseModel", False, "BaseModelTimeout", message)
         decision.phase(FAILED, "BaseModelTimeout", message)
-        return None
+        return
     decision.condition("WaitingForBaseModel", True, reason, message)
     decision.phase(PENDING, "WaitingForBaseModel", message)
-    return None
 
 
 def _launch(decision: _Decision, attempt: int, base_uri: str | None) -> None:
@@ -368,20 +338,12 @@ def _launch(decision: _Decision, attempt: int, base_uri: str | None) -> None:
         decision.phase(PENDING, "PodsCreated", f"{resources.workers} worker(s) created")
 
 
-def _disrupted(pod: dict[str, Any]) -> bool:
-    """Whether Kubernetes stopped the pod on purpose (eviction, preemption, node drain): its
-    DisruptionTarget condition."""
-    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
-               for c in pod.get("status", {}).get("conditions") or [])
-
-
-def _gang_failure(decision: _Decision, current: list[dict[str, Any]], failed: list[dict[str, Any]],
+def _gang_failure(decision: _Decision, current: list[PodView], failed: list[PodView],
                   vanished: list[int], attempt: int, stalled: bool = False) -> None:
     job, status = decision.seen.job, decision.status
-    decision.delete_pods += [p["metadata"]["name"] for p in current]
+    decision.delete_pods += [p.name for p in current]
     # Evicted pods may already be terminating (no longer `current`): look at every pod of this attempt.
-    disrupted = sorted(p["metadata"]["labels"][LABEL_RANK] for p in owned(decision.seen.pods, decision.seen.job)
-                       if p["metadata"]["labels"].get(LABEL_ATTEMPT) == str(attempt) and _disrupted(p))
+    disrupted = sorted(str(p.rank) for p in of_attempt(owned(decision.seen.pods, job), attempt) if p.disrupted)
     if disrupted and not stalled:
         status.restarts, status.disruptions, status.last_step_time = attempt + 1, status.disruptions + 1, None
         decision.phase(RESTARTING, "Disrupted",
@@ -390,12 +352,11 @@ def _gang_failure(decision: _Decision, current: list[dict[str, Any]], failed: li
         return
     causes = []
     for pod in failed:
-        code, detail = _failure(pod)
-        rank = pod["metadata"]["labels"][LABEL_RANK]
+        code, detail = pod.failure()
         if code == EXIT_PERMANENT:
-            decision.phase(FAILED, "PermanentError", f"worker {rank} cannot succeed as written: {detail}")
+            decision.phase(FAILED, "PermanentError", f"worker {pod.rank} cannot succeed as written: {detail}")
             return
-        causes.append(f"worker {rank} exited with code {code}: {detail}")
+        causes.append(f"worker {pod.rank} exited with code {code}: {detail}")
     causes += [f"worker {rank} disappeared (its node may be gone)" for rank in vanished]
     if stalled:
         causes.append(f"no new step since {status.last_step_time} (stallTimeoutSeconds "
@@ -429,10 +390,10 @@ def _report_progress(decision: _Decision) -> None:
         status.last_checkpoint_step = progress.last_checkpoint_step
 
 
-def _succeed(decision: _Decision, current: list[dict[str, Any]]) -> None:
+def _succeed(decision: _Decision, current: list[PodView]) -> None:
     status = decision.status
-    rank0 = next((p for p in current if p["metadata"]["labels"][LABEL_RANK] == "0"), current[0])
-    summary = _outcome(rank0)
+    rank0 = next((p for p in current if p.rank == 0), current[0])
+    summary = rank0.outcome
     if isinstance(summary, TrainerSummary):
         bad = _non_finite({"trainLoss": summary.train_loss,
                            **{f"finalEval {k}": v for k, v in summary.final_eval.items()}})
@@ -453,12 +414,10 @@ def _succeed(decision: _Decision, current: list[dict[str, Any]]) -> None:
 
 def _after_finish(decision: _Decision) -> None:
     spec = decision.seen.job.spec
-    live = [p for p in decision.seen.pods if not p["metadata"].get("deletionTimestamp")]
     if spec.clean_pod_policy == "All":
-        decision.delete_pods = [p["metadata"]["name"] for p in live]
+        decision.delete_pods = [p.name for p in live(decision.seen.pods)]
     elif spec.clean_pod_policy == "Running":
-        decision.delete_pods = [p["metadata"]["name"] for p in live
-                                if p.get("status", {}).get("phase") not in FINISHED]
+        decision.delete_pods = [p.name for p in live(decision.seen.pods) if p.phase not in FINISHED]
     finished = decision.status.completion_time
     if spec.ttl_seconds_after_finished is not None and finished:
         decision.delete_job = decision.now >= parse_time(finished) + timedelta(

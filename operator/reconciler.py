@@ -13,23 +13,21 @@ from typing import Any, cast
 
 import kopf
 
+from kubeforge.basemodel import upstream_pretrain_job
 from kubeforge.operator import builders
 from kubeforge.operator.cluster import CachedView, Cluster
-from kubeforge.operator.lifecycle import Observed, Plan, owned, parse_time, reconcile
+from kubeforge.operator.lifecycle import Observed, Plan, parse_time, reconcile
 from kubeforge.operator.metrics import OperatorMetrics
+from kubeforge.operator.pods import PodView, of_attempt, owned
 from kubeforge.operator.progress import scrape
 from kubeforge.operator.settings import OperatorSettings
 from kubeforge.spec import Job, SpecError, checkpoint_uri, parse_job
-from kubeforge.status import FAILED, PENDING, RESTARTING, SUCCEEDED, JobStatus
+from kubeforge.status import FAILED, PENDING, RESTARTING, RUNNING, SUCCEEDED, JobStatus
 
 
-def _rank0_ip(pods: list[dict[str, Any]], attempt: int) -> str | None:
-    for pod in pods:
-        labels = pod["metadata"].get("labels", {})
-        if labels.get(builders.LABEL_RANK) == "0" and labels.get(builders.LABEL_ATTEMPT) == str(attempt) \
-                and pod.get("status", {}).get("phase") == "Running":
-            return pod["status"].get("podIP")
-    return None
+def _rank0_ip(pods: list[PodView], attempt: int) -> str | None:
+    """Where the rank-0 trainer of this attempt serves its metrics, while it runs."""
+    return next((p.ip for p in of_attempt(pods, attempt) if p.rank == 0 and p.phase == RUNNING), None)
 
 
 def _created(body: dict[str, Any]) -> datetime | None:
@@ -110,12 +108,11 @@ class Operator:
         return changed
 
     def _plan(self, job: Job, body: dict[str, Any], status: dict[str, Any],
-              source: Cluster | CachedView) -> tuple[list[dict[str, Any]], Plan]:
+              source: Cluster | CachedView) -> tuple[list[PodView], Plan]:
         pods = source.pods(job)
         attempt = JobStatus.read(status).restarts
-        base_job = None
-        if job.kind == "FinetuneJob" and job.spec.base_model.from_pretrain_job:  # type: ignore[union-attr]
-            base_job = source.pretrain_job(job.namespace, job.spec.base_model.from_pretrain_job)  # type: ignore[union-attr]
+        upstream = upstream_pretrain_job(job)
+        base_job = source.pretrain_job(job.namespace, upstream) if upstream else None
         ip = _rank0_ip(owned(pods, job), attempt)
         progress = scrape(ip, job.spec.metrics.port) if ip and job.spec.metrics.port else None
         seen = Observed(job=job, status=status, pods=pods, gpu_nodes=self.cluster.gpu_nodes(),
@@ -125,11 +122,11 @@ class Operator:
                         uri_policy=self.settings.uri_policy())
         return pods, reconcile(seen, datetime.now(UTC))
 
-    def _act(self, job: Job, body: dict[str, Any], pods: list[dict[str, Any]], plan: Plan) -> None:
+    def _act(self, job: Job, body: dict[str, Any], pods: list[PodView], plan: Plan) -> None:
         for name in plan.delete_pods:
             self.cluster.delete_pod(job.namespace, name)
         if plan.launch is not None:
-            existing = {p["metadata"]["name"] for p in pods}
+            existing = {p.name for p in pods}
             self.cluster.create(builders.build_service(job))
             pod_group = builders.build_pod_group(job, self.settings)
             if pod_group is not None:  # before the pods: the gang scheduler admits them only as a group
@@ -141,8 +138,8 @@ class Operator:
             age = _age(body)
             if attempt == 0 and any(created) and age is not None:
                 self.metrics.pods_created_seconds.labels(job.kind).observe(age)
-        for kind, reason, message in plan.events:
-            kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message)
+        for event in plan.events:
+            kopf.event(cast(kopf.Body, body), type=event.type, reason=event.reason, message=event.message)
         if plan.delete_job:
             self.cluster.delete_job(job)
 

@@ -12,8 +12,9 @@ from support.jobs import tiny_pretrain
 
 from kubeforge.operator import builders
 from kubeforge.operator.cluster import CachedView
-from kubeforge.operator.lifecycle import LaunchPlan
+from kubeforge.operator.contract import LaunchPlan
 from kubeforge.operator.metrics import OperatorMetrics
+from kubeforge.operator.pods import PodView
 from kubeforge.operator.reconciler import Operator
 from kubeforge.operator.settings import OperatorSettings
 from kubeforge.spec import parse_job
@@ -32,9 +33,9 @@ class RecordedCluster:
         #: The status fields the operator wrote (the status subresource's merge patches).
         self.written_status: dict[str, Any] = {}
 
-    def pods(self, job: Any) -> list[dict[str, Any]]:
+    def pods(self, job: Any) -> list[PodView]:
         self.calls.append(("list", "pods"))
-        return copy.deepcopy(self.listed_pods)
+        return [PodView.parse(pod) for pod in self.listed_pods]
 
     def gpu_nodes(self) -> bool:
         return False
@@ -88,7 +89,7 @@ def pods_of(job_body: dict[str, Any], phase: str, attempt: int = 0) -> list[dict
 
 def view(job_body: dict[str, Any], pods: list[dict[str, Any]]) -> CachedView:
     key = (job_body["metadata"]["namespace"], "ptj", job_body["metadata"]["name"])
-    return CachedView({key: pods} if pods else {}, {})  # type: ignore[arg-type]
+    return CachedView({key: [PodView.parse(pod) for pod in pods]} if pods else {}, {})  # type: ignore[arg-type]
 
 
 def reconcile(cluster: RecordedCluster, job_body: dict[str, Any], cached: CachedView | None,

@@ -24,6 +24,7 @@ from support.rbac import OPERATOR_PERMISSIONS, granted
 
 from kubeforge.cli import PEERING_NAME, build_parser
 from kubeforge.operator import builders
+from kubeforge.operator.contract import LaunchPlan
 from kubeforge.operator.lifecycle import Observed, reconcile
 from kubeforge.operator.settings import OperatorSettings
 from kubeforge.spec import GangSpec, PodTemplateSpec, parse_job
@@ -348,7 +349,7 @@ def test_monitors_scrape_the_operator_and_the_trainer_pods(chart: helm.Chart) ->
     manifest = copy.deepcopy(example("pretrain-tiny.yaml")[0])
     manifest["metadata"]["uid"] = "0123456789abcdef"
     manifest["spec"]["metrics"] = {"port": 9090}
-    pod = builders.build_pod(parse_job(manifest), 0, 0, builders.LaunchPlan("s3://b/j", None, True), OperatorSettings())
+    pod = builders.build_pod(parse_job(manifest), 0, 0, LaunchPlan("s3://b/j", None, True), OperatorSettings())
     pod_monitor = only(objects, "PodMonitor")
     assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] in {
@@ -387,7 +388,7 @@ def test_the_network_policy_admits_only_peers_the_operator_dns_and_storage(chart
     policy = policies["ml-research"]["spec"]
     manifest = copy.deepcopy(example("pretrain-tiny.yaml")[0])
     manifest["metadata"].update(uid="0123456789abcdef", namespace="ml-research")
-    pod = builders.build_pod(parse_job(manifest), 0, 0, builders.LaunchPlan("s3://b/j", None, True), OperatorSettings())
+    pod = builders.build_pod(parse_job(manifest), 0, 0, LaunchPlan("s3://b/j", None, True), OperatorSettings())
     trainer_labels = pod["metadata"]["labels"]
     operator_labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
 

@@ -9,15 +9,8 @@ from typing import Any
 import yaml
 from support.jobs import SETTINGS, UID, example, job, with_change
 
-from kubeforge.operator.builders import (
-    LaunchPlan,
-    build_pod,
-    build_pod_group,
-    build_pods,
-    build_service,
-    label_selector,
-    pod_shape,
-)
+from kubeforge.operator.builders import build_pod, build_pod_group, build_pods, build_service
+from kubeforge.operator.contract import LaunchPlan, label_selector, pod_shape
 from kubeforge.spec import GangSpec, PodTemplateSpec, parse_job
 
 GPU_PLAN = LaunchPlan("s3://models/kf/default/pretrainjob/tiny-6c1f0e2a", None, cpu_fallback=False)

@@ -8,8 +8,10 @@ from typing import Any
 
 from support.jobs import SETTINGS, UID, example, job
 
-from kubeforge.operator.builders import LaunchPlan, build_pods
+from kubeforge.operator.builders import build_pods
+from kubeforge.operator.contract import LaunchPlan
 from kubeforge.operator.lifecycle import Observed, Plan, Progress, reconcile
+from kubeforge.operator.pods import PodView
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 CKPT = "s3://models/kf/default/pretrainjob/tiny-shakespeare-6c1f0e2a"
@@ -29,7 +31,8 @@ def pods(the_job: Any, attempt: int = 0, phases: list[str] | None = None, **term
 
 def decide(the_job: Any, status: dict[str, Any] | None = None, observed_pods: list[dict[str, Any]] | None = None,
            gpu_nodes: bool = True, now: datetime = NOW, **extra: Any) -> Plan:
-    return reconcile(Observed(job=the_job, status=status or {}, pods=observed_pods or [], gpu_nodes=gpu_nodes,
+    views = [PodView.parse(pod) for pod in observed_pods or []]
+    return reconcile(Observed(job=the_job, status=status or {}, pods=views, gpu_nodes=gpu_nodes,
                               checkpoint_uri=CKPT, generation=3, **extra), now)
 
 
