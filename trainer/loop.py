@@ -42,6 +42,7 @@ from kubeforge.trainer.metrics import ThroughputWindow, TrainerMetrics
 from kubeforge.trainer.models import (
     BaseModelError,
     build_pretrain_model,
+    check_sequence_length,
     enable_activation_checkpointing,
     fetch_model_dir,
     load_finetune_model,
@@ -154,6 +155,7 @@ def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Pat
     from transformers import AutoTokenizer
 
     base_dir = fetch_model_dir(base_model_uri, job.spec.s3, scratch)
+    check_sequence_length(base_dir, job.spec.training.sequence_length)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     ensure_pad_token(tokenizer)
     sequence_length = job.spec.training.sequence_length

@@ -27,6 +27,11 @@ class BaseModelError(JobError):
     will not help."""
 
 
+class SequenceLengthError(JobError):
+    """training.sequenceLength beyond the positions the base model was built with: its position
+    embeddings have no row for the later tokens, so training would die on the first long batch."""
+
+
 def build_pretrain_model(spec: ModelSpec, tokenizer: Any, sequence_length: int) -> PreTrainedModel:
     hidden, layers, heads, mlp = spec.dimensions()
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -78,6 +83,19 @@ def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path) -> Path:
         download_tree(storage, "", target, field="baseModel.uri")
     _require_safetensors(target, uri)
     return target
+
+
+def check_sequence_length(base_dir: Path, sequence_length: int) -> None:
+    """Refuse a sequence length the base model cannot embed, before any data is read."""
+    config = AutoConfig.from_pretrained(base_dir)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None or sequence_length <= positions:
+        return
+    # The key as config.json spells it: GPT-2 calls it n_positions.
+    key = getattr(config, "attribute_map", {}).get("max_position_embeddings", "max_position_embeddings")
+    raise SequenceLengthError(
+        f"training.sequenceLength: {sequence_length} exceeds the {positions} positions of the base model "
+        f"({key} in its config.json): set it to {positions} or less")
 
 
 def _require_safetensors(model_dir: Path, uri: str) -> None:
