@@ -682,11 +682,32 @@ class LoraSpec(_Model):
 class FinetuneData(PretrainData):
     """Training and eval data, with the fields each task reads."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        *IMMUTABLE["x-kubernetes-validations"],
+        {"rule": "!has(self.chatTemplate) || has(self.messagesField)",
+         "message": "chatTemplate is only valid with messagesField"},
+    ]})
+
     label_field: str = Field("label", min_length=1, description="sequence-classification label")
     prompt_field: str = Field("prompt", min_length=1, description="causal-lm instruction")
     response_field: str = Field("response", min_length=1, description="causal-lm answer")
-    packing: bool = Field(False, description="causal-lm: several prompt/response pairs per sequence, "
-                                             "each attending only to itself")
+    messages_field: str | None = Field(
+        None, min_length=1,
+        description="causal-lm: the field holding a conversation, a list of {role, content} messages (as the "
+                    "Hub's chat datasets and TRL have them), used instead of promptField and responseField: "
+                    "rendered with the chat template, the loss on the assistant's turns only")
+    chat_template: str | None = Field(
+        None, min_length=1,
+        description="with messagesField: a Jinja chat template (as tokenizer_config.json carries one) used "
+                    "instead of the base model's, and exported with the model; required when the base has none")
+    packing: bool = Field(False, description="causal-lm: several prompt/response pairs (or conversations) per "
+                                             "sequence, each attending only to itself")
+
+    @model_validator(mode="after")
+    def _template_only_with_messages(self) -> FinetuneData:
+        if self.chat_template is not None and self.messages_field is None:
+            raise ValueError("chatTemplate is only valid with messagesField")
+        return self
 
 
 class FinetuneSpec(_JobSpec):
@@ -696,6 +717,8 @@ class FinetuneSpec(_JobSpec):
         {"rule": "self.method == 'lora' || !has(self.lora)", "message": "lora is only valid with method: lora"},
         {"rule": "self.task == 'causal-lm' || !has(self.data.packing) || !self.data.packing",
          "message": "data.packing is only valid with task: causal-lm"},
+        {"rule": "self.task == 'causal-lm' || !has(self.data.messagesField)",
+         "message": "data.messagesField is only valid with task: causal-lm"},
     ]})
 
     base_model: BaseModelSpec = Field(..., description="the model to start from")
@@ -715,6 +738,8 @@ class FinetuneSpec(_JobSpec):
             raise ValueError("lora is only valid with method: lora")
         if self.task != "causal-lm" and self.data.packing:
             raise ValueError("data.packing is only valid with task: causal-lm")
+        if self.task != "causal-lm" and self.data.messages_field is not None:
+            raise ValueError("data.messagesField is only valid with task: causal-lm")
         return self
 
     def lora_settings(self) -> LoraSpec:

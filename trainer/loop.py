@@ -158,6 +158,8 @@ def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Pat
     check_sequence_length(base_dir, job.spec.training.sequence_length)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     ensure_pad_token(tokenizer)
+    if job.spec.data.chat_template is not None:
+        tokenizer.chat_template = job.spec.data.chat_template  # also what the export is saved with
     sequence_length = job.spec.training.sequence_length
     labels: list[str] | None = None
     if job.spec.task == "sequence-classification":

@@ -18,13 +18,11 @@ INSTRUCTIONS = EXAMPLES / "data" / "instructions"
 REVIEWS = EXAMPLES / "data" / "reviews"
 CHAT = EXAMPLES / "data" / "chat"
 
-#: A chat template as the Hub's tokenizers carry one (Jinja, rendered by apply_chat_template), with the
-#: `{% generation %}` markers that let transformers report which tokens are the assistant's. Tiny
-#: bases have none of their own.
+#: A chat template as the Hub's tokenizers carry one (Jinja, rendered by apply_chat_template): tiny
+#: bases have none of their own. An assistant turn is its content and the end-of-text token.
 TEST_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "<|assistant|>\n{% generation %}{{ message['content'] }}<|endoftext|>{% endgeneration %}\n"
+    "{% if message['role'] == 'assistant' %}<|assistant|>\n{{ message['content'] }}{{ eos_token }}"
     "{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -55,7 +53,8 @@ def tiny_base(directory: Path, *, positions: int = 128, chat_template: str | Non
 
 
 def finetune_manifest(base_uri: str, checkpoints: Path, *, task: str = "causal-lm", method: str = "full",
-                      sequence_length: int = 64, max_steps: int = 2, **data: Any) -> dict[str, Any]:
+                      sequence_length: int = 64, max_steps: int = 2, learning_rate: float = 1e-3,
+                      **data: Any) -> dict[str, Any]:
     """A FinetuneJob on the example data (instructions, or reviews for classification); `data`
     overrides spec.data fields."""
     source = INSTRUCTIONS if task == "causal-lm" else REVIEWS
@@ -66,7 +65,7 @@ def finetune_manifest(base_uri: str, checkpoints: Path, *, task: str = "causal-l
             "data": {"train": {"uri": str(source / "train.jsonl")}, "eval": {"uri": str(source / "eval.jsonl")},
                      **data},
             "training": {"maxSteps": max_steps, "batchSize": 8, "sequenceLength": sequence_length,
-                         "learningRate": 1e-3, "evalInterval": 1000, "evalBatches": 1, "logInterval": 1},
+                         "learningRate": learning_rate, "evalInterval": 1000, "evalBatches": 1, "logInterval": 1},
             "checkpoint": {"uri": str(checkpoints), "intervalSteps": 1000},
             "resources": {"gpusPerWorker": 0}, "metrics": {"port": 0},
         },
