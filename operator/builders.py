@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeforge.operator.settings import OperatorSettings
-from kubeforge.spec import KINDS, GangSpec, Job, PodTemplateSpec, merge_pod_templates
+from kubeforge.spec import HUB_SCHEME, KINDS, FinetuneJob, GangSpec, Job, PodTemplateSpec, merge_pod_templates
 
 C10D_PORT = 29500
 TERMINATION_LOG = "/dev/termination-log"
@@ -46,6 +46,8 @@ class LaunchPlan:
     checkpoint_uri: str
     base_model_uri: str | None
     cpu_fallback: bool
+    #: Where an hf:// base model is kept once fetched: shared by the namespace's jobs.
+    base_model_cache: str | None = None
 
 
 def group_name(job: Job) -> str:
@@ -163,6 +165,10 @@ def _env(job: Job, rank: int, settings: OperatorSettings, extra: PodTemplateSpec
     endpoint = (job.spec.s3.endpoint_url if job.spec.s3 else None) or settings.s3_endpoint
     if endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
+    token = job.spec.base_model.token_secret_ref if isinstance(job, FinetuneJob) else None
+    if token is not None:
+        # By reference, as the S3 credentials: the token itself is in no spec, status or log.
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": _dump(token)}})
     # The template's variables come last: a template may override HF_HOME or PYTHONUNBUFFERED, never
     # a rank (the spec refuses those names).
     extra_env = [_dump(e) for e in extra.env or []]
@@ -205,6 +211,8 @@ def trainer_command(job: Job, plan: LaunchPlan) -> list[str]:
     command = ["kubeforge", "train", "--spec-env", "KUBEFORGE_JOB", "--checkpoint-uri", plan.checkpoint_uri]
     if plan.base_model_uri:
         command += ["--base-model-uri", plan.base_model_uri]
+    if plan.base_model_cache and (plan.base_model_uri or "").startswith(HUB_SCHEME):
+        command += ["--base-model-cache", plan.base_model_cache]
     processes = processes_per_pod(job)
     if processes > 1:
         command += ["--processes", str(processes)]
