@@ -23,6 +23,7 @@ from kubeforge.spec import (
     Job,
     JobError,
     SpecError,
+    base_model_cache_uri,
     checkpoint_uri,
     export_uri,
     job_storage_uri,
@@ -83,7 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         root = checkpoint_uri(job, args.output)
         base = base_model_uri(job, jobs, args.output)
         print(f"==> {job.kind} {job.namespace}/{job.name}: checkpoints in {root}", file=sys.stderr)
-        result = train(job, checkpoint_root=root, base_model_uri=base, progress=not args.no_progress)
+        result = train(job, checkpoint_root=root, base_model_uri=base, progress=not args.no_progress,
+                       base_model_cache=base_model_cache_uri(args.output, job.namespace))
         results.append(result)
         evals = ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items())
         print(f"==> {job.kind} {job.name} done at step {result.step}: {evals}", file=sys.stderr)
@@ -116,7 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     job = _read_train_spec(args)
     root = args.checkpoint_uri or checkpoint_uri(job, DEFAULT_RUN_ROOT)
     base = args.base_model_uri or base_model_uri(job, [job], DEFAULT_RUN_ROOT)
-    result = train(job, checkpoint_root=root, base_model_uri=base, progress=False)
+    result = train(job, checkpoint_root=root, base_model_uri=base, progress=False,
+                   base_model_cache=args.base_model_cache)
     if os.environ.get("RANK", "0") != "0":
         return 0  # rank 0 speaks for the job
     if args.result:
@@ -137,7 +140,7 @@ def _launch_processes(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "kubeforge", "--log-level", "debug" if args.verbose else args.log_level, "train"]
     command += ["--spec-env", args.spec_env] if args.spec_env else ["--spec", args.spec]
     for flag, value in (("--checkpoint-uri", args.checkpoint_uri), ("--base-model-uri", args.base_model_uri),
-                        ("--result", args.result)):
+                        ("--base-model-cache", args.base_model_cache), ("--result", args.result)):
         if value:
             command += [flag, value]
     if not args.termination_log:
@@ -199,7 +202,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     for job in jobs:
         root = checkpoint_uri(job, settings.storage_root)
         base = base_model_uri(job, jobs, settings.storage_root)
-        plan = LaunchPlan(root, base, cpu_fallback=args.cpu_fallback)
+        plan = LaunchPlan(root, base, cpu_fallback=args.cpu_fallback,
+                          base_model_cache=base_model_cache_uri(settings.storage_root, job.namespace))
         group = builders.build_pod_group(job, settings)
         documents += [builders.build_service(job), *([group] if group else []),
                       *builders.build_pods(job, args.attempt, plan, settings)]
@@ -297,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--spec-env", help="the name of an environment variable holding the manifest")
     train.add_argument("--checkpoint-uri", help="overrides the job's checkpoint location")
     train.add_argument("--base-model-uri", help="the resolved base model of a FinetuneJob")
+    train.add_argument("--base-model-cache",
+                       help="where hf:// base models are kept once fetched (default: next to the checkpoints)")
     train.add_argument("--result", help="write the result JSON here")
     train.add_argument("--termination-log", help="write a short JSON summary (or the error) here on exit")
     train.add_argument("--processes", type=_positive, default=1,

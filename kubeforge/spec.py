@@ -32,6 +32,9 @@ JOB_NAME_MAX_LENGTH = 63 - len("-ptj")
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 STORAGE_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+|file://.+)$"
 HTTP_URL = r"^https?://"
+#: A model repository on the Hugging Face Hub, at a branch, tag or commit (default: main).
+HUB_URI = r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._/-]*)?$"
+BASE_MODEL_URI = f"({STORAGE_URI}|{HUB_URI})"
 
 #: What each pattern means, for error messages people can act on.
 PATTERN_MEANINGS = {
@@ -41,6 +44,7 @@ PATTERN_MEANINGS = {
     QUANTITY: "a Kubernetes quantity such as 2, 500m or 8Gi",
     STORAGE_URI: "an s3://bucket/prefix URI (bucket of 3-63 characters) or a local path",
     HTTP_URL: "an http:// or https:// URL",
+    BASE_MODEL_URI: "an s3://bucket/prefix URI, a local path or hf://ORG/NAME[@REVISION] (a Hugging Face Hub model)",
 }
 
 
@@ -653,18 +657,31 @@ class BaseModelSpec(_Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         *IMMUTABLE["x-kubernetes-validations"],
         {"rule": "has(self.uri) != has(self.fromPretrainJob)", "message": "set exactly one of uri or fromPretrainJob"},
+        {"rule": "!has(self.tokenSecretRef) || (has(self.uri) && self.uri.startsWith('hf://'))",
+         "message": "tokenSecretRef is only valid with an hf:// uri"},
     ]})
 
-    uri: str | None = Field(None, pattern=STORAGE_URI,
-                            description="a Hugging Face model directory: local path or s3://")
+    uri: str | None = Field(
+        None, pattern=BASE_MODEL_URI,
+        description="a Hugging Face model directory (local path or s3://), or hf://ORG/NAME[@REVISION]: a model "
+                    "on the Hub at a branch, tag or commit (default main), fetched once into the job's storage "
+                    "and reused from there by every pod, restart and later job")
     from_pretrain_job: str | None = Field(None, pattern=DNS_LABEL,
                                           description="a PretrainJob in the same namespace")
+    token_secret_ref: KeySelector | None = Field(
+        None, description="with an hf:// uri: the key of a Secret holding a Hub access token (private or gated "
+                          "models), given to the trainer as HF_TOKEN")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> BaseModelSpec:
         if (self.uri is None) == (self.from_pretrain_job is None):
             raise ValueError("set exactly one of uri or fromPretrainJob")
+        if self.token_secret_ref is not None and not self.from_hub():
+            raise ValueError("tokenSecretRef is only valid with an hf:// uri")
         return self
+
+    def from_hub(self) -> bool:
+        return (self.uri or "").startswith(HUB_SCHEME)
 
 
 class LoraSpec(_Model):
@@ -682,11 +699,32 @@ class LoraSpec(_Model):
 class FinetuneData(PretrainData):
     """Training and eval data, with the fields each task reads."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        *IMMUTABLE["x-kubernetes-validations"],
+        {"rule": "!has(self.chatTemplate) || has(self.messagesField)",
+         "message": "chatTemplate is only valid with messagesField"},
+    ]})
+
     label_field: str = Field("label", min_length=1, description="sequence-classification label")
     prompt_field: str = Field("prompt", min_length=1, description="causal-lm instruction")
     response_field: str = Field("response", min_length=1, description="causal-lm answer")
-    packing: bool = Field(False, description="causal-lm: several prompt/response pairs per sequence, "
-                                             "each attending only to itself")
+    messages_field: str | None = Field(
+        None, min_length=1,
+        description="causal-lm: the field holding a conversation, a list of {role, content} messages (as the "
+                    "Hub's chat datasets and TRL have them), used instead of promptField and responseField: "
+                    "rendered with the chat template, the loss on the assistant's turns only")
+    chat_template: str | None = Field(
+        None, min_length=1,
+        description="with messagesField: a Jinja chat template (as tokenizer_config.json carries one) used "
+                    "instead of the base model's, and exported with the model; required when the base has none")
+    packing: bool = Field(False, description="causal-lm: several prompt/response pairs (or conversations) per "
+                                             "sequence, each attending only to itself")
+
+    @model_validator(mode="after")
+    def _template_only_with_messages(self) -> FinetuneData:
+        if self.chat_template is not None and self.messages_field is None:
+            raise ValueError("chatTemplate is only valid with messagesField")
+        return self
 
 
 class FinetuneSpec(_JobSpec):
@@ -696,6 +734,8 @@ class FinetuneSpec(_JobSpec):
         {"rule": "self.method == 'lora' || !has(self.lora)", "message": "lora is only valid with method: lora"},
         {"rule": "self.task == 'causal-lm' || !has(self.data.packing) || !self.data.packing",
          "message": "data.packing is only valid with task: causal-lm"},
+        {"rule": "self.task == 'causal-lm' || !has(self.data.messagesField)",
+         "message": "data.messagesField is only valid with task: causal-lm"},
     ]})
 
     base_model: BaseModelSpec = Field(..., description="the model to start from")
@@ -715,6 +755,8 @@ class FinetuneSpec(_JobSpec):
             raise ValueError("lora is only valid with method: lora")
         if self.task != "causal-lm" and self.data.packing:
             raise ValueError("data.packing is only valid with task: causal-lm")
+        if self.task != "causal-lm" and self.data.messages_field is not None:
+            raise ValueError("data.messagesField is only valid with task: causal-lm")
         return self
 
     def lora_settings(self) -> LoraSpec:
@@ -882,6 +924,7 @@ def load_job_file(path: str) -> list[Job]:
 # Where a job's outputs live: the same answer for `kubeforge run`, the operator and the trainer.
 
 EXPORT_DIR = "export"
+HUB_SCHEME = "hf://"
 
 
 def job_storage_uri(root: str, kind: str, namespace: str, name: str, uid: str | None = None) -> str:
@@ -890,6 +933,11 @@ def job_storage_uri(root: str, kind: str, namespace: str, name: str, uid: str | 
     A uid suffix keeps a re-created job with the same name from resuming its predecessor."""
     leaf = f"{name}-{uid[:8]}" if uid else name
     return f"{root.rstrip('/')}/{namespace}/{kind.lower()}/{leaf}"
+
+
+def base_model_cache_uri(root: str, namespace: str) -> str:
+    """Where a namespace's jobs keep the Hub models they start from (hf:// base models), each fetched once."""
+    return f"{root.rstrip('/')}/{namespace}/base-models"
 
 
 def checkpoint_uri(job: Job, default_root: str) -> str:

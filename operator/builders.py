@@ -31,7 +31,7 @@ from kubeforge.operator.contract import (
     selector,
 )
 from kubeforge.operator.settings import OperatorSettings
-from kubeforge.spec import KINDS, GangSpec, Job, PodTemplateSpec, merge_pod_templates
+from kubeforge.spec import HUB_SCHEME, KINDS, FinetuneJob, GangSpec, Job, PodTemplateSpec, merge_pod_templates
 
 C10D_PORT = 29500
 TERMINATION_LOG = "/dev/termination-log"
@@ -123,6 +123,8 @@ def trainer_command(job: Job, plan: LaunchPlan) -> list[str]:
     command = ["kubeforge", "train", "--spec-env", "KUBEFORGE_JOB", "--checkpoint-uri", plan.checkpoint_uri]
     if plan.base_model_uri:
         command += ["--base-model-uri", plan.base_model_uri]
+    if plan.base_model_cache and (plan.base_model_uri or "").startswith(HUB_SCHEME):
+        command += ["--base-model-cache", plan.base_model_cache]
     processes = processes_per_pod(job)
     if processes > 1:
         command += ["--processes", str(processes)]
@@ -248,7 +250,8 @@ def _ports(pod: dict[str, Any], inputs: PodInputs) -> None:
 
 
 def _storage(pod: dict[str, Any], inputs: PodInputs) -> None:
-    """The S3 endpoint, and the credentials only as a reference to their Secret."""
+    """The S3 endpoint; the S3 credentials and an hf:// base model's token only as references to
+    their Secrets, so neither is in any spec, status or log."""
     job, settings = inputs.job, inputs.settings
     container = _trainer(pod)
     endpoint = (job.spec.s3.endpoint_url if job.spec.s3 else None) or settings.s3_endpoint
@@ -257,6 +260,9 @@ def _storage(pod: dict[str, Any], inputs: PodInputs) -> None:
     secret = credentials_secret(job, settings)
     if secret:
         container["envFrom"] = [{"secretRef": {"name": secret}}]
+    token = job.spec.base_model.token_secret_ref if isinstance(job, FinetuneJob) else None
+    if token is not None:
+        container["env"].append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": _dump(token)}})
 
 
 def _security(pod: dict[str, Any], inputs: PodInputs) -> None:

@@ -42,6 +42,8 @@ class LaunchPlan:
     checkpoint_uri: str
     base_model_uri: str | None
     cpu_fallback: bool
+    #: Where an hf:// base model is kept once fetched: shared by the namespace's jobs.
+    base_model_cache: str | None = None
 
 
 def group_name(job: Job) -> str:

@@ -67,6 +67,8 @@ class Observed:
     uri_policy: UriPolicy | None = None
     #: metadata.creationTimestamp: a FinetuneJob's wait for its base model counts from it.
     created: datetime | None = None
+    #: Where the namespace's jobs keep hf:// base models once fetched (spec.base_model_cache_uri).
+    base_model_cache: str | None = None
 
 
 class Event(NamedTuple):
@@ -330,7 +332,7 @@ def _launch(decision: _Decision, attempt: int, base_uri: str | None) -> None:
     if decision.status.condition("WaitingForGPU"):
         decision.condition("WaitingForGPU", False, "Scheduled", "pods created")
     decision.status.device = "cpu" if cpu_fallback or not resources.gpus_per_worker else "gpu"
-    decision.launch = LaunchPlan(decision.seen.checkpoint_uri, base_uri, cpu_fallback)
+    decision.launch = LaunchPlan(decision.seen.checkpoint_uri, base_uri, cpu_fallback, decision.seen.base_model_cache)
     if attempt:
         decision.phase(RESTARTING, "PodsCreated",
                        f"restart {attempt}: {resources.workers} worker(s) resume from the last checkpoint")

@@ -21,7 +21,7 @@ from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.pods import PodView, of_attempt, owned
 from kubeforge.operator.progress import scrape
 from kubeforge.operator.settings import OperatorSettings
-from kubeforge.spec import Job, SpecError, checkpoint_uri, parse_job
+from kubeforge.spec import Job, SpecError, base_model_cache_uri, checkpoint_uri, parse_job
 from kubeforge.status import FAILED, PENDING, RESTARTING, RUNNING, SUCCEEDED, JobStatus
 
 
@@ -119,7 +119,8 @@ class Operator:
                         checkpoint_uri=checkpoint_uri(job, self.settings.storage_root), base_job=base_job,
                         progress=progress, generation=body["metadata"].get("generation"),
                         cpu_fallback_allowed=self.settings.allow_cpu_fallback, created=_created(body),
-                        uri_policy=self.settings.uri_policy())
+                        uri_policy=self.settings.uri_policy(),
+                        base_model_cache=base_model_cache_uri(self.settings.storage_root, job.namespace))
         return pods, reconcile(seen, datetime.now(UTC))
 
     def _act(self, job: Job, body: dict[str, Any], pods: list[PodView], plan: Plan) -> None:

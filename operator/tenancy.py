@@ -81,7 +81,8 @@ def job_uris(job: Job) -> list[tuple[str, str]]:
         named.append(("spec.checkpoint.uri", spec.checkpoint.uri))
     if spec.checkpoint.warm_start_from:  # read: another team's weights are theirs
         named.append(("spec.checkpoint.warmStartFrom", spec.checkpoint.warm_start_from))
-    if isinstance(job, FinetuneJob) and job.spec.base_model.uri:
+    # A Hub model is no storage of anyone's: its copy is kept under the namespace's own prefix.
+    if isinstance(job, FinetuneJob) and job.spec.base_model.uri and not job.spec.base_model.from_hub():
         named.append(("spec.baseModel.uri", job.spec.base_model.uri))
     return named
 

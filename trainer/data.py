@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
+import jinja2
 import torch
 
 from kubeforge.spec import DataSource, FinetuneData, JobError, PretrainData, S3Spec
@@ -136,63 +137,120 @@ def pack_texts(texts: list[str], tokenizer: Any, sequence_length: int, what: str
     return {"input_ids": blocks, "labels": blocks}
 
 
-def _sft_tokens(prompt: str, response: str, tokenizer: Any, sequence_length: int) -> tuple[list[int], int]:
-    """One instruction/response pair as token ids (truncated) and where its response starts."""
+#: One training sequence: its token ids and their labels (IGNORE_INDEX where there is no loss).
+TokenExample = tuple[list[int], list[int]]
+
+
+def _sft_tokens(prompt: str, response: str, tokenizer: Any, sequence_length: int) -> TokenExample:
+    """One instruction/response pair as token ids (truncated), the loss on the response."""
     head = tokenizer(SFT_TEMPLATE.format(prompt=prompt), add_special_tokens=False)["input_ids"]
     tail = tokenizer(str(response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (head + tail)[:sequence_length]
-    return ids, min(len(head), len(ids))
+    return (head + tail)[:sequence_length], ([IGNORE_INDEX] * len(head) + tail)[:sequence_length]
 
 
-def sft_examples(prompts: list[str], responses: list[str], tokenizer: Any, sequence_length: int
-                 ) -> dict[str, torch.Tensor]:
-    """Instruction/response pairs, one per row; the loss is on the response only."""
-    count = len(prompts)
-    input_ids = torch.full((count, sequence_length), tokenizer.pad_token_id, dtype=torch.long)
+def padded_rows(examples: list[TokenExample], pad_token_id: int, sequence_length: int) -> dict[str, torch.Tensor]:
+    """One example per row, padded on the right."""
+    count = len(examples)
+    input_ids = torch.full((count, sequence_length), pad_token_id, dtype=torch.long)
     labels = torch.full((count, sequence_length), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((count, sequence_length), dtype=torch.long)
-    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-        ids, answer_start = _sft_tokens(prompt, response, tokenizer, sequence_length)
+    for row, (ids, targets) in enumerate(examples):
         input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(targets)
         attention[row, : len(ids)] = 1
-        answer = slice(answer_start, len(ids))
-        labels[row, answer] = input_ids[row, answer]
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, LENGTHS: attention.sum(1)}
 
 
-def packed_sft_examples(prompts: list[str], responses: list[str], tokenizer: Any, sequence_length: int
-                        ) -> dict[str, torch.Tensor]:
-    """Instruction/response pairs packed several to a row, in order, each kept whole.
+def packed_rows(examples: list[TokenExample], pad_token_id: int, sequence_length: int) -> dict[str, torch.Tensor]:
+    """Examples packed several to a row, in order, each kept whole.
 
-    Each pair's position_ids restart at 0 and there is no attention_mask: transformers' mask
-    utilities then read the pairs' boundaries from position_ids and let each pair attend only to
+    Each example's position_ids restart at 0 and there is no attention_mask: transformers' mask
+    utilities then read the examples' boundaries from position_ids and let each attend only to
     itself (a block-diagonal causal mask on eager and sdpa, varlen kernels on flash-attention).
     The unused tail of a row is one more such block, of padding, with no loss."""
-    rows: list[list[tuple[list[int], int]]] = [[]]
+    rows: list[list[TokenExample]] = [[]]
     used = 0
-    for prompt, response in zip(prompts, responses, strict=True):
-        ids, answer_start = _sft_tokens(prompt, response, tokenizer, sequence_length)
+    for ids, targets in examples:
         if used + len(ids) > sequence_length:
             rows.append([])
             used = 0
-        rows[-1].append((ids, answer_start))
+        rows[-1].append((ids, targets))
         used += len(ids)
     count = len(rows)
-    input_ids = torch.full((count, sequence_length), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((count, sequence_length), pad_token_id, dtype=torch.long)
     labels = torch.full((count, sequence_length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((count, sequence_length), dtype=torch.long)
     lengths = torch.zeros(count, dtype=torch.long)
-    for row, pairs in enumerate(rows):
+    for row, packed in enumerate(rows):
         start = 0
-        for ids, answer_start in pairs:
+        for ids, targets in packed:
             end = start + len(ids)
             input_ids[row, start:end] = torch.tensor(ids)
-            labels[row, start + answer_start : end] = input_ids[row, start + answer_start : end]
+            labels[row, start:end] = torch.tensor(targets)
             position_ids[row, start:end] = torch.arange(len(ids))
             start = end
         position_ids[row, start:] = torch.arange(sequence_length - start)
         lengths[row] = start
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, LENGTHS: lengths}
+
+
+def sft_examples(prompts: list[str], responses: list[str], tokenizer: Any, sequence_length: int
+                 ) -> dict[str, torch.Tensor]:
+    """Instruction/response pairs, one per row; the loss is on the response only."""
+    examples = [_sft_tokens(p, r, tokenizer, sequence_length) for p, r in zip(prompts, responses, strict=True)]
+    return padded_rows(examples, tokenizer.pad_token_id, sequence_length)
+
+
+def packed_sft_examples(prompts: list[str], responses: list[str], tokenizer: Any, sequence_length: int
+                        ) -> dict[str, torch.Tensor]:
+    """Instruction/response pairs packed several to a row (see packed_rows)."""
+    examples = [_sft_tokens(p, r, tokenizer, sequence_length) for p, r in zip(prompts, responses, strict=True)]
+    return packed_rows(examples, tokenizer.pad_token_id, sequence_length)
+
+
+def conversation(value: Any, what: str) -> list[dict[str, Any]]:
+    """A record's data.messagesField: a conversation, with at least one assistant turn to learn."""
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        raise DataError(f"{what}: data.messagesField must hold a non-empty list of {{role, content}} messages")
+    if not any(m["role"] == "assistant" for m in value):
+        raise DataError(f"{what}: no assistant message in data.messagesField: nothing to learn from it")
+    return value
+
+
+def chat_tokens(messages: list[dict[str, Any]], tokenizer: Any, sequence_length: int, what: str) -> TokenExample:
+    """One conversation rendered with the tokenizer's chat template (truncated), the loss on the
+    assistant's turns only.
+
+    An assistant turn is what rendering the conversation through it adds to rendering it up to
+    that turn with the generation prompt (such as `<|assistant|>`), so the template needs no
+    markers of its own; this holds for templates that render a conversation's beginning as a
+    prefix of the whole, which is checked."""
+    def render(turns: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        try:
+            return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt))
+        except jinja2.TemplateError as exc:
+            raise DataError(f"{what}: the chat template cannot render it: {exc}") from None
+
+    pieces: list[tuple[str, bool]] = []  # consecutive texts, and whether each is the assistant's
+    rendered = ""
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:turn], generation_prompt=True), render(messages[: turn + 1])
+        if not (before.startswith(rendered) and through.startswith(before)):
+            raise DataError(f"{what}: the chat template renders the conversation's beginning differently "
+                            f"from the whole (at message {turn + 1}): the assistant's tokens cannot be told apart")
+        pieces += [(before[len(rendered):], False), (through[len(before):], True)]
+        rendered = through
+    pieces.append((render(messages).removeprefix(rendered), False))
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, learned in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids += piece
+        labels += piece if learned else [IGNORE_INDEX] * len(piece)
+    return ids[:sequence_length], labels[:sequence_length]
 
 
 def classification_examples(texts: list[str], labels: list[int], tokenizer: Any, sequence_length: int
@@ -248,16 +306,29 @@ def classification_sets(data: FinetuneData, s3: S3Spec | None, tokenizer: Any, s
 
 def instruction_sets(data: FinetuneData, s3: S3Spec | None, tokenizer: Any, sequence_length: int
                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Train and eval tensors of a causal-lm finetuning job (prompt/response pairs); training pairs
-    packed several to a row with data.packing."""
-    train_records, eval_records = load_splits(data, s3, data.prompt_field)
+    """Train and eval tensors of a causal-lm finetuning job: prompt/response pairs or, with
+    data.messagesField, conversations in the tokenizer's chat template; training examples packed
+    several to a row with data.packing."""
+    messages_field = data.messages_field
+    if messages_field is not None and not tokenizer.chat_template:
+        raise DataError(f"data.messagesField: the base model's tokenizer has no chat template to render "
+                        f"{messages_field!r} with: set data.chatTemplate (a Jinja chat template) or use a base "
+                        "model that has one")
+    train_records, eval_records = load_splits(data, s3, messages_field or data.prompt_field)
 
-    def encode(records: list[dict[str, Any]], what: str, pack: bool) -> dict[str, torch.Tensor]:
+    def tokens(records: list[dict[str, Any]], what: str) -> list[TokenExample]:
+        if messages_field is not None:
+            conversations = field_values(records, messages_field, "messagesField", what)
+            return [chat_tokens(conversation(value, f"{what} record {number}"), tokenizer, sequence_length,
+                                f"{what} record {number}") for number, value in enumerate(conversations, start=1)]
         prompts = [str(p) for p in field_values(records, data.prompt_field, "promptField", what)]
         answers = [str(a) for a in field_values(records, data.response_field, "responseField", what)]
-        return (packed_sft_examples if pack else sft_examples)(prompts, answers, tokenizer, sequence_length)
+        return [_sft_tokens(p, a, tokenizer, sequence_length) for p, a in zip(prompts, answers, strict=True)]
 
-    # Eval stays one pair per row: its loss is comparable with and without packing.
+    def encode(records: list[dict[str, Any]], what: str, pack: bool) -> dict[str, torch.Tensor]:
+        return (packed_rows if pack else padded_rows)(tokens(records, what), tokenizer.pad_token_id, sequence_length)
+
+    # Eval stays one example per row: its loss is comparable with and without packing.
     return encode(train_records, "data.train", data.packing), encode(eval_records, "data.eval", False)
 
 

@@ -23,7 +23,7 @@ import yaml
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
-from kubeforge.spec import FinetuneJob, Job, PretrainJob, TrainingSpec, export_uri
+from kubeforge.spec import HUB_SCHEME, FinetuneJob, Job, PretrainJob, TrainingSpec, export_uri
 from kubeforge.status import Preempted, TrainerResult
 from kubeforge.storage import StorageError, open_storage
 from kubeforge.trainer import data, distributed
@@ -42,6 +42,8 @@ from kubeforge.trainer.metrics import ThroughputWindow, TrainerMetrics
 from kubeforge.trainer.models import (
     BaseModelError,
     build_pretrain_model,
+    cache_hub_model,
+    check_sequence_length,
     enable_activation_checkpointing,
     fetch_model_dir,
     load_finetune_model,
@@ -154,8 +156,11 @@ def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Pat
     from transformers import AutoTokenizer
 
     base_dir = fetch_model_dir(base_model_uri, job.spec.s3, scratch)
+    check_sequence_length(base_dir, job.spec.training.sequence_length)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     ensure_pad_token(tokenizer)
+    if job.spec.data.chat_template is not None:
+        tokenizer.chat_template = job.spec.data.chat_template  # also what the export is saved with
     sequence_length = job.spec.training.sequence_length
     labels: list[str] | None = None
     if job.spec.task == "sequence-classification":
@@ -476,15 +481,32 @@ class Trainer:
         self.metrics.last_checkpoint_step.set(report.step)
 
 
+def hub_base_model(job: Job, uri: str, cache: str, runtime: distributed.Runtime, scratch: Path) -> str:
+    """The job storage's copy of an hf:// base model: rank 0 fetches it if it is not there yet while
+    the other ranks, of every pod, wait, so the Hub is asked once."""
+    if runtime.is_main:
+        cached = cache_hub_model(uri, cache, job.spec.s3, scratch)
+    if runtime.world_size > 1:
+        torch.distributed.barrier()
+    if not runtime.is_main:
+        cached = cache_hub_model(uri, cache, job.spec.s3, scratch)  # committed by now: only read
+    return cached
+
+
 def train(job: Job, *, checkpoint_root: str, base_model_uri: str | None = None,
-          progress: bool = False) -> TrainerResult:
-    """Run one job to completion (resuming from its newest checkpoint) and return its result."""
+          progress: bool = False, base_model_cache: str | None = None) -> TrainerResult:
+    """Run one job to completion (resuming from its newest checkpoint) and return its result; an
+    hf:// base model is kept under base_model_cache (default: next to the checkpoints)."""
     resources = job.spec.resources
     runtime = distributed.start(resources.gpus_per_worker, resources.allow_cpu_fallback)
     metrics = TrainerMetrics(job.name, job.namespace, job.kind, runtime.rank)
     try:
         metrics.serve(job.spec.metrics.port and job.spec.metrics.port + runtime.local_rank)
         with distributed.GracefulStop() as stop, tempfile.TemporaryDirectory(prefix="kubeforge-train-") as scratch:
+            if base_model_uri is not None and base_model_uri.startswith(HUB_SCHEME):
+                base_model_uri = hub_base_model(job, base_model_uri,
+                                                base_model_cache or f"{checkpoint_root.rstrip('/')}/base-models",
+                                                runtime, Path(scratch))
             return Trainer(job, runtime, metrics, stop, checkpoint_root, base_model_uri, progress,
                            Path(scratch)).train()
     finally:

@@ -15,16 +15,24 @@ from transformers import (
     PreTrainedModel,
 )
 
-from kubeforge.spec import FinetuneSpec, JobError, ModelSpec, S3Spec
+from kubeforge.spec import HUB_SCHEME, FinetuneSpec, JobError, ModelSpec, S3Spec
 from kubeforge.storage import StorageError, download_tree, open_storage
-from kubeforge.trainer.checkpoint import MANIFEST, fetch_verified, read_manifest
+from kubeforge.trainer.checkpoint import MANIFEST, fetch_verified, read_manifest, write_committed
 
 log = logging.getLogger(__name__)
+
+#: What is fetched of a Hub repository: config, tokenizer and safetensors weights, never a pickle.
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
 class BaseModelError(JobError):
     """A finetuning job's base model that cannot be found or is not a Hugging Face model; retrying
     will not help."""
+
+
+class SequenceLengthError(JobError):
+    """training.sequenceLength beyond the positions the base model was built with: its position
+    embeddings have no row for the later tokens, so training would die on the first long batch."""
 
 
 def build_pretrain_model(spec: ModelSpec, tokenizer: Any, sequence_length: int) -> PreTrainedModel:
@@ -76,6 +84,57 @@ def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path) -> Path:
         fetch_verified(storage, "", manifest, target, field="baseModel.uri")
     else:
         download_tree(storage, "", target, field="baseModel.uri")
+    _require_safetensors(target, uri)
+    return target
+
+
+def check_sequence_length(base_dir: Path, sequence_length: int) -> None:
+    """Refuse a sequence length the base model cannot embed, before any data is read."""
+    config = AutoConfig.from_pretrained(base_dir)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None or sequence_length <= positions:
+        return
+    # The key as config.json spells it: GPT-2 calls it n_positions.
+    key = getattr(config, "attribute_map", {}).get("max_position_embeddings", "max_position_embeddings")
+    raise SequenceLengthError(
+        f"training.sequenceLength: {sequence_length} exceeds the {positions} positions of the base model "
+        f"({key} in its config.json): set it to {positions} or less")
+
+
+def cache_hub_model(uri: str, cache_root: str, s3: S3Spec | None, scratch: Path) -> str:
+    """The URI of the job storage's copy of a Hub model (hf://ORG/NAME[@REVISION]), fetched from the
+    Hub the first time only: committed with a manifest under `<cache_root>/ORG/NAME/REVISION`, it
+    is what every pod, restart and later job on the same revision reads, the Hub not asked again."""
+    repo, _, revision = uri.removeprefix(HUB_SCHEME).partition("@")
+    revision = revision or "main"
+    cached = f"{cache_root.rstrip('/')}/{repo}/{revision}"
+    storage = open_storage(cached, s3)
+    if read_manifest(storage, "") is None:
+        local = _download_from_hub(uri, repo, revision, scratch / "hub")
+        # snapshot_download keeps its own bookkeeping in dot folders: not part of the model.
+        files = {path.relative_to(local).as_posix(): path for path in sorted(local.rglob("*"))
+                 if path.is_file() and not any(part.startswith(".") for part in path.relative_to(local).parts)}
+        write_committed(storage, "", files, {"step": 0})
+        log.info("fetched %s from the Hub into %s", uri, cached)
+    return cached
+
+
+def _download_from_hub(uri: str, repo: str, revision: str, target: Path) -> Path:
+    """A snapshot of the Hub repository, checked to be a model in safetensors; the token, if any, is
+    HF_TOKEN's (baseModel.tokenSecretRef), read by huggingface_hub itself and never logged."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        snapshot_download(repo, revision=revision, local_dir=target, allow_patterns=HUB_FILES)
+    except RevisionNotFoundError:
+        raise BaseModelError(f"baseModel.uri: {uri}: the Hub repository {repo} has no revision "
+                             f"{revision!r}") from None
+    except RepositoryNotFoundError:
+        raise BaseModelError(f"baseModel.uri: {uri}: no model repository {repo} on the Hub, or it is private "
+                             "or gated and baseModel.tokenSecretRef gives no token with access to it") from None
+    if not (target / "config.json").is_file():
+        raise BaseModelError(f"baseModel.uri: {uri} has no config.json: not a Hugging Face model")
     _require_safetensors(target, uri)
     return target
 

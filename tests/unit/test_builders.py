@@ -58,6 +58,20 @@ def test_cpu_fallback_pods_have_no_gpu_and_the_cpu_image() -> None:
     assert pod["metadata"]["annotations"]["kubeforge.io/cpu-fallback"] == "true"
 
 
+def test_a_hub_base_model_gets_its_token_by_reference_and_the_namespaces_cache() -> None:
+    document = example("finetune-lora-classify.yaml")[0]
+    document["spec"]["baseModel"] = {"uri": "hf://tiny-org/tiny-gpt2@v1",
+                                     "tokenSecretRef": {"name": "hub-token", "key": "token"}}
+    finetune = job(document)
+    plan = LaunchPlan("s3://models/kf/default/finetunejob/review-sentiment-6c1f0e2a", "hf://tiny-org/tiny-gpt2@v1",
+                      False, "s3://models/kf/default/base-models")
+    container = build_pod(finetune, 0, 0, plan, SETTINGS)["spec"]["containers"][0]
+    token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub-token", "key": "token"}}}
+    assert token in container["env"]  # by reference: the token is in no spec, status or log
+    command = container["command"]
+    assert command[command.index("--base-model-cache") + 1] == "s3://models/kf/default/base-models"
+
+
 def test_the_trainer_command_carries_the_job_and_its_uris() -> None:
     finetune = job(example("finetune-lora-classify.yaml")[0])
     plan = LaunchPlan("s3://models/kf/default/finetunejob/review-sentiment-6c1f0e2a",

@@ -107,6 +107,10 @@ REJECTED_BY_CEL = [
      ".spec.baseModel: set exactly one of uri or fromPretrainJob"),
     (FINETUNE, "spec.method", "full", ".spec: lora is only valid with method: lora"),
     (FINETUNE, "spec.data.packing", True, ".spec: data.packing is only valid with task: causal-lm"),
+    (FINETUNE, "spec.baseModel.tokenSecretRef", {"name": "hub", "key": "token"},
+     ".spec.baseModel: tokenSecretRef is only valid with an hf:// uri"),
+    (FINETUNE, "spec.data.messagesField", "messages", ".spec: data.messagesField is only valid with task: causal-lm"),
+    (FINETUNE, "spec.data.chatTemplate", "{{ messages }}", ".spec.data: chatTemplate is only valid with messagesField"),
 ]
 
 
