@@ -281,20 +281,8 @@ def peering_priority(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer or 'random', got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kubeforge", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (as --log-level debug)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="run a job or a pipeline of jobs on this machine, no cluster")
-    run.add_argument("file", help="a manifest; several documents run pretrain jobs first")
-    run.add_argument("--output", default=DEFAULT_RUN_ROOT,
-                     help="storage root for jobs without checkpoint.uri (a directory or s3://bucket/prefix)")
-    run.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-    run.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    run.set_defaults(handler=cmd_run)
-
+def _add_train_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`kubeforge train`: what the operator's pods run, its URIs given by the operator."""
     train = commands.add_parser("train", help="train one job (what the operator's pods run)")
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--spec", help="the job manifest, or - for standard input")
@@ -309,6 +297,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="trainer processes in this pod, one per GPU: ranks NODE_RANK * N + local rank "
                             "of WORLD_SIZE (default: 1, this process)")
     train.set_defaults(handler=cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubeforge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (as --log-level debug)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a job or a pipeline of jobs on this machine, no cluster")
+    run.add_argument("file", help="a manifest; several documents run pretrain jobs first")
+    run.add_argument("--output", default=DEFAULT_RUN_ROOT,
+                     help="storage root for jobs without checkpoint.uri (a directory or s3://bucket/prefix)")
+    run.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    run.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    run.set_defaults(handler=cmd_run)
+
+    _add_train_command(commands)
 
     validate = commands.add_parser("validate", help="check manifests against the job spec")
     validate.add_argument("file")
