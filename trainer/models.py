@@ -196,7 +196,7 @@ def refuse_unsupported(spec: FinetuneSpec, parallelism: str) -> None:
 def task_loss_only(model: Any) -> Iterator[None]:
     """AdaLoRA adds its orthogonality regulariser to every loss it computes, in eval too: without it
     an eval's loss is the task's, comparable across methods and with the exported model's."""
-    config = getattr(model, "peft_config", {}).get("default")
+    config: Any = getattr(model, "peft_config", {}).get("default")
     weight = getattr(config, "orth_reg_weight", None)
     if weight is None:
         yield

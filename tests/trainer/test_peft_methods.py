@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,8 @@ import pytest
 import torch
 from support.jobs import EXAMPLES
 
-from kubeforge.spec import FinetuneJob, JobError, ModelSpec, TokenizerSpec, parse_job
+from kubeforge.spec import FinetuneJob, ModelSpec, TokenizerSpec, parse_job
 from kubeforge.trainer import data as trainer_data
-from kubeforge.trainer.checkpoint import step_prefix
 from kubeforge.trainer.loop import eval_metrics, train
 from kubeforge.trainer.models import build_pretrain_model
 from kubeforge.trainer.tokenization import train_tokenizer
