@@ -319,6 +319,9 @@ class Trainer:
             if stopping:
                 self._stop_preempted()
         bar.close()
+        ranks = adalora_rank_pattern(self.raw_model)
+        if ranks is not None:  # on every rank: under ddp they must agree (see train_step)
+            log.info("AdaLoRA's ranks: %s", ", ".join(f"{name}={rank}" for name, rank in ranks.items()))
 
         # A run resumed from its final checkpoint trains no step: it still evaluates what it exports.
         history = self.state.eval_history
@@ -444,8 +447,6 @@ class Trainer:
         started = time.perf_counter()
         if self.use_cache is not None:
             self.model_config.use_cache = self.use_cache  # the exported model generates with its cache
-        if result.adapter_ranks is not None:
-            log.info("AdaLoRA's final ranks: %s", ", ".join(f"{k}={v}" for k, v in result.adapter_ranks.items()))
         export_model(self.storage, partial(save_for_export, model), self.tokenizer,
                      yaml.safe_dump(self.job.to_manifest(), sort_keys=False), result, self.job.spec_hash())
         log.info("exported the model to %s in %.1fs", result.export_uri, time.perf_counter() - started)

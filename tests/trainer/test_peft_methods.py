@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from support.jobs import EXAMPLES
+from support.jobs import EXAMPLES, ROOT, write_manifest
+from support.processes import free_port
 
-from kubeforge.spec import FinetuneJob, ModelSpec, TokenizerSpec, parse_job
+from kubeforge.spec import FinetuneJob, JobError, ModelSpec, TokenizerSpec, parse_job
 from kubeforge.trainer import data as trainer_data
+from kubeforge.trainer.checkpoint import step_prefix
 from kubeforge.trainer.loop import eval_metrics, train
 from kubeforge.trainer.models import build_pretrain_model
 from kubeforge.trainer.tokenization import train_tokenizer
@@ -134,3 +140,70 @@ def test_each_method_lowers_the_eval_loss_of_instruction_tuning(name: str, base:
     result = run(finetune(name, base, tmp_path / "out", task="causal-lm", steps=16), base)
     start, final = result.eval_history[0]["loss"], result.final_eval["loss"]
     assert final < start, result.eval_history
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
+        name: str, base: Path, tmp_path: Path) -> None:
+    """Killed at step 6, AdaLoRA's budget is shrinking: its importance scores and the ranks it has
+    allocated must come back as they were for the run to go on as it would have."""
+    job = finetune(name, base, tmp_path / "out", task="causal-lm", steps=12)
+    job = job.model_copy(update={"spec": job.spec.model_copy(update={
+        "checkpoint": job.spec.checkpoint.model_copy(update={"interval_steps": 6})})})
+    uninterrupted = run(job, base)
+    shutil.rmtree(tmp_path / "out" / step_prefix(12))  # as if the run had died after its step-6 checkpoint
+    resumed = run(job, base)
+    assert resumed.resumed_from_step == 6 and resumed.step == 12
+    assert resumed.final_eval["loss"] == uninterrupted.final_eval["loss"]
+    assert resumed.train_loss == uninterrupted.train_loss
+    assert resumed.adapter_ranks == uninterrupted.adapter_ranks
+    if name == "adalora":  # targetR 2 on average over the layers, from initR 6
+        assert uninterrupted.adapter_ranks and sum(uninterrupted.adapter_ranks.values()) == 2 * len(
+            uninterrupted.adapter_ranks)
+
+
+REFUSED = [
+    ("adalora", {"training": {"parallelism": "fsdp"}}, "training.parallelism: fsdp does not support method adalora"),
+    ("prompt-tuning", {"training": {"parallelism": "fsdp"}}, "training.parallelism: fsdp does not support"),
+    ("dora", {"lora": {"quantizeBase": "4bit"}}, "lora.quantizeBase: "),
+    ("ia3", {"ia3": {"targetModules": ["no_such_layer"]}}, "ia3.targetModules: "),
+    ("adalora", {"adalora": {"tinit": 10, "tfinal": 10}}, "adalora: "),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "words"), REFUSED, ids=[f"{r[0]}:{r[2].split(':')[0]}" for r in REFUSED])
+def test_what_a_method_cannot_train_is_refused_naming_the_field(
+        name: str, change: dict[str, Any], words: str, base: Path, tmp_path: Path) -> None:
+    document = finetune(name, base, tmp_path / "out", task="causal-lm", steps=12).to_manifest()
+    for section, fields in change.items():
+        document["spec"][section] = {**document["spec"].get(section, {}), **fields}
+    job = parse_job(document)
+    assert isinstance(job, FinetuneJob)
+    with pytest.raises(JobError) as refused:
+        run(job, base)
+    assert str(refused.value).startswith(words), refused.value
+
+
+RANKS = re.compile(r"INFO rank(\d) \S+: AdaLoRA's ranks: (.*)")
+
+
+def test_adalora_under_ddp_allocates_the_same_ranks_on_every_process(base: Path, tmp_path: Path) -> None:
+    job = finetune("adalora", base, tmp_path / "out", task="causal-lm", steps=12).to_manifest()
+    job["spec"]["training"]["gradientAccumulationSteps"] = 2  # reallocations once per optimizer step
+    manifest = write_manifest(tmp_path / "job.yaml", job)
+    binaries = Path(sys.executable).parent
+    command = [
+        str(binaries / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "static",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--no-python", str(binaries / "kubeforge"),
+        "train", "--spec", str(manifest), "--checkpoint-uri", str(tmp_path / "out"), "--result",
+        str(tmp_path / "result.json"), "--base-model-uri", str(base),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{binaries}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    log = process.stdout + process.stderr
+    assert process.returncode == 0, log[-3000:]
+    ranks = dict(RANKS.findall(log))
+    assert set(ranks) == {"0", "1"} and ranks["0"] == ranks["1"], log[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["workers"] == 2 and result["adapterRanks"]
+    assert ranks["0"] == ", ".join(f"{name}={rank}" for name, rank in result["adapterRanks"].items())
