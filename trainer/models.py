@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from kubeforge.spec import FinetuneSpec, JobError, ModelSpec, S3Spec
+from kubeforge.spec import VIRTUAL_TOKEN_METHODS, FinetuneSpec, JobError, ModelSpec, S3Spec
 from kubeforge.storage import StorageError, download_tree, open_storage
 from kubeforge.trainer.checkpoint import MANIFEST, fetch_verified, read_manifest
 
@@ -111,9 +111,21 @@ def load_finetune_model(spec: FinetuneSpec, base_dir: Path, tokenizer: Any, labe
             base_dir, config=config, ignore_mismatched_sizes=True, use_safetensors=True)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, use_safetensors=True)
+    if spec.method in VIRTUAL_TOKEN_METHODS:
+        _require_positions_for_virtual_tokens(spec, config)
     if spec.method != "full":
         model = _with_adapters(model, spec, total_steps)
     return model
+
+
+def _require_positions_for_virtual_tokens(spec: FinetuneSpec, config: Any) -> None:
+    """Virtual tokens come before every sequence and take positions of their own: together they
+    must fit the base model's position embeddings."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    virtual, length = spec.virtual_tokens_settings().num_virtual_tokens, spec.training.sequence_length
+    if positions is not None and virtual + length > positions:
+        raise JobError(f"{_BLOCK[spec.method]}.numVirtualTokens: {virtual} virtual tokens and training.sequenceLength "
+                       f"{length} take {virtual + length} positions, more than the base model's {positions}")
 
 
 #: The settings block of each peft method, as its errors name it.

@@ -168,6 +168,8 @@ REFUSED = [
     ("dora", {"lora": {"quantizeBase": "4bit"}}, "lora.quantizeBase: "),
     ("ia3", {"ia3": {"targetModules": ["no_such_layer"]}}, "ia3.targetModules: "),
     ("adalora", {"adalora": {"tinit": 10, "tfinal": 10}}, "adalora: "),
+    # The base has 128 positions: virtual tokens take positions before the sequence's.
+    ("prompt-tuning", {"promptTuning": {"numVirtualTokens": 80}}, "promptTuning.numVirtualTokens: 80 virtual tokens"),
 ]
 
 
