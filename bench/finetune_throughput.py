@@ -220,7 +220,7 @@ def run_hf(task: Task, padded: bool) -> Run:
 
     torch.manual_seed(training.seed)  # as our loop does before loading: the same new head
     if task.classify:
-        model = load_finetune_model(task.job.spec, task.base, task.tokenizer, task.labels)
+        model = load_finetune_model(task.job.spec, task.base, task.tokenizer, task.labels, training.max_steps or 1)
     else:
         model = AutoModelForCausalLM.from_pretrained(task.base)
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as output:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "kubeforge.io"
@@ -694,6 +694,91 @@ class LoraSpec(_Model):
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
     target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, min_length=1, description="default: peft's choice for the architecture")
+    use_dora: bool = Field(False, description="DoRA: each adapted weight split into a magnitude and a direction, "
+                                              "the adapters train the direction")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling: alpha / sqrt(r) instead of alpha / r")
+    quantize_base: Literal["4bit", "8bit"] | None = Field(
+        None, description="QLoRA: the frozen base in 4-bit (NF4) or 8-bit (bitsandbytes); needs a GPU")
+
+
+#: Module names: at least one, none empty.
+ModuleNames = list[Annotated[str, Field(min_length=1)]]
+
+
+class Ia3Spec(_Model):
+    """(IA)^3: learned vectors that rescale the keys, values and feed-forward activations (peft)."""
+
+    model_config = ConfigDict(json_schema_extra=IMMUTABLE)
+
+    target_modules: ModuleNames | None = Field(
+        None, min_length=1, description="the layers rescaled; default: peft's choice for the architecture")
+    feedforward_modules: ModuleNames | None = Field(
+        None, min_length=1, description="those of targetModules whose input (not output) is rescaled; "
+        "default: peft's choice; needs targetModules")
+
+    @model_validator(mode="after")
+    def _feedforward_among_targets(self) -> Ia3Spec:
+        if self.feedforward_modules is None:
+            return self
+        if self.target_modules is None:
+            raise ValueError("feedforwardModules needs targetModules")
+        if not set(self.feedforward_modules) <= set(self.target_modules):
+            raise ValueError("feedforwardModules must be among targetModules")
+        return self
+
+
+class VirtualTokensSpec(_Model):
+    """Prompt or prefix tuning (peft): learned virtual tokens before every input; the base stays as it is."""
+
+    model_config = ConfigDict(json_schema_extra=IMMUTABLE)
+
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="how many virtual tokens are learned")
+
+
+class AdaLoraSpec(_Model):
+    """AdaLoRA (peft): LoRA in SVD form whose rank budget is moved, while training, to the layers
+    that matter most, from initR per layer down to targetR on average."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        IMMUTABLE["x-kubernetes-validations"][0],
+        {"rule": "!has(self.initR) || !has(self.targetR) || self.targetR <= self.initR",
+         "message": "targetR must not exceed initR"},
+    ]})
+
+    init_r: int = Field(12, ge=1, le=1024, description="each layer's rank at the start")
+    target_r: int = Field(8, ge=1, le=1024, description="the average rank per layer at the end")
+    alpha: int = Field(16, ge=1, description="adapter scaling")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    target_modules: ModuleNames | None = Field(
+        None, min_length=1, description="default: peft's choice for the architecture")
+    tinit: int = Field(0, ge=0, description="optimizer steps at full rank before the budget shrinks")
+    tfinal: int = Field(0, ge=0, description="optimizer steps at the final ranks, which no longer change")
+    delta_t: int = Field(1, ge=1, description="optimizer steps between two reallocations of the budget")
+    beta1: float = Field(0.85, gt=0.0, lt=1.0, description="smoothing of the importance scores")
+    beta2: float = Field(0.85, gt=0.0, lt=1.0, description="smoothing of their uncertainty")
+
+    @model_validator(mode="after")
+    def _target_within_init(self) -> AdaLoraSpec:
+        if self.target_r > self.init_r:
+            raise ValueError("targetR must not exceed initR")
+        return self
+
+
+#: Each finetuning method with a settings block, by the block's field name: only that method may set it.
+METHOD_SETTINGS = {"lora": "lora", "ia3": "ia3", "prompt-tuning": "prompt_tuning",
+                   "prefix-tuning": "prefix_tuning", "adalora": "adalora"}
+#: Methods that put virtual tokens before the input: a packed row's pairs would all see them as one
+#: sequence's start, and peft drops the position_ids that separate the pairs.
+VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "prefix-tuning")
+
+
+def _settings_rules() -> list[JsonValue]:
+    rules: list[JsonValue] = []
+    for method, block in METHOD_SETTINGS.items():
+        name = to_camel(block)
+        rules.append({"rule": f"self.method == '{method}' || !has(self.{name})",
+                      "message": f"{name} is only valid with method: {method}"})
+    return rules
 
 
 class FinetuneData(PretrainData):
@@ -731,11 +816,15 @@ class FinetuneSpec(_JobSpec):
     """What a FinetuneJob trains and how."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        {"rule": "self.method == 'lora' || !has(self.lora)", "message": "lora is only valid with method: lora"},
+        *_settings_rules(),
         {"rule": "self.task == 'causal-lm' || !has(self.data.packing) || !self.data.packing",
          "message": "data.packing is only valid with task: causal-lm"},
         {"rule": "self.task == 'causal-lm' || !has(self.data.messagesField)",
          "message": "data.messagesField is only valid with task: causal-lm"},
+        {"rule": f"!(self.method in {list(VIRTUAL_TOKEN_METHODS)}) || !has(self.data.packing) || !self.data.packing",
+         "message": "data.packing is not valid with method: prompt-tuning or prefix-tuning"},
+        {"rule": "self.method != 'prefix-tuning' || self.task == 'causal-lm'",
+         "message": "method: prefix-tuning is only valid with task: causal-lm"},
     ]})
 
     base_model: BaseModelSpec = Field(..., description="the model to start from")
@@ -744,23 +833,47 @@ class FinetuneSpec(_JobSpec):
         "succeeded this long after the FinetuneJob was created")
     task: Literal["causal-lm", "sequence-classification"] = Field("causal-lm", json_schema_extra=IMMUTABLE,
                                                                   description="causal-lm: prompt/response SFT")
-    method: Literal["full", "lora"] = Field("lora", json_schema_extra=IMMUTABLE,
-                                                description="full: every weight; lora: adapters only")
+    method: Literal["full", "lora", "ia3", "prompt-tuning", "prefix-tuning", "adalora"] = Field(
+        "lora", json_schema_extra=IMMUTABLE,
+        description="full: every weight; lora, adalora: low-rank adapters; ia3: rescaling vectors; "
+        "prompt-tuning, prefix-tuning: learned virtual tokens")
     lora: LoraSpec | None = Field(None, description="only with method: lora; defaults apply if absent")
+    ia3: Ia3Spec | None = Field(None, description="only with method: ia3; defaults apply if absent")
+    prompt_tuning: VirtualTokensSpec | None = Field(
+        None, description="only with method: prompt-tuning; defaults apply if absent")
+    prefix_tuning: VirtualTokensSpec | None = Field(
+        None, description="only with method: prefix-tuning; defaults apply if absent")
+    adalora: AdaLoraSpec | None = Field(None, description="only with method: adalora; defaults apply if absent")
     data: FinetuneData
 
     @model_validator(mode="after")
-    def _lora_only_with_lora(self) -> FinetuneSpec:
-        if self.method != "lora" and self.lora is not None:
-            raise ValueError("lora is only valid with method: lora")
+    def _settings_only_with_their_method(self) -> FinetuneSpec:
+        for method, block in METHOD_SETTINGS.items():
+            if self.method != method and getattr(self, block) is not None:
+                raise ValueError(f"{to_camel(block)} is only valid with method: {method}")
         if self.task != "causal-lm" and self.data.packing:
             raise ValueError("data.packing is only valid with task: causal-lm")
         if self.task != "causal-lm" and self.data.messages_field is not None:
             raise ValueError("data.messagesField is only valid with task: causal-lm")
+        if self.method in VIRTUAL_TOKEN_METHODS and self.data.packing:
+            raise ValueError("data.packing is not valid with method: prompt-tuning or prefix-tuning")
+        if self.method == "prefix-tuning" and self.task != "causal-lm":
+            # peft passes the prefix as past_key_values, which transformers 5's classifiers no longer take.
+            raise ValueError("method: prefix-tuning is only valid with task: causal-lm")
         return self
 
     def lora_settings(self) -> LoraSpec:
         return self.lora or LoraSpec()
+
+    def ia3_settings(self) -> Ia3Spec:
+        return self.ia3 or Ia3Spec()
+
+    def virtual_tokens_settings(self) -> VirtualTokensSpec:
+        """promptTuning's or prefixTuning's, whichever the method is."""
+        return (self.prompt_tuning if self.method == "prompt-tuning" else self.prefix_tuning) or VirtualTokensSpec()
+
+    def adalora_settings(self) -> AdaLoraSpec:
+        return self.adalora or AdaLoraSpec()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,6 +126,10 @@ class TrainerResult(TrainerSummary):
     device: str
     workers: int
     labels: list[str] | None = None  # the class names of a sequence-classification job
+    #: A FinetuneJob's export: "merged" (one model) or "base+adapter" (prompt and prefix tuning:
+    #: the base model, with peft's adapter under adapter/).
+    export_format: Literal["merged", "base+adapter"] | None = None
+    adapter_ranks: dict[str, int] | None = None  # AdaLoRA: each adapted layer's final rank
 
     def summary(self) -> TrainerSummary:
         return TrainerSummary.model_validate(self.model_dump(include=set(TrainerSummary.model_fields)))

@@ -29,8 +29,10 @@ from kubeforge.storage import StorageError, open_storage
 from kubeforge.trainer import data, distributed
 from kubeforge.trainer.checkpoint import Checkpointer, Restored, UploadReport, export_model, job_identity
 from kubeforge.trainer.checkpoint.state import (
+    AdaLoraAllocation,
     Progress,
     Rng,
+    Stateful,
     TrainingState,
     TrainState,
     Weights,
@@ -41,13 +43,17 @@ from kubeforge.trainer.flops import training_flops_per_token
 from kubeforge.trainer.metrics import ThroughputWindow, TrainerMetrics
 from kubeforge.trainer.models import (
     BaseModelError,
+    adalora_rank_pattern,
     build_pretrain_model,
     cache_hub_model,
     check_sequence_length,
     enable_activation_checkpointing,
     fetch_model_dir,
     load_finetune_model,
-    unwrap_for_export,
+    merges_on_export,
+    refuse_unsupported,
+    save_for_export,
+    task_loss_only,
 )
 from kubeforge.trainer.tokenization import ensure_pad_token, from_json, train_tokenizer
 
@@ -127,15 +133,15 @@ def eval_metrics(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
 
 
 class Workload(NamedTuple):
-    """What a job trains: its tokenizer, data and model."""
+    """What a job trains: its tokenizer, data and how its model is built."""
 
     tokenizer: PreTrainedTokenizerBase
     train_set: dict[str, torch.Tensor]
     eval_set: dict[str, torch.Tensor]
-    model: torch.nn.Module
     labels: list[str] | None  # the class names of a sequence-classification job
-    #: The same model again, whole and on CPU: what a sharded model's gathered weights are exported through.
-    rebuild: Callable[[], torch.nn.Module]
+    #: The model for a run of this many optimizer steps (AdaLoRA schedules its rank budget over
+    #: them), whole and on CPU; built again to export a sharded model's gathered weights through.
+    build: Callable[[int], torch.nn.Module]
 
 
 def pretrain_workload(job: PretrainJob, saved_tokenizer: str | None) -> Workload:
@@ -144,15 +150,18 @@ def pretrain_workload(job: PretrainJob, saved_tokenizer: str | None) -> Workload
     train_texts, eval_texts = data.pretrain_texts(job.spec.data, job.spec.s3)
     tokenizer: PreTrainedTokenizerBase = (from_json(saved_tokenizer) if saved_tokenizer is not None
                                           else train_tokenizer(train_texts, job.spec.tokenizer))
-    build = partial(build_pretrain_model, job.spec.model, tokenizer, sequence_length)
+    def build(total_steps: int) -> torch.nn.Module:  # a pretrained model is the same for any run length
+        return build_pretrain_model(job.spec.model, tokenizer, sequence_length)
+
     return Workload(tokenizer, data.pack_texts(train_texts, tokenizer, sequence_length, "data.train"),
-                    data.pack_texts(eval_texts, tokenizer, sequence_length, "data.eval"), build(), None, build)
+                    data.pack_texts(eval_texts, tokenizer, sequence_length, "data.eval"), None, build)
 
 
 def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Path) -> Workload:
-    """The base model (with LoRA adapters for method lora) and its tokenizer."""
+    """The base model (with the method's peft adapters) and its tokenizer."""
     if base_model_uri is None:
         raise BaseModelError("baseModel: no base model URI was resolved for this job")
+    refuse_unsupported(job.spec, job.spec.training.parallelism)
     from transformers import AutoTokenizer
 
     base_dir = fetch_model_dir(base_model_uri, job.spec.s3, scratch)
@@ -168,7 +177,7 @@ def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Pat
     else:
         train_set, eval_set = data.instruction_sets(job.spec.data, job.spec.s3, tokenizer, sequence_length)
     build = partial(load_finetune_model, job.spec, base_dir, tokenizer, labels)
-    return Workload(tokenizer, train_set, eval_set, build(), labels, build)
+    return Workload(tokenizer, train_set, eval_set, labels, build)
 
 
 class Trainer:
@@ -188,15 +197,22 @@ class Trainer:
         restored = self._newest_checkpoint(scratch)
         self._set_workload(restored, base_model_uri, scratch)
         self._plan_steps(restored)
+        self.rebuild = partial(self.build_model, self.total_steps)
+        #: The model itself, sharded in place under fsdp: what evaluates, exports and checkpoints.
+        self.raw_model = self.rebuild()
         self._place_model()
         self._set_optimizer()
         self.state = TrainState()
-        self.checkpoint_state = TrainingState(
-            Weights(self.raw_model, self.optimizer, self.sharded),
-            {"scheduler": self.scheduler, "progress": Progress(self.state, self.batches, runtime.world_size,
-                                                               self.accumulation),
-             "rng": Rng(runtime.device)},
-            self.tokenizer if isinstance(job, PretrainJob) else None)
+        states: dict[str, Stateful] = {
+            "scheduler": self.scheduler, "progress": Progress(self.state, self.batches, runtime.world_size,
+                                                              self.accumulation),
+            "rng": Rng(runtime.device)}
+        #: AdaLoRA's rank allocation, which train_step moves once per optimizer step (method adalora only).
+        self.adalora = AdaLoraAllocation(self.raw_model) if self._method == "adalora" else None
+        if self.adalora is not None:
+            states["adalora"] = self.adalora
+        self.checkpoint_state = TrainingState(Weights(self.raw_model, self.optimizer, self.sharded), states,
+                                              self.tokenizer if isinstance(job, PretrainJob) else None)
         if restored:
             self.checkpoint_state.restore(restored)
         self.resumed_from = self.state.step
@@ -204,6 +220,11 @@ class Trainer:
         self._compile()
         self._set_throughput_window()
         self.train_loss: float | None = None  # the mean over the last logging window
+
+    @property
+    def _method(self) -> str | None:
+        """A FinetuneJob's method (full, lora, adalora...); None for a PretrainJob."""
+        return self.job.spec.method if isinstance(self.job, FinetuneJob) else None
 
     def _checkpointer(self) -> Checkpointer:
         checkpointer = Checkpointer(
@@ -222,9 +243,7 @@ class Trainer:
         else:
             assert isinstance(self.job, FinetuneJob)
             workload = finetune_workload(self.job, base_model_uri, scratch)
-        self.tokenizer, self.labels, self.rebuild = workload.tokenizer, workload.labels, workload.rebuild
-        #: The model itself, sharded in place under fsdp: what evaluates, exports and checkpoints.
-        self.raw_model = workload.model
+        self.tokenizer, self.labels, self.build_model = workload.tokenizer, workload.labels, workload.build
         self.batches = data.Batches(workload.train_set, training.batch_size, training.seed, runtime.rank,
                                     runtime.world_size, training.group_by_length, data.pad_multiple(runtime.device))
         self.eval_batches = data.eval_batches(workload.eval_set, training.batch_size, training.eval_batches,
@@ -305,6 +324,9 @@ class Trainer:
             if stopping:
                 self._stop_preempted()
         bar.close()
+        ranks = adalora_rank_pattern(self.raw_model)
+        if ranks is not None:  # on every rank: under ddp they must agree (see train_step)
+            log.info("AdaLoRA's ranks: %s", ", ".join(f"{name}={rank}" for name, rank in ranks.items()))
 
         # A run resumed from its final checkpoint trains no step: it still evaluates what it exports.
         history = self.state.eval_history
@@ -337,6 +359,11 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.training.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        if self.adalora is not None:
+            # Scores come from the gradients, which DDP has all-reduced at this step's last micro-batch
+            # (the earlier ones' accumulated locally and reduced with it), and from the weights, the
+            # same on every rank: every rank scores alike and masks the same singular values.
+            self.adalora.adalora.update_and_allocate(self.state.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.window.count_step(self.state.step)
@@ -383,8 +410,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Evaluate on the eval split; the result joins the history (checkpointed) and the metrics."""
         lockstep = self.eval_filler if isinstance(self.raw_model, FSDPModule) else None
-        result = eval_metrics(self.raw_model, self.eval_batches, self.labels is not None, len(self.labels or []),
-                              self.runtime, self.dtype, lockstep)
+        with task_loss_only(self.raw_model):
+            result = eval_metrics(self.raw_model, self.eval_batches, self.labels is not None,
+                                  len(self.labels or []), self.runtime, self.dtype, lockstep)
         self.state.eval_history.append({"step": self.state.step, **result})
         self.metrics.eval_loss.set(result["loss"])
         for name, value in result.items():
@@ -401,7 +429,10 @@ class Trainer:
             train_loss=self.train_loss, final_eval={k: v for k, v in final_eval.items() if k != "step"},
             eval_history=self.state.eval_history, device=self.runtime.device.type,
             workers=self.runtime.world_size, checkpoint_uri=self.checkpoint_root,
-            export_uri=export_uri(self.checkpoint_root), labels=self.labels)
+            export_uri=export_uri(self.checkpoint_root), labels=self.labels,
+            export_format=None if self._method is None else
+            "merged" if merges_on_export(self.raw_model) else "base+adapter",
+            adapter_ranks=adalora_rank_pattern(self.raw_model))
 
     def whole_model(self) -> torch.nn.Module | None:
         """The trained model whole, on rank 0 (None on the others): a sharded one's full weights are
@@ -416,11 +447,12 @@ class Trainer:
         return whole
 
     def export(self, result: TrainerResult, model: torch.nn.Module) -> None:
-        """The model in Hugging Face format (LoRA merged), with its tokenizer, job and result."""
+        """The model in Hugging Face format (adapters merged, or beside their base), with its
+        tokenizer, job and result."""
         started = time.perf_counter()
         if self.use_cache is not None:
             self.model_config.use_cache = self.use_cache  # the exported model generates with its cache
-        export_model(self.storage, unwrap_for_export(model), self.tokenizer,
+        export_model(self.storage, partial(save_for_export, model), self.tokenizer,
                      yaml.safe_dump(self.job.to_manifest(), sort_keys=False), result, self.job.spec_hash())
         log.info("exported the model to %s in %.1fs", result.export_uri, time.perf_counter() - started)
 

@@ -84,6 +84,8 @@ REJECTED_BY_SCHEMA = [
     (PRETRAIN, "spec.checkpoint.uri", "gs://elsewhere/x"),
     (FINETUNE, "spec.lora.targetModules", []),
     (FINETUNE, "spec.lora.dropout", 1.0),
+    (FINETUNE, "spec.lora.quantizeBase", "2bit"),
+    (with_change(FINETUNE, "spec.method", "prefix-tuning"), "spec.prefixTuning.numVirtualTokens", 0),
     (FINETUNE, "spec.task", "translation"),
     (PRETRAIN, "metadata.name", "7b-pretrain"),  # its Service, 7b-pretrain-ptj, would not be a DNS-1035 label
     (FINETUNE, "metadata.name", "a" * 60),  # a-...-ftj would be longer than 63
@@ -111,6 +113,15 @@ REJECTED_BY_CEL = [
      ".spec.baseModel: tokenSecretRef is only valid with an hf:// uri"),
     (FINETUNE, "spec.data.messagesField", "messages", ".spec: data.messagesField is only valid with task: causal-lm"),
     (FINETUNE, "spec.data.chatTemplate", "{{ messages }}", ".spec.data: chatTemplate is only valid with messagesField"),
+    (FINETUNE, "spec.method", "ia3", ".spec: lora is only valid with method: lora"),
+    (with_change(FINETUNE, "spec.lora", DELETE), "spec.promptTuning", {"numVirtualTokens": 8},
+     ".spec: promptTuning is only valid with method: prompt-tuning"),
+    (with_change(FINETUNE, "spec.lora", DELETE), "spec.adalora", {"initR": 4},
+     ".spec: adalora is only valid with method: adalora"),
+    (with_change(with_change(FINETUNE, "spec.lora", DELETE), "spec.method", "adalora"), "spec.adalora",
+     {"initR": 4, "targetR": 8}, ".spec.adalora: targetR must not exceed initR"),
+    (with_change(FINETUNE, "spec.lora", DELETE), "spec.method", "prefix-tuning",
+     ".spec: method: prefix-tuning is only valid with task: causal-lm"),
 ]
 
 

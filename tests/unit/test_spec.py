@@ -76,11 +76,16 @@ BAD_INPUTS = [
      "exactly one of uri or fromPretrainJob"),
     (FINETUNE, "spec.baseModel.fromPretrainJob", "Not A Name", "spec.baseModel.fromPretrainJob", "lowercase DNS label"),
     (FINETUNE, "spec.task", "translation", "spec.task", "'causal-lm' or 'sequence-classification'"),
-    (FINETUNE, "spec.method", "qlora", "spec.method", "'full' or 'lora'"),
+    (FINETUNE, "spec.method", "qlora", "spec.method", "'prefix-tuning' or 'adalora'"),
     (FINETUNE, "spec.method", "full", "spec", "lora is only valid with method: lora"),
     (FINETUNE, "spec.lora.r", 0, "spec.lora.r", "greater than or equal to 1"),
     (FINETUNE, "spec.lora.dropout", 1.0, "spec.lora.dropout", "less than 1"),
     (FINETUNE, "spec.lora.targetModules", [], "spec.lora.targetModules", "at least 1 item"),
+    (FINETUNE, "spec.lora.quantizeBase", "2bit", "spec.lora.quantizeBase", "'4bit' or '8bit'"),
+    (FINETUNE, "spec.ia3", {"r": 4}, "spec.ia3.r", "unknown field"),
+    (FINETUNE, "spec.promptTuning", {"numVirtualTokens": 8}, "spec",
+     "promptTuning is only valid with method: prompt-tuning"),
+    (FINETUNE, "spec.adalora", {"targetR": 4}, "spec", "adalora is only valid with method: adalora"),
     (FINETUNE, "spec.model", {"size": "tiny"}, "spec.model", "unknown field"),
     (FINETUNE, "spec.data.labelField", "", "spec.data.labelField", "at least 1 character"),
     (FINETUNE, "spec.data.packing", True, "spec", "data.packing is only valid with task: causal-lm"),
@@ -88,6 +93,24 @@ BAD_INPUTS = [
     # The name becomes the Service `<name>-ptj`: a DNS-1035 label of at most 63 characters.
     (PRETRAIN, "metadata.name", "7b-pretrain", "metadata.name", "starts with a letter"),
     (PRETRAIN, "metadata.name", "a" * 60, "metadata.name", "at most 59 characters"),
+]
+
+# Each method's own settings block, set wrongly: the error names the field.
+BAD_METHOD_SETTINGS = [
+    ("ia3", "spec.ia3", {"feedforwardModules": ["c_fc"]}, "spec.ia3", "feedforwardModules needs targetModules"),
+    ("ia3", "spec.ia3", {"targetModules": ["c_attn"], "feedforwardModules": ["c_fc"]}, "spec.ia3",
+     "feedforwardModules must be among targetModules"),
+    ("ia3", "spec.ia3.targetModules", [], "spec.ia3.targetModules", "at least 1 item"),
+    ("prompt-tuning", "spec.promptTuning.numVirtualTokens", 0, "spec.promptTuning.numVirtualTokens",
+     "greater than or equal to 1"),
+    ("prefix-tuning", "spec.prefixTuning.numVirtualTokens", 10_000, "spec.prefixTuning.numVirtualTokens",
+     "less than or equal to 512"),
+    ("prefix-tuning", "spec.lora", {"r": 4}, "spec", "lora is only valid with method: lora"),
+    ("prefix-tuning", "spec.task", "sequence-classification", "spec",
+     "method: prefix-tuning is only valid with task: causal-lm"),
+    ("adalora", "spec.adalora", {"initR": 4, "targetR": 8}, "spec.adalora", "targetR must not exceed initR"),
+    ("adalora", "spec.adalora.beta1", 1.0, "spec.adalora.beta1", "less than 1"),
+    ("adalora", "spec.adalora.deltaT", 0, "spec.adalora.deltaT", "greater than or equal to 1"),
 ]
 
 
@@ -98,6 +121,25 @@ def test_bad_input_names_the_field(job: dict[str, Any], path: str, value: Any, f
         parse_job(with_change(job, path, value))
     problems = raised.value.problems
     assert any(p.startswith(f"{field}: ") and words in p for p in problems), problems
+
+
+@pytest.mark.parametrize(("method", "path", "value", "field", "words"), BAD_METHOD_SETTINGS,
+                         ids=[f"{row[0]}:{row[1]}={row[2]!r}" for row in BAD_METHOD_SETTINGS])
+def test_bad_method_settings_name_the_field(method: str, path: str, value: Any, field: str, words: str) -> None:
+    document = with_change(with_change(FINETUNE, "spec.method", method), "spec.lora", DELETE)
+    if method == "prefix-tuning" and path != "spec.task":
+        document = with_change(document, "spec.task", "causal-lm")
+    with pytest.raises(SpecError) as raised:
+        parse_job(with_change(document, path, value))
+    problems = raised.value.problems
+    assert any(p.startswith(f"{field}: ") and words in p for p in problems), problems
+
+
+def test_virtual_tokens_refuse_packing() -> None:
+    document = with_change(with_change(FINETUNE, "spec.method", "prompt-tuning"), "spec.lora", DELETE)
+    document = with_change(with_change(document, "spec.task", "causal-lm"), "spec.data.packing", True)
+    with pytest.raises(SpecError, match="data.packing is not valid with method: prompt-tuning"):
+        parse_job(document)
 
 
 def test_every_example_is_valid() -> None:

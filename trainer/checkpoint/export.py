@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +14,15 @@ from kubeforge.storage import Storage, join
 from kubeforge.trainer.checkpoint.manifest import MANIFEST, write_committed
 
 
-def export_model(storage: Storage, model: Any, tokenizer: Any, job_yaml: str, result: TrainerResult,
-                 spec_hash: str) -> int:
-    """Save the final model in Hugging Face format (+ tokenizer, the job and its result) under
-    export/, committed by its manifest like a checkpoint."""
+def export_model(storage: Storage, save_model: Callable[[Path], Any], tokenizer: Any, job_yaml: str,
+                 result: TrainerResult, spec_hash: str) -> int:
+    """Save the final model in Hugging Face format (`save_model` into a directory) with its
+    tokenizer, the job and its result under export/, committed by its manifest like a checkpoint."""
     # A previous export stops counting before any of its files is overwritten.
     storage.delete([join(EXPORT_DIR, MANIFEST)])
     with tempfile.TemporaryDirectory(prefix="kubeforge-export-") as scratch:
         root = Path(scratch)
-        model.save_pretrained(root)
+        save_model(root)
         tokenizer.save_pretrained(root)
         (root / "job.yaml").write_text(job_yaml)
         (root / "result.json").write_text(json.dumps(result.to_json(), indent=2))

@@ -5,7 +5,8 @@ The files of one checkpoint, by name:
 
     model.pt, optimizer.pt   Weights, whole: every ddp rank holds the same, rank 0 writes them
     shards/                  Weights, sharded (training.parallelism fsdp): every rank its part, by DCP
-    state.pt                 every other component's state, under its name: scheduler, progress, rng
+    state.pt                 every other component's state, under its name: scheduler, progress, rng,
+                             and for method adalora its rank allocation (adalora)
     tokenizer.json           the tokenizer a PretrainJob trained, which the model's vocabulary is
 
 Two things are read from a checkpoint before the trainer can build what restores into them:
@@ -145,6 +146,35 @@ class Rng:
         random.setstate(saved["python"])
         if self.device.type == "cuda" and saved["cuda"] is not None:
             torch.cuda.set_rng_state(saved["cuda"], self.device)
+
+
+class AdaLoraAllocation:
+    """AdaLoRA's rank allocation (method adalora): its allocator's smoothed importance of every
+    adapter weight (peft's RankAllocator: ipt, exp_avg_ipt, exp_avg_unc) and the rank pattern it has
+    allocated. The masked singular values themselves are weights; resumed, the budget goes on being
+    moved by the same scores as it would have been."""
+
+    SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+    def __init__(self, model: Any):
+        #: peft's AdaLoraModel under the PeftModel: it holds the allocator and the adapter's config.
+        self.adalora = model.base_model
+
+    @property
+    def _config(self) -> Any:
+        return self.adalora.peft_config[self.adalora.trainable_adapter_name]
+
+    def state_dict(self) -> dict[str, Any]:
+        allocator = self.adalora.rankallocator
+        return {**{name: dict(getattr(allocator, name)) for name in self.SCORES},
+                "rank_pattern": self._config.rank_pattern}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        allocator = self.adalora.rankallocator
+        device = next(self.adalora.parameters()).device
+        for name in self.SCORES:
+            setattr(allocator, name, {key: score.to(device) for key, score in saved[name].items()})
+        self._config.rank_pattern = saved["rank_pattern"]
 
 
 class TrainingState:
