@@ -57,7 +57,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def finetune(name: str, base: Path, root: Path, task: str = "sequence-classification", steps: int = 24,
-             **spec: Any) -> FinetuneJob:
+             learning_rate: float = 1e-2, **spec: Any) -> FinetuneJob:
     method, block, settings = METHODS[name]
     data = ({"train": {"uri": str(REVIEWS / "train.jsonl")}, "eval": {"uri": str(REVIEWS / "eval.jsonl")}}
             if task == "sequence-classification" else {"train": {"uri": str(INSTRUCTIONS)}})
@@ -65,7 +65,7 @@ def finetune(name: str, base: Path, root: Path, task: str = "sequence-classifica
         "apiVersion": "kubeforge.io/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": f"peft-{name}"},
         "spec": {
             "baseModel": {"uri": str(base)}, "task": task, "method": method, block: settings, "data": data,
-            "training": {"maxSteps": steps, "batchSize": 16, "sequenceLength": 64, "learningRate": 1e-2,
+            "training": {"maxSteps": steps, "batchSize": 16, "sequenceLength": 64, "learningRate": learning_rate,
                          "warmupSteps": 2, "evalInterval": 1000, "evalBatches": 2, "logInterval": 4},
             "checkpoint": {"uri": str(root), "intervalSteps": 1000},
             "resources": {"gpusPerWorker": 0}, "metrics": {"port": 0}, **spec,
@@ -137,9 +137,15 @@ def cpu_runtime() -> Any:
 def test_each_method_lowers_the_eval_loss_of_instruction_tuning(name: str, base: Path, tmp_path: Path) -> None:
     """Causal-LM loss over the responses only: virtual tokens lengthen every sequence, and the
     labels and attention mask must still line up with the tokens they belong to."""
-    result = run(finetune(name, base, tmp_path / "out", task="causal-lm", steps=16), base)
+    # Methods with few parameters, far from the loss (virtual tokens, rescaling vectors), learn at
+    # higher rates, as in their papers.
+    learning_rate = {"prompt-tuning": 1.0, "prefix-tuning": 3e-1, "ia3": 1.0, "adalora": 5e-2}.get(name, 1e-2)
+    result = run(finetune(name, base, tmp_path / "out", task="causal-lm", steps=32, learning_rate=learning_rate), base)
     start, final = result.eval_history[0]["loss"], result.final_eval["loss"]
-    assert final < start, result.eval_history
+    print(f"{name}: eval loss {start:.4f} -> {final:.4f}")
+    # A prompt reaches the loss only through attention to it: on this untrained base it moves the loss
+    # by about 0.01 (more steps do not help), the others by 0.1 or more.
+    assert final < start - (0.005 if name == "prompt-tuning" else 0.05), result.eval_history
 
 
 @pytest.mark.parametrize("name", list(METHODS))
