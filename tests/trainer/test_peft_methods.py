@@ -192,13 +192,9 @@ def test_what_a_method_cannot_train_is_refused_naming_the_field(
     assert str(refused.value).startswith(words), refused.value
 
 
-RANKS = re.compile(r"INFO rank(\d) \S+: AdaLoRA's ranks: (.*)")
-
-
-def test_adalora_under_ddp_allocates_the_same_ranks_on_every_process(base: Path, tmp_path: Path) -> None:
-    job = finetune("adalora", base, tmp_path / "out", task="causal-lm", steps=12).to_manifest()
-    job["spec"]["training"]["gradientAccumulationSteps"] = 2  # reallocations once per optimizer step
-    manifest = write_manifest(tmp_path / "job.yaml", job)
+def train_on_two_processes(manifest: Path, base: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`kubeforge train` under torchrun, as a pod's 2 processes run it: checkpoints and export in
+    tmp_path/out, the result in tmp_path/result.json."""
     binaries = Path(sys.executable).parent
     command = [
         str(binaries / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "static",
@@ -207,7 +203,17 @@ def test_adalora_under_ddp_allocates_the_same_ranks_on_every_process(base: Path,
         str(tmp_path / "result.json"), "--base-model-uri", str(base),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{binaries}{os.pathsep}{os.environ['PATH']}"}
-    process = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+RANKS = re.compile(r"INFO rank(\d) \S+: AdaLoRA's ranks: (.*)")
+
+
+def test_adalora_under_ddp_allocates_the_same_ranks_on_every_process(base: Path, tmp_path: Path) -> None:
+    job = finetune("adalora", base, tmp_path / "out", task="causal-lm", steps=12).to_manifest()
+    job["spec"]["training"]["gradientAccumulationSteps"] = 2  # reallocations once per optimizer step
+    manifest = write_manifest(tmp_path / "job.yaml", job)
+    process = train_on_two_processes(manifest, base, tmp_path)
     log = process.stdout + process.stderr
     assert process.returncode == 0, log[-3000:]
     ranks = dict(RANKS.findall(log))
@@ -215,3 +221,22 @@ def test_adalora_under_ddp_allocates_the_same_ranks_on_every_process(base: Path,
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["workers"] == 2 and result["adapterRanks"]
     assert ranks["0"] == ", ".join(f"{name}={rank}" for name, rank in result["adapterRanks"].items())
+
+
+@pytest.mark.parametrize("name", ["dora", "rslora", "ia3"])
+def test_lora_and_ia3_train_sharded_and_export_a_whole_model(name: str, base: Path, tmp_path: Path) -> None:
+    """training.parallelism fsdp, 2 processes: the adapters are sharded with the base, and the export
+    gathers them into one merged model that loads with from_pretrained."""
+    job = finetune(name, base, tmp_path / "out", task="causal-lm", steps=8).to_manifest()
+    job["spec"]["training"]["parallelism"] = "fsdp"
+    manifest = write_manifest(tmp_path / "job.yaml", job)
+    process = train_on_two_processes(manifest, base, tmp_path)
+    assert process.returncode == 0, (process.stdout + process.stderr)[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["workers"] == 2 and result["finalEval"]["loss"] < result["evalHistory"][0]["loss"]
+    committed = json.loads((tmp_path / "out" / step_prefix(8) / "manifest.json").read_text())
+    assert committed["sharded"] and committed["worldSize"] == 2
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "export")
+    assert not any("lora" in key or "ia3" in key for key in exported.state_dict())  # merged, not wrapped
