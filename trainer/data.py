@@ -194,18 +194,23 @@ def packed_rows(examples: list[TokenExample], pad_token_id: int, sequence_length
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, LENGTHS: lengths}
 
 
+def _sft_pairs(prompts: list[str], responses: list[str], tokenizer: Any, sequence_length: int
+               ) -> list[TokenExample]:
+    return [_sft_tokens(p, r, tokenizer, sequence_length) for p, r in zip(prompts, responses, strict=True)]
+
+
 def sft_examples(prompts: list[str], responses: list[str], tokenizer: Any, sequence_length: int
                  ) -> dict[str, torch.Tensor]:
     """Instruction/response pairs, one per row; the loss is on the response only."""
-    examples = [_sft_tokens(p, r, tokenizer, sequence_length) for p, r in zip(prompts, responses, strict=True)]
-    return padded_rows(examples, tokenizer.pad_token_id, sequence_length)
+    return padded_rows(_sft_pairs(prompts, responses, tokenizer, sequence_length), tokenizer.pad_token_id,
+                       sequence_length)
 
 
 def packed_sft_examples(prompts: list[str], responses: list[str], tokenizer: Any, sequence_length: int
                         ) -> dict[str, torch.Tensor]:
     """Instruction/response pairs packed several to a row (see packed_rows)."""
-    examples = [_sft_tokens(p, r, tokenizer, sequence_length) for p, r in zip(prompts, responses, strict=True)]
-    return packed_rows(examples, tokenizer.pad_token_id, sequence_length)
+    return packed_rows(_sft_pairs(prompts, responses, tokenizer, sequence_length), tokenizer.pad_token_id,
+                       sequence_length)
 
 
 def conversation(value: Any, what: str) -> list[dict[str, Any]]:
@@ -323,7 +328,7 @@ def instruction_sets(data: FinetuneData, s3: S3Spec | None, tokenizer: Any, sequ
                                 f"{what} record {number}") for number, value in enumerate(conversations, start=1)]
         prompts = [str(p) for p in field_values(records, data.prompt_field, "promptField", what)]
         answers = [str(a) for a in field_values(records, data.response_field, "responseField", what)]
-        return [_sft_tokens(p, a, tokenizer, sequence_length) for p, a in zip(prompts, answers, strict=True)]
+        return _sft_pairs(prompts, answers, tokenizer, sequence_length)
 
     def encode(records: list[dict[str, Any]], what: str, pack: bool) -> dict[str, torch.Tensor]:
         return (packed_rows if pack else padded_rows)(tokens(records, what), tokenizer.pad_token_id, sequence_length)

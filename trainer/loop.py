@@ -46,7 +46,7 @@ from kubeforge.trainer.models import (
     adalora_rank_pattern,
     build_pretrain_model,
     cache_hub_model,
-    check_sequence_length,
+    check_positions,
     enable_activation_checkpointing,
     fetch_model_dir,
     load_finetune_model,
@@ -165,7 +165,7 @@ def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Pat
     from transformers import AutoTokenizer
 
     base_dir = fetch_model_dir(base_model_uri, job.spec.s3, scratch)
-    check_sequence_length(base_dir, job.spec.training.sequence_length)
+    check_positions(job.spec, base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     ensure_pad_token(tokenizer)
     if job.spec.data.chat_template is not None:
@@ -363,7 +363,7 @@ class Trainer:
             # Scores come from the gradients, which DDP has all-reduced at this step's last micro-batch
             # (the earlier ones' accumulated locally and reduced with it), and from the weights, the
             # same on every rank: every rank scores alike and masks the same singular values.
-            self.adalora.adalora.update_and_allocate(self.state.step)
+            self.adalora.allocate(self.state.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.window.count_step(self.state.step)

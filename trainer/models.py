@@ -91,17 +91,27 @@ def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path) -> Path:
     return target
 
 
-def check_sequence_length(base_dir: Path, sequence_length: int) -> None:
-    """Refuse a sequence length the base model cannot embed, before any data is read."""
+def check_positions(spec: FinetuneSpec, base_dir: Path) -> None:
+    """Refuse, before any data is read, sequences the base model cannot embed: training.sequenceLength
+    beyond its positions, or, for prompt and prefix tuning, with the virtual tokens that come before
+    every sequence and take positions of their own."""
     config = AutoConfig.from_pretrained(base_dir)
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is None or sequence_length <= positions:
+    positions = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions, by its attribute_map
+    if positions is None:
         return
-    # The key as config.json spells it: GPT-2 calls it n_positions.
-    key = getattr(config, "attribute_map", {}).get("max_position_embeddings", "max_position_embeddings")
-    raise SequenceLengthError(
-        f"training.sequenceLength: {sequence_length} exceeds the {positions} positions of the base model "
-        f"({key} in its config.json): set it to {positions} or less")
+    length = spec.training.sequence_length
+    if length > positions:
+        # The key as config.json spells it: GPT-2 calls it n_positions.
+        key = getattr(config, "attribute_map", {}).get("max_position_embeddings", "max_position_embeddings")
+        raise SequenceLengthError(
+            f"training.sequenceLength: {length} exceeds the {positions} positions of the base model "
+            f"({key} in its config.json): set it to {positions} or less")
+    if spec.method in VIRTUAL_TOKEN_METHODS:
+        virtual = spec.virtual_tokens_settings().num_virtual_tokens
+        if virtual + length > positions:
+            raise JobError(f"{_BLOCK[spec.method]}.numVirtualTokens: {virtual} virtual tokens and "
+                           f"training.sequenceLength {length} take {virtual + length} positions, more than the "
+                           f"base model's {positions}")
 
 
 def cache_hub_model(uri: str, cache_root: str, s3: S3Spec | None, scratch: Path) -> str:
@@ -170,21 +180,9 @@ def load_finetune_model(spec: FinetuneSpec, base_dir: Path, tokenizer: Any, labe
             base_dir, config=config, ignore_mismatched_sizes=True, use_safetensors=True)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, use_safetensors=True)
-    if spec.method in VIRTUAL_TOKEN_METHODS:
-        _require_positions_for_virtual_tokens(spec, config)
     if spec.method != "full":
         model = _with_adapters(model, spec, total_steps)
     return model
-
-
-def _require_positions_for_virtual_tokens(spec: FinetuneSpec, config: Any) -> None:
-    """Virtual tokens come before every sequence and take positions of their own: together they
-    must fit the base model's position embeddings."""
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    virtual, length = spec.virtual_tokens_settings().num_virtual_tokens, spec.training.sequence_length
-    if positions is not None and virtual + length > positions:
-        raise JobError(f"{_BLOCK[spec.method]}.numVirtualTokens: {virtual} virtual tokens and training.sequenceLength "
-                       f"{length} take {virtual + length} positions, more than the base model's {positions}")
 
 
 #: The settings block of each peft method, as its errors name it.
@@ -217,8 +215,6 @@ def _peft_config(spec: FinetuneSpec, total_steps: int) -> Any:
     task = TaskType.SEQ_CLS if spec.task == "sequence-classification" else TaskType.CAUSAL_LM
     if spec.method == "lora":
         lora = spec.lora_settings()
-        if lora.quantize_base is not None:
-            raise JobError(QUANTIZED_BASE_REFUSED)
         return LoraConfig(task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=_names(lora.target_modules), use_dora=lora.use_dora,
                           use_rslora=lora.use_rslora)
@@ -313,7 +309,7 @@ def enable_activation_checkpointing(model: Any) -> None:
 
 def unwrap_for_export(model: Any) -> PreTrainedModel:
     """A plain transformers model: LoRA, AdaLoRA or IA3 adapters merged into the base weights.
-    Prompt and prefix tuning's cannot merge: see base_for_export."""
+    Prompt and prefix tuning's cannot merge: see save_for_export."""
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model

@@ -164,6 +164,11 @@ class AdaLoraAllocation:
     def _config(self) -> Any:
         return self.adalora.peft_config[self.adalora.trainable_adapter_name]
 
+    def allocate(self, step: int) -> None:
+        """Once per optimizer step, after it and before its gradients are zeroed: score every
+        singular value and mask those beyond the budget of this step."""
+        self.adalora.update_and_allocate(step)
+
     def state_dict(self) -> dict[str, Any]:
         allocator = self.adalora.rankallocator
         return {**{name: dict(getattr(allocator, name)) for name in self.SCORES},
