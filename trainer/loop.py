@@ -464,7 +464,7 @@ class Trainer:
         and rank 0 writes them; a sharded checkpoint is every rank's, each writing its shard."""
         if self.runtime.is_main or self.sharded:
             blocked = self.checkpointer.save(self.state.step, self.checkpoint_state.files(),
-                                             model_shape=self.checkpoint_state.weights.shape(), synchronous=synchronous)
+                                             model_shape=self.checkpoint_state.weights.shape, synchronous=synchronous)
             self.metrics.checkpoint_blocked.observe(blocked)
 
     def _stop_preempted(self) -> None:

@@ -293,9 +293,9 @@ def test_a_model_of_another_shape_is_refused_and_a_warm_start_names_its_field(tm
                         job=JOB.model_copy(update={"name": "other"}))
     warm = mine.warm_start(LocalStorage(source), tmp_path / "r")
     assert warm.warm_start and warm.checkpoint.step == 10
-    check_model(warm, {"weight": torch.zeros(4, 4)})  # same shape: fine
+    check_model(warm, model_shape({"weight": torch.zeros(4, 4)}))  # same shape: fine
     with pytest.raises(CheckpointMismatch, match="spec.checkpoint.warmStartFrom: .* another shape"):
-        check_model(warm, {"weight": torch.zeros(8, 4)})
+        check_model(warm, model_shape({"weight": torch.zeros(8, 4)}))
     with pytest.raises(CheckpointMismatch, match="spec.checkpoint.warmStartFrom: .* holds no verified checkpoint"):
         mine.warm_start(LocalStorage(tmp_path / "empty"), tmp_path / "r2")
 

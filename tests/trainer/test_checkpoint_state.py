@@ -46,7 +46,7 @@ class Run:
 
     def save(self, root: Path, step: int) -> None:
         checkpointer = Checkpointer(LocalStorage(root), keep=2, spec_hash="abc", rank=0, job=JOB, background=False)
-        checkpointer.save(step, self.registry.files(), model_shape=self.registry.weights.shape())
+        checkpointer.save(step, self.registry.files(), model_shape=self.registry.weights.shape)
         checkpointer.close()
 
 

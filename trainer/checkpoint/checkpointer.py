@@ -88,10 +88,10 @@ def model_shape(state_dict: dict[str, Any]) -> str:
     return hashlib.sha256("\n".join(described).encode()).hexdigest()[:16]
 
 
-def check_model(restored: Restored, state_dict: dict[str, Any]) -> None:
-    """Refuse (permanently) a checkpoint written for a model of another shape than this one."""
+def check_model(restored: Restored, shape: str) -> None:
+    """Refuse (permanently) a checkpoint written for a model of another shape (see model_shape)."""
     saved = restored.checkpoint.manifest.model_shape
-    if saved is not None and saved != model_shape(state_dict):
+    if saved is not None and saved != shape:
         field = "spec.checkpoint.warmStartFrom" if restored.warm_start else "spec.checkpoint.uri"
         raise CheckpointMismatch(
             f"{field}: {restored.uri}/{restored.checkpoint.prefix} holds a model "

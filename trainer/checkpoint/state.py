@@ -57,6 +57,8 @@ class Weights:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool):
         self.model, self.optimizer, self.sharded = model, optimizer, sharded
+        #: What its checkpoints can be loaded into: names and shapes, which training never changes.
+        self.shape = model_shape(model.state_dict())
 
     def files(self) -> dict[str, Any]:
         if self.sharded:
@@ -64,12 +66,9 @@ class Weights:
             return {SHARDS: {"model": model, "optimizer": optimizer}}
         return {MODEL: self.model.state_dict(), OPTIMIZER: self.optimizer.state_dict()}
 
-    def shape(self) -> str:
-        return model_shape(self.model.state_dict())
-
     def load_model(self, restored: Restored) -> None:
         """The weights alone (a warm start), into the model as it is sharded now (or not)."""
-        check_model(restored, self.model.state_dict())
+        check_model(restored, self.shape)
         if SHARDS in restored.files:
             load_sharded(restored.files[SHARDS], self.model)
         else:
@@ -77,7 +76,7 @@ class Weights:
 
     def load(self, restored: Restored) -> None:
         """Weights and optimizer state, whichever way they were saved and the model is sharded now."""
-        check_model(restored, self.model.state_dict())
+        check_model(restored, self.shape)
         files = restored.files
         if SHARDS in files:
             load_sharded(files[SHARDS], self.model, self.optimizer)
