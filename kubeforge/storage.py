@@ -12,7 +12,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from kubeforge.spec import S3Spec
@@ -38,6 +38,10 @@ class Storage(Protocol):
         ...
     def list(self, prefix: str = "") -> builtins.list[str]:
         """Every key under prefix (recursively), sorted."""
+        ...
+    def versions(self, prefix: str = "") -> dict[str, str]:
+        """Every key under prefix with what changes when its content does: its size and S3 ETag, or
+        a local file's modification time."""
         ...
     def delete(self, keys: builtins.list[str]) -> None: ...
 
@@ -86,20 +90,27 @@ class LocalStorage:
         except FileNotFoundError:
             raise NotFound(f"{self.uri}/{key}: not found") from None
 
-    def sizes(self, prefix: str = "") -> dict[str, int]:
+    def _stats(self, prefix: str) -> dict[str, os.stat_result]:
+        """Every file under prefix (recursively), stat'ed once."""
         base = self._path(prefix) if prefix else self.root
         if base.is_file():
-            return {prefix: base.stat().st_size}
+            return {prefix: base.stat()}
         if not base.is_dir():
             return {}
         return {
-            p.relative_to(self.root).as_posix(): p.stat().st_size
+            p.relative_to(self.root).as_posix(): p.stat()
             for p in base.rglob("*")
             if p.is_file() and not p.name.endswith(".partial")
         }
 
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        return {key: stat.st_size for key, stat in self._stats(prefix).items()}
+
     def list(self, prefix: str = "") -> builtins.list[str]:
         return sorted(self.sizes(prefix))
+
+    def versions(self, prefix: str = "") -> dict[str, str]:
+        return {key: f"{stat.st_size}:{stat.st_mtime_ns}" for key, stat in self._stats(prefix).items()}
 
     def delete(self, keys: builtins.list[str]) -> None:
         for key in keys:
@@ -167,22 +178,29 @@ class S3Storage:
         except Exception as exc:
             raise self._fail("download from", key, exc) from None
 
-    def sizes(self, prefix: str = "") -> dict[str, int]:
+    def _objects(self, prefix: str) -> dict[str, dict[str, Any]]:
         full = self._key(prefix)
-        found: dict[str, int] = {}
+        found: dict[str, dict[str, Any]] = {}
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full
             ):
-                found.update((obj["Key"], obj["Size"]) for obj in page.get("Contents", []))
+                found.update((obj["Key"], obj) for obj in page.get("Contents", []))
         except Exception as exc:
             raise self._fail("list", prefix, exc) from None
         strip = len(self.prefix) + 1 if self.prefix else 0
         # A prefix names a key or a "directory", not a stem: step-1 must not list step-10.
         return {
-            k[strip:]: size for k, size in found.items()
+            k[strip:]: obj for k, obj in found.items()
             if not full or k == full or k.startswith(full.rstrip("/") + "/")
         }
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        return {key: obj["Size"] for key, obj in self._objects(prefix).items()}
+
+    def versions(self, prefix: str = "") -> dict[str, str]:
+        objects = self._objects(prefix)
+        return {key: f"{obj['Size']}:{obj.get('ETag', '').strip(chr(34))}" for key, obj in objects.items()}
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         return sorted(self.sizes(prefix))

@@ -8,18 +8,21 @@ micro-batch index, so the data position in a checkpoint is one integer and resum
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 import jinja2
 import torch
 
 from kubeforge.spec import DataSource, FinetuneData, JobError, PretrainData, S3Spec
-from kubeforge.storage import open_storage
+from kubeforge.storage import LocalStorage, Storage, open_storage
 
 SFT_TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
 IGNORE_INDEX = -100
@@ -36,58 +39,116 @@ class DataError(JobError):
     """Data that cannot be trained on; retrying will not help."""
 
 
+class Rows(Protocol):
+    """A data set's column: a tensor, or sequences read from token shards (corpus.TokenSequences)."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, rows: torch.Tensor | slice, /) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ShuffledInBlocks(Protocol):
+    """Rows that give their own epoch order: sequences read from token shards, shuffled within
+    blocks of shards so that a rank reads from few shards at a time (corpus.TokenSequences)."""
+
+    def shuffle(self, generator: torch.Generator) -> torch.Tensor: ...
+
+
+#: A data set: equal-length columns by name (input_ids, labels, attention_mask, LENGTHS...).
+DataSet = Mapping[str, Rows]
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
-def _format_of(name: str, source: DataSource) -> str | None:
+#: The formats by file extension; .gz and .zst compress a .txt or .jsonl file.
+SUFFIXES = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".zst")
+
+
+def file_format(name: str, source: DataSource) -> str | None:
+    """txt, jsonl or parquet (by source.format, else by extension, compression aside); None to skip."""
     if source.format != "auto":
         return source.format
-    suffix = PurePosixPath(name).suffix
-    return {".txt": "txt", ".jsonl": "jsonl"}.get(suffix)
+    path = PurePosixPath(name)
+    suffix = path.suffix
+    if suffix in COMPRESSIONS:
+        suffix = PurePosixPath(path.stem).suffix
+        if suffix not in (".txt", ".jsonl"):
+            return None
+    return SUFFIXES.get(suffix)
 
 
-def read_source(source: DataSource, s3: S3Spec | None, field: str) -> list[dict[str, Any]]:
-    """Every record of a source as dicts; a .txt file is one record {field: its text}."""
+def source_storage(source: DataSource, s3: S3Spec | None) -> tuple[Storage, str]:
+    """The storage a source's files are listed in, and the prefix (a file or "directory") to list."""
     local = Path(source.uri.removeprefix("file://"))
     if not source.uri.startswith("s3://") and local.is_file():
-        return _parse(local.name, local.read_bytes(), source, field)
+        return LocalStorage(local.parent), local.name
     # List the last path segment under its parent: it may name one object or a "directory".
     parent, leaf = source.uri.rstrip("/"), ""
     if source.uri.startswith("s3://") and urlparse(source.uri).path.strip("/"):
         parent, _, leaf = source.uri.rstrip("/").rpartition("/")
-    storage = open_storage(parent, s3)
-    keys = [k for k in storage.list(leaf) if _format_of(k, source)]
+    return open_storage(parent, s3), leaf
+
+
+def read_source(source: DataSource, s3: S3Spec | None, field: str) -> list[dict[str, Any]]:
+    """Every record of a source as dicts; a .txt file is one record {field: its text}."""
+    storage, prefix = source_storage(source, s3)
+    keys = [k for k in storage.list(prefix) if file_format(k, source)]
     if not keys:
-        raise DataError(f"{source.uri}: no .txt or .jsonl files found")
+        raise DataError(f"{source.uri}: no .txt, .jsonl(.gz/.zst) or .parquet files found")
     records: list[dict[str, Any]] = []
     for key in keys:
-        records.extend(_parse(key, storage.get_bytes(key), source, field))
+        records.extend(_parse(PurePosixPath(key).name, storage.get_bytes(key), source, field))
     return records
 
 
+def _decompressed(name: str, raw: bytes) -> bytes:
+    if name.endswith(".gz"):
+        return gzip.decompress(raw)
+    if name.endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    return raw
+
+
 def _parse(name: str, raw: bytes, source: DataSource, field: str) -> list[dict[str, Any]]:
+    fmt = file_format(name, source)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(io.BytesIO(raw)).to_pylist()
+        except Exception as exc:  # pyarrow's ArrowInvalid and friends: not a Parquet file
+            raise DataError(f"{source.uri}/{name}: not a readable Parquet file ({exc})") from None
     try:
-        text = raw.decode("utf-8")
+        text = _decompressed(name, raw).decode("utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{source.uri}/{name}: not UTF-8 text") from None
-    fmt = _format_of(name, source)
+    except (OSError, EOFError, ValueError) as exc:  # a truncated or corrupt .gz/.zst
+        raise DataError(f"{source.uri}/{name}: cannot be decompressed ({exc})") from None
     if fmt == "txt":
         return [{field: text}]
-    records = []
     # Only \n ends a JSONL line: str.splitlines would also cut at U+2028 and other separators that
     # JSON allows raw inside strings.
-    for number, line in enumerate(text.split("\n"), start=1):
+    return [record for _, record in jsonl_records(text.split("\n"), name)]
+
+
+def jsonl_records(lines: Iterable[str], what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a JSONL file's lines, each with its line number (blank lines skipped);
+    `what` names the file in errors."""
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{name} line {number}: not valid JSON ({exc.msg})") from None
+            raise DataError(f"{what} line {number}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict):
-            raise DataError(f"{name} line {number}: expected a JSON object")
-        records.append(record)
-    return records
+            raise DataError(f"{what} line {number}: expected a JSON object")
+        yield number, record
 
 
 def field_values(records: list[dict[str, Any]], field: str, spec_field: str, uri: str) -> list[Any]:
@@ -354,10 +415,11 @@ def pad_multiple(device: torch.device) -> int:
     return GPU_PAD_MULTIPLE if device.type == "cuda" else 1
 
 
-def take(tensors: dict[str, torch.Tensor], rows: torch.Tensor | slice, multiple: int = 1) -> MicroBatch:
+def take(tensors: DataSet, rows: torch.Tensor | slice, multiple: int = 1) -> MicroBatch:
     """The chosen rows as model inputs, every sequence tensor cut to the batch's longest row
     (rounded up to `multiple`)."""
     inputs = {name: tensor[rows] for name, tensor in tensors.items() if name != LENGTHS}
+    inputs.setdefault("labels", inputs["input_ids"])  # a pretraining sequence is its own labels
     count, width = inputs["input_ids"].shape
     if LENGTHS not in tensors:  # packed pretraining text: every row is full
         return MicroBatch(inputs, count * width, count * width)
@@ -377,7 +439,7 @@ class Batches:
     holds rows of similar length (little padding) and is still a function of (seed, epoch, index).
     All ranks compute the same order and take disjoint rows of the same step."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: DataSet
     batch_size: int
     seed: int
     rank: int
@@ -397,7 +459,9 @@ class Batches:
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(len(self.tensors["input_ids"]), generator=generator)
+        rows = self.tensors["input_ids"]
+        order = rows.shuffle(generator) if isinstance(rows, ShuffledInBlocks) else torch.randperm(len(rows),
+                                                                                                    generator=generator)
         if not self.group_by_length or LENGTHS not in self.tensors:
             return order
         step_rows = self.batch_size * self.world_size
@@ -428,7 +492,7 @@ class Batches:
         return epoch * self.per_epoch + min(self.per_epoch, position * world_size // self.world_size)
 
 
-def eval_batches(tensors: dict[str, torch.Tensor], batch_size: int, limit: int, rank: int, world_size: int
+def eval_batches(tensors: DataSet, batch_size: int, limit: int, rank: int, world_size: int
                  ) -> list[dict[str, torch.Tensor]]:
     """This rank's share of the first `limit` eval batches, in order, as model inputs."""
     rows = len(tensors["input_ids"])

@@ -66,8 +66,14 @@ class TrainerMetrics:
         self.loss = reading("kubeforge_trainer_loss", "Training loss, mean over the last logging interval")
         self.learning_rate = reading("kubeforge_trainer_learning_rate", "Learning rate after the last logged step")
         self.eval_loss = reading("kubeforge_trainer_eval_loss", "Loss on the eval split")
+        self.eval_step = reading("kubeforge_trainer_eval_step", "The step of the last evaluation")
         self._eval = Gauge("kubeforge_trainer_eval_metric", "Eval metrics (perplexity, accuracy, f1)",
                            (*LABELS, "metric"), registry=self.registry)
+        # -- data ------------------------------------------------------------------------------------
+        self.corpus_preparing = gauge("kubeforge_trainer_corpus_preparing",
+                                      "1 while this rank tokenizes its share of the corpus into shards")
+        self.corpus_tokens_prepared = counter("kubeforge_trainer_corpus_tokens_prepared_total",
+                                              "Corpus tokens this rank tokenized into shards")
         # -- throughput ------------------------------------------------------------------------------
         self.tokens = counter("kubeforge_trainer_tokens_total", "Training tokens (not padding) this rank processed")
         self.computed_tokens = counter("kubeforge_trainer_computed_tokens_total",

@@ -240,3 +240,19 @@ def test_a_laptop_run_goes_on_without_metrics_when_the_port_is_taken(monkeypatch
         monkeypatch.setenv("POD_IP", "127.0.0.1")
         with pytest.raises(OSError):
             TrainerMetrics("clash", "default", "PretrainJob", 0).serve(port)
+
+
+def test_the_operator_reads_a_corpus_preparation_from_the_trainers_metrics() -> None:
+    from kubeforge.operator.progress import parse
+    from kubeforge.trainer.metrics import TrainerMetrics
+
+    metrics = TrainerMetrics("tiny", "default", "PretrainJob", 0)
+    metrics.corpus_preparing.set(1)
+    metrics.corpus_tokens_prepared.inc(123_456)
+    preparing = parse(generate_latest(metrics.registry).decode())
+    assert preparing is not None and (preparing.preparing, preparing.tokens_prepared) == (True, 123_456)
+    metrics.corpus_preparing.set(0)
+    metrics.step.set(3)
+    metrics.total_steps.set(10)
+    training = parse(generate_latest(metrics.registry).decode())
+    assert training is not None and not training.preparing and (training.step, training.total_steps) == (3, 10)

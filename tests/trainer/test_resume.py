@@ -59,12 +59,16 @@ def test_killed_trainer_resumes_from_its_last_checkpoint(tmp_path: Path) -> None
     try:
         resumed_gauge = wait_until(lambda: scrape(port, "kubeforge_trainer_resumed_from_step"), 120,
                                    "the resumed trainer's metrics")
+        tokens_prepared = scrape(port, "kubeforge_trainer_corpus_tokens_prepared_total")  # final once resumed
         _, log = second.communicate(timeout=300)
     finally:
         second.kill()
     assert second.returncode == 0, log[-3000:]
     assert resumed_gauge == newest
     assert f"resuming from checkpoint step {newest} " in log
+    # The corpus the killed run prepared is reused as it is: nothing is tokenized again.
+    assert "reusing the prepared corpus" in log and "prepared the corpus" not in log
+    assert tokens_prepared == 0.0
     assert f"ignoring {checkpoints}/checkpoints/step-{STEPS - 1:08d}: no complete manifest" in log
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["resumedFromStep"] == newest and result["step"] == STEPS

@@ -158,7 +158,10 @@ def test_pretrain_to_s3_keeps_the_newest_checkpoints_and_exports_a_loadable_mode
     assert result["exportUri"] == f"{uri}/export"
 
     objects = bucket_objects(s3_endpoint, bucket, "jobs/tiny/")
-    assert all(key.startswith(("checkpoints/", "export/")) for key in objects), sorted(objects)
+    # Beside the checkpoints and the export, the corpus prepared into shards (without --corpus-cache,
+    # in the job's own storage): in S3, read back through a local copy of each shard.
+    assert all(key.startswith(("checkpoints/", "export/", "corpora/")) for key in objects), sorted(objects)
+    assert [k for k in objects if k.startswith("corpora/") and k.endswith("/manifest.json")], sorted(objects)
 
     # Retention: checkpoints were written at 10..50; only the newest two remain, each complete.
     dirs = checkpoint_dirs(objects)
