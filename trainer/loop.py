@@ -23,10 +23,10 @@ import yaml
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
-from kubeforge.spec import HUB_SCHEME, FinetuneJob, Job, PretrainJob, TrainingSpec, export_uri
-from kubeforge.status import Preempted, TrainerResult
+from kubeforge.spec import HUB_SCHEME, FinetuneJob, Job, PretrainJob, PretrainSpec, TrainingSpec, export_uri
+from kubeforge.status import EarlyStopped, EvalObserver, ExportedModel, Preempted, TrainerResult
 from kubeforge.storage import StorageError, open_storage
-from kubeforge.trainer import data, distributed
+from kubeforge.trainer import corpus, data, distributed
 from kubeforge.trainer.checkpoint import Checkpointer, Restored, UploadReport, export_model, job_identity
 from kubeforge.trainer.checkpoint.state import (
     AdaLoraAllocation,
@@ -39,6 +39,13 @@ from kubeforge.trainer.checkpoint.state import (
     saved_micro_batches_per_step,
     saved_tokenizer,
 )
+from kubeforge.trainer.compression import (
+    compression_report,
+    quantize_model_dir,
+    refuse_unquantizable,
+    weights_size,
+)
+from kubeforge.trainer.distill import Teacher, check_teacher_fits, fetch_teacher
 from kubeforge.trainer.flops import training_flops_per_token
 from kubeforge.trainer.metrics import ThroughputWindow, TrainerMetrics
 from kubeforge.trainer.models import (
@@ -55,7 +62,7 @@ from kubeforge.trainer.models import (
     save_for_export,
     task_loss_only,
 )
-from kubeforge.trainer.tokenization import ensure_pad_token, from_json, train_tokenizer
+from kubeforge.trainer.tokenization import ensure_pad_token, from_json, load_tokenizer
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -136,38 +143,76 @@ class Workload(NamedTuple):
     """What a job trains: its tokenizer, data and how its model is built."""
 
     tokenizer: PreTrainedTokenizerBase
-    train_set: dict[str, torch.Tensor]
-    eval_set: dict[str, torch.Tensor]
+    train_set: data.DataSet
+    eval_set: data.DataSet
     labels: list[str] | None  # the class names of a sequence-classification job
     #: The model for a run of this many optimizer steps (AdaLoRA schedules its rank budget over
     #: them), whole and on CPU; built again to export a sharded model's gathered weights through.
     build: Callable[[int], torch.nn.Module]
+    #: method distill: the teacher's model directory, checked against the student's tokenizer and labels.
+    teacher_dir: Path | None = None
 
 
-def pretrain_workload(job: PretrainJob, saved_tokenizer: str | None) -> Workload:
-    """A new model, with the tokenizer trained on the corpus (or the one a checkpoint saved)."""
-    sequence_length = job.spec.training.sequence_length
-    train_texts, eval_texts = data.pretrain_texts(job.spec.data, job.spec.s3)
-    tokenizer: PreTrainedTokenizerBase = (from_json(saved_tokenizer) if saved_tokenizer is not None
-                                          else train_tokenizer(train_texts, job.spec.tokenizer))
+def pretrain_workload(job: PretrainJob, saved_tokenizer: str | None, corpus_cache: str, runtime: distributed.Runtime,
+                      scratch: Path, metrics: TrainerMetrics, progress: bool) -> Workload:
+    """A new model; the corpus prepared into token shards (or found prepared), with tokenizer.uri's
+    tokenizer, the one a checkpoint saved, or one trained on a sample of the corpus."""
+    spec = job.spec
+    files = corpus.source_files(spec)
+    tokenizer: PreTrainedTokenizerBase
+    if spec.tokenizer.uri is not None:
+        tokenizer = load_tokenizer(spec.tokenizer.uri, spec.s3, scratch)
+    elif saved_tokenizer is not None:
+        tokenizer = from_json(saved_tokenizer)
+    else:
+        tokenizer = corpus.trained_tokenizer(spec, files, corpus_cache, runtime.rank, runtime.world_size, scratch)
+    prepared = prepare_corpus(spec, tokenizer, files, corpus_cache, runtime, scratch, metrics, progress)
+    sequence_length = spec.training.sequence_length
+    train_set, eval_set = prepared.splits(sequence_length, spec.data.eval_fraction)
+
     def build(total_steps: int) -> torch.nn.Module:  # a pretrained model is the same for any run length
-        return build_pretrain_model(job.spec.model, tokenizer, sequence_length)
+        return build_pretrain_model(spec.model, tokenizer, sequence_length)
 
-    return Workload(tokenizer, data.pack_texts(train_texts, tokenizer, sequence_length, "data.train"),
-                    data.pack_texts(eval_texts, tokenizer, sequence_length, "data.eval"), None, build)
+    # A pretraining sequence is its own labels (see data.take).
+    return Workload(tokenizer, {"input_ids": train_set}, {"input_ids": eval_set}, None, build)
 
 
-def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Path) -> Workload:
-    """The base model (with the method's peft adapters) and its tokenizer."""
+def prepare_corpus(spec: PretrainSpec, tokenizer: PreTrainedTokenizerBase, files: list[corpus.SourceFile],
+                   cache: str, runtime: distributed.Runtime, scratch: Path, metrics: TrainerMetrics,
+                   progress: bool) -> corpus.PreparedCorpus:
+    """corpus.prepare, its tokens counted in the metrics and, on `kubeforge run`, on a progress bar."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc="preparing the corpus", unit="tok", unit_scale=True, disable=not (progress and runtime.is_main),
+               dynamic_ncols=True)
+
+    def prepared(tokens: int) -> None:
+        metrics.corpus_tokens_prepared.inc(tokens)
+        bar.update(tokens)
+
+    metrics.corpus_preparing.set(1)
+    try:
+        return corpus.prepare(spec, tokenizer, files, cache, runtime.rank, runtime.world_size, scratch, prepared)
+    finally:
+        metrics.corpus_preparing.set(0)
+        bar.close()
+
+
+def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Path,
+                      teacher_uri: str | None = None) -> Workload:
+    """The base model (with the method's peft adapters) and its tokenizer; a distilling job's
+    teacher, refused before any training unless it shares the tokenizer and labels."""
     if base_model_uri is None:
         raise BaseModelError("baseModel: no base model URI was resolved for this job")
     refuse_unsupported(job.spec, job.spec.training.parallelism)
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     base_dir = fetch_model_dir(base_model_uri, job.spec.s3, scratch)
     check_positions(job.spec, base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     ensure_pad_token(tokenizer)
+    distilling = job.spec.method == "distill"
+    teacher_dir = fetch_teacher(job.spec, teacher_uri, job.spec.s3, scratch, tokenizer) if distilling else None
     if job.spec.data.chat_template is not None:
         tokenizer.chat_template = job.spec.data.chat_template  # also what the export is saved with
     sequence_length = job.spec.training.sequence_length
@@ -176,31 +221,40 @@ def finetune_workload(job: FinetuneJob, base_model_uri: str | None, scratch: Pat
         train_set, eval_set, labels = data.classification_sets(job.spec.data, job.spec.s3, tokenizer, sequence_length)
     else:
         train_set, eval_set = data.instruction_sets(job.spec.data, job.spec.s3, tokenizer, sequence_length)
+    if teacher_dir is not None:
+        check_teacher_fits(job.spec, teacher_dir, labels, AutoConfig.from_pretrained(base_dir).vocab_size)
     build = partial(load_finetune_model, job.spec, base_dir, tokenizer, labels)
-    return Workload(tokenizer, train_set, eval_set, labels, build)
+    return Workload(tokenizer, train_set, eval_set, labels, build, teacher_dir)
 
 
 class Trainer:
     """One job's run: `__init__` builds it (restoring the newest checkpoint), `train` runs it."""
 
     def __init__(self, job: Job, runtime: distributed.Runtime, metrics: TrainerMetrics, stop: distributed.GracefulStop,
-                 checkpoint_root: str, base_model_uri: str | None, progress: bool, scratch: Path):
+                 checkpoint_root: str, base_model_uri: str | None, progress: bool, scratch: Path, corpus_cache: str,
+                 teacher_uri: str | None = None):
         # The steps run in the order the seeded RNG is drawn from (tokenizer, data, model weights)
         # before a checkpoint's RNG state replaces it; the optimizer needs the model sharded first.
         self.job, self.runtime, self.training = job, runtime, job.spec.training
         self.checkpoint_root, self.progress, self.metrics, self.stop = checkpoint_root, progress, metrics, stop
+        self.corpus_cache = corpus_cache
         random.seed(self.training.seed)
         torch.manual_seed(self.training.seed)
         self.storage = open_storage(checkpoint_root, job.spec.s3)
         self.sharded = self.training.parallelism == "fsdp"  # checkpoints are DCP shards, written by every rank
         self.checkpointer = self._checkpointer()
         restored = self._newest_checkpoint(scratch)
+        self.teacher_uri = teacher_uri
         self._set_workload(restored, base_model_uri, scratch)
         self._plan_steps(restored)
         self.rebuild = partial(self.build_model, self.total_steps)
         #: The model itself, sharded in place under fsdp: what evaluates, exports and checkpoints.
         self.raw_model = self.rebuild()
+        refuse_unquantizable(job, self.raw_model)
         self._place_model()
+        #: method distill: the frozen teacher, on the student's device; no part of the optimizer or checkpoint.
+        self.teacher = (Teacher(job.spec, self.teacher_dir, runtime.device)
+                        if isinstance(job, FinetuneJob) and self.teacher_dir else None)
         self._set_optimizer()
         self.state = TrainState()
         states: dict[str, Stateful] = {
@@ -211,8 +265,9 @@ class Trainer:
         self.adalora = AdaLoraAllocation(self.raw_model) if self._method == "adalora" else None
         if self.adalora is not None:
             states["adalora"] = self.adalora
+        trained_tokenizer = isinstance(job, PretrainJob) and job.spec.tokenizer.uri is None
         self.checkpoint_state = TrainingState(Weights(self.raw_model, self.optimizer, self.sharded), states,
-                                              self.tokenizer if isinstance(job, PretrainJob) else None)
+                                              self.tokenizer if trained_tokenizer else None)
         if restored:
             self.checkpoint_state.restore(restored)
         self.resumed_from = self.state.step
@@ -220,6 +275,8 @@ class Trainer:
         self._compile()
         self._set_throughput_window()
         self.train_loss: float | None = None  # the mean over the last logging window
+        #: Called with each evaluation's step and metrics during training; True stops the run (a sweep's pruner).
+        self.on_eval: EvalObserver | None = None
 
     @property
     def _method(self) -> str | None:
@@ -239,16 +296,21 @@ class Trainer:
         """Tokenizer, data and the model, as the job's kind builds them; its batches on this rank."""
         training, runtime = self.training, self.runtime
         if isinstance(self.job, PretrainJob):
-            workload = pretrain_workload(self.job, saved_tokenizer(restored))
+            workload = pretrain_workload(self.job, saved_tokenizer(restored), self.corpus_cache, runtime, scratch,
+                                         self.metrics, self.progress)
         else:
             assert isinstance(self.job, FinetuneJob)
-            workload = finetune_workload(self.job, base_model_uri, scratch)
+            workload = finetune_workload(self.job, base_model_uri, scratch, self.teacher_uri)
         self.tokenizer, self.labels, self.build_model = workload.tokenizer, workload.labels, workload.build
+        self.teacher_dir = workload.teacher_dir
         self.batches = data.Batches(workload.train_set, training.batch_size, training.seed, runtime.rank,
                                     runtime.world_size, training.group_by_length, data.pad_multiple(runtime.device))
         self.eval_batches = data.eval_batches(workload.eval_set, training.batch_size, training.eval_batches,
                                               runtime.rank, runtime.world_size)
         self.eval_filler = data.eval_batches(workload.eval_set, training.batch_size, 1, 0, 1)[0]
+        #: Every rank's eval batches: what rank 0 alone evaluates the exported models on (export.quantize only).
+        self.export_eval_batches = data.eval_batches(workload.eval_set, training.batch_size, training.eval_batches,
+                                                     0, 1) if self.job.spec.export.quantize else []
 
     def _plan_steps(self, restored: Restored | None) -> None:
         """Micro-batches per step, and the optimizer steps the job trains for (maxSteps or epochs)."""
@@ -316,7 +378,10 @@ class Trainer:
             if step % training.log_interval == 0 or last:
                 self.log_window(bar)
             if step % training.eval_interval == 0 or last:
-                self.evaluate()
+                evaluated = self.evaluate()
+                if not last and self.on_eval is not None and self.on_eval(step, evaluated):
+                    self.checkpointer.close()
+                    raise EarlyStopped(f"stopped at step {step} of {self.total_steps} by its evaluation's observer")
             # Every rank asks, every step: all stop at the same step, and the last step always finishes the job.
             stopping = not last and self.stop.agreed(self.runtime)
             if step % checkpoint_interval == 0 or last or stopping:
@@ -352,7 +417,9 @@ class Trainer:
             last = k == accumulation - 1
             sync = distributed.gradient_sync(self.distributed_model, last)  # not the compiled one
             with sync, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = self.step_model(**batch).loss / accumulation
+                output = self.step_model(**batch)
+                loss = output.loss if self.teacher is None else self.teacher.loss(batch, output.logits, output.loss)
+                loss = loss / accumulation
                 loss.backward()
             self.window.count_micro_batch(loss, micro.real_tokens, micro.computed_tokens, len(batch["input_ids"]))
         if self.training.max_grad_norm:
@@ -415,6 +482,7 @@ class Trainer:
                                   len(self.labels or []), self.runtime, self.dtype, lockstep)
         self.state.eval_history.append({"step": self.state.step, **result})
         self.metrics.eval_loss.set(result["loss"])
+        self.metrics.eval_step.set(self.state.step)
         for name, value in result.items():
             self.metrics.eval_metric(name, value)
         if self.runtime.is_main:
@@ -432,7 +500,8 @@ class Trainer:
             export_uri=export_uri(self.checkpoint_root), labels=self.labels,
             export_format=None if self._method is None else
             "merged" if merges_on_export(self.raw_model) else "base+adapter",
-            adapter_ranks=adalora_rank_pattern(self.raw_model))
+            adapter_ranks=adalora_rank_pattern(self.raw_model),
+            teacher_uri=self.teacher_uri if self.teacher is not None else None)
 
     def whole_model(self) -> torch.nn.Module | None:
         """The trained model whole, on rank 0 (None on the others): a sharded one's full weights are
@@ -452,9 +521,45 @@ class Trainer:
         started = time.perf_counter()
         if self.use_cache is not None:
             self.model_config.use_cache = self.use_cache  # the exported model generates with its cache
-        export_model(self.storage, partial(save_for_export, model), self.tokenizer,
+        save: Callable[[Path], Any] = partial(save_for_export, model)
+        if self.job.spec.export.quantize is not None:
+            save = partial(self._save_quantized, save, result)
+        export_model(self.storage, save, self.tokenizer,
                      yaml.safe_dump(self.job.to_manifest(), sort_keys=False), result, self.job.spec_hash())
         log.info("exported the model to %s in %.1fs", result.export_uri, time.perf_counter() - started)
+
+    def _save_quantized(self, save_full: Callable[[Path], Any], result: TrainerResult, root: Path) -> None:
+        """export.quantize: the full model saved (into root, or aside when not kept), quantized into
+        root/QUANTIZE (or root itself), both evaluated on the eval set; result.compression says how they compare."""
+        settings = self.job.spec.export
+        quantize = cast(str, settings.quantize)
+        with tempfile.TemporaryDirectory(prefix="kubeforge-full-") as aside:
+            full_dir = root if settings.keep_full_precision else Path(aside)
+            quantized_dir = root / quantize if settings.keep_full_precision else root
+            save_full(full_dir)
+            model_class = self._export_model_class()
+            quantize_model_dir(full_dir, quantized_dir, quantize, model_class)
+            if settings.keep_full_precision:
+                self.tokenizer.save_pretrained(quantized_dir)  # a whole model directory of its own
+            full = self._exported_model(full_dir, model_class, result.export_uri if settings.keep_full_precision
+                                        else None)
+        quantized = self._exported_model(quantized_dir, model_class, f"{result.export_uri}/{quantize}"
+                                         if settings.keep_full_precision else result.export_uri)
+        result.compression = compression_report(quantize, full, quantized)
+        log.info("export.quantize: %s", result.compression.summary)
+
+    def _export_model_class(self) -> Any:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification if self.labels is not None else AutoModelForCausalLM
+
+    def _exported_model(self, directory: Path, model_class: Any, uri: str | None) -> ExportedModel:
+        """An exported model directory, loaded back as a user would and evaluated on every eval batch."""
+        model = model_class.from_pretrained(directory).to(self.runtime.device)
+        alone = replace(self.runtime, rank=0, world_size=1)  # rank 0 alone: no collective
+        metrics = eval_metrics(model, self.export_eval_batches, self.labels is not None, len(self.labels or []),
+                               alone, self.dtype)
+        return ExportedModel(uri=uri, size_bytes=weights_size(directory), eval=metrics)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -526,9 +631,13 @@ def hub_base_model(job: Job, uri: str, cache: str, runtime: distributed.Runtime,
 
 
 def train(job: Job, *, checkpoint_root: str, base_model_uri: str | None = None,
-          progress: bool = False, base_model_cache: str | None = None) -> TrainerResult:
+          progress: bool = False, base_model_cache: str | None = None, corpus_cache: str | None = None,
+          teacher_uri: str | None = None, on_eval: EvalObserver | None = None) -> TrainerResult:
     """Run one job to completion (resuming from its newest checkpoint) and return its result; an
-    hf:// base model is kept under base_model_cache (default: next to the checkpoints)."""
+    hf:// base model is kept under base_model_cache, a PretrainJob's prepared corpus under
+    corpus_cache (by default, each next to the checkpoints); a distilling job learns from the
+    model at teacher_uri. `on_eval` sees each evaluation during training and may stop the run
+    (EarlyStopped) by returning True."""
     resources = job.spec.resources
     runtime = distributed.start(resources.gpus_per_worker, resources.allow_cpu_fallback)
     metrics = TrainerMetrics(job.name, job.namespace, job.kind, runtime.rank)
@@ -539,8 +648,10 @@ def train(job: Job, *, checkpoint_root: str, base_model_uri: str | None = None,
                 base_model_uri = hub_base_model(job, base_model_uri,
                                                 base_model_cache or f"{checkpoint_root.rstrip('/')}/base-models",
                                                 runtime, Path(scratch))
-            return Trainer(job, runtime, metrics, stop, checkpoint_root, base_model_uri, progress,
-                           Path(scratch)).train()
+            trainer = Trainer(job, runtime, metrics, stop, checkpoint_root, base_model_uri, progress, Path(scratch),
+                              corpus_cache or f"{checkpoint_root.rstrip('/')}/corpora", teacher_uri)
+            trainer.on_eval = on_eval
+            return trainer.train()
     finally:
         metrics.close()  # `kubeforge run` of several jobs: the next one serves on the same port
         distributed.stop()

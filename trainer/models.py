@@ -62,8 +62,9 @@ def build_pretrain_model(spec: ModelSpec, tokenizer: Any, sequence_length: int) 
     return model
 
 
-def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path) -> Path:
-    """A local Hugging Face model directory for a base model URI (local directory or S3 prefix).
+def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path, field: str = "baseModel") -> Path:
+    """A local Hugging Face model directory for a base model URI (local directory or S3 prefix), or
+    for the model that `field` (teacher, say) names.
 
     A kubeforge export is fetched as its manifest lists and verified against it; another model
     directory is fetched whole. Either way its weights must be safetensors: a pickled
@@ -71,23 +72,23 @@ def fetch_model_dir(uri: str, s3: S3Spec | None, scratch: Path) -> Path:
     local = Path(uri.removeprefix("file://"))
     if not uri.startswith("s3://") and local.is_dir():
         if not (local / "config.json").is_file():
-            raise BaseModelError(f"baseModel: {uri} has no config.json: not a Hugging Face model directory")
-        _require_safetensors(local, uri)
+            raise BaseModelError(f"{field}: {uri} has no config.json: not a Hugging Face model directory")
+        _require_safetensors(local, uri, field)
         return local
     storage = open_storage(uri, s3)
     keys = storage.list()
     if "config.json" not in keys:
-        raise BaseModelError(f"baseModel: no Hugging Face model (config.json) found at {uri}")
+        raise BaseModelError(f"{field}: no Hugging Face model (config.json) found at {uri}")
     target = scratch / "base-model"
     if MANIFEST in keys:
         manifest = read_manifest(storage, "")
         if manifest is None:
-            raise StorageError(f"baseModel.uri: {uri} has a manifest that does not match its files: "
+            raise StorageError(f"{field}.uri: {uri} has a manifest that does not match its files: "
                                "refusing to use it")
-        fetch_verified(storage, "", manifest, target, field="baseModel.uri")
+        fetch_verified(storage, "", manifest, target, field=f"{field}.uri")
     else:
-        download_tree(storage, "", target, field="baseModel.uri")
-    _require_safetensors(target, uri)
+        download_tree(storage, "", target, field=f"{field}.uri")
+    _require_safetensors(target, uri, field)
     return target
 
 
@@ -152,10 +153,10 @@ def _download_from_hub(uri: str, repo: str, revision: str, target: Path) -> Path
     return target
 
 
-def _require_safetensors(model_dir: Path, uri: str) -> None:
+def _require_safetensors(model_dir: Path, uri: str, field: str = "baseModel") -> None:
     if not any(model_dir.glob("*.safetensors")):
         raise BaseModelError(
-            f"baseModel: {uri} has no .safetensors weights; kubeforge does not load pickled weights "
+            f"{field}: {uri} has no .safetensors weights; kubeforge does not load pickled weights "
             "(pytorch_model.bin) because loading them can run code: save the model with "
             "save_pretrained(..., safe_serialization=True)")
 
@@ -180,10 +181,13 @@ def load_finetune_model(spec: FinetuneSpec, base_dir: Path, tokenizer: Any, labe
             base_dir, config=config, ignore_mismatched_sizes=True, use_safetensors=True)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, use_safetensors=True)
-    if spec.method != "full":
+    if spec.method not in WHOLE_MODEL_METHODS:
         model = _with_adapters(model, spec, total_steps)
     return model
 
+
+#: Methods that train every weight of the base, with no adapters: distill trains the student whole.
+WHOLE_MODEL_METHODS = ("full", "distill")
 
 #: The settings block of each peft method, as its errors name it.
 _BLOCK = {"lora": "lora", "ia3": "ia3", "prompt-tuning": "promptTuning", "prefix-tuning": "prefixTuning",

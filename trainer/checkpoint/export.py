@@ -17,7 +17,10 @@ from kubeforge.trainer.checkpoint.manifest import MANIFEST, write_committed
 def export_model(storage: Storage, save_model: Callable[[Path], Any], tokenizer: Any, job_yaml: str,
                  result: TrainerResult, spec_hash: str) -> int:
     """Save the final model in Hugging Face format (`save_model` into a directory) with its
-    tokenizer, the job and its result under export/, committed by its manifest like a checkpoint."""
+    tokenizer, the job and its result under export/, committed by its manifest like a checkpoint.
+
+    `save_model` runs before result.json is written: export.quantize's completes the result with
+    what it measured (result.compression) and writes the quantized model beside the full one."""
     # A previous export stops counting before any of its files is overwritten.
     storage.delete([join(EXPORT_DIR, MANIFEST)])
     with tempfile.TemporaryDirectory(prefix="kubeforge-export-") as scratch:
