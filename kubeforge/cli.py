@@ -18,25 +18,43 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kubeforge.basemodel import Resolved, resolve_base_model
+from kubeforge.basemodel import (
+    BaseJob,
+    Resolved,
+    ResolvedTeacher,
+    UpstreamStatus,
+    WaitingForBaseJob,
+    resolve_base_model,
+    resolve_teacher,
+    upstream_base_job,
+    upstream_teacher_job,
+)
 from kubeforge.spec import (
     Job,
     JobError,
     SpecError,
+    SweepJob,
     base_model_cache_uri,
     checkpoint_uri,
+    corpus_cache_uri,
     export_uri,
     job_storage_uri,
     load_job_file,
     load_jobs,
+    load_manifest_file,
+    parse_job,
+    trial_manifest,
 )
 from kubeforge.status import (
     EXIT_PERMANENT,
     EXIT_PREEMPTED,
     SUCCEEDED,
+    EvalObserver,
     JobStatus,
     Preempted,
+    SweepStatus,
     TrainerError,
+    TrainerResult,
     TrainerSummary,
     termination_message,
 )
@@ -57,42 +75,123 @@ def _setup_logging(verbose: bool, level: str = "info") -> None:
 
 
 def base_model_uri(job: Job, jobs: list[Job], root: str) -> str | None:
-    """The base model URI of a finetune job, None for a pretrain job. With no cluster, a PretrainJob
-    it names has finished: it ran first in this file (`_order`), or ran before under the same root."""
-    def finished(name: str) -> JobStatus:
-        upstream = next((other for other in jobs if other.kind == "PretrainJob" and other.name == name
+    """The base model URI of a finetune job, None for a pretrain job. With no cluster, the job it
+    names ran before it in this file (`_order`), or ran before under the same root: a PretrainJob has
+    finished, a SweepJob's status (kubeforge/localsweep.py) says whether it succeeded."""
+    def finished(base_job: BaseJob) -> UpstreamStatus:
+        if base_job.kind == "SweepJob":
+            from kubeforge.localsweep import read_status
+
+            return read_status(root, job.namespace, base_job.name)
+        upstream = next((other for other in jobs if other.kind == "PretrainJob" and other.name == base_job.name
                          and other.namespace == job.namespace), None)
         storage = checkpoint_uri(upstream, root) if upstream else job_storage_uri(root, "PretrainJob",
-                                                                                  job.namespace, name)
+                                                                                  job.namespace, base_job.name)
         return JobStatus(phase=SUCCEEDED, export_uri=export_uri(storage))
 
     resolution = resolve_base_model(job, finished)
+    if isinstance(resolution, WaitingForBaseJob):
+        # Nothing else runs meanwhile with no cluster: waiting would be for ever.
+        status = resolution.status
+        found = (f"ended {status.phase}: {status.message or status.reason}" if status and status.phase
+                 else f"has not run under {root}")
+        raise JobError(f"baseModel.from{resolution.job.kind}: {resolution.job.kind} {resolution.job.name} {found}; "
+                       "it must succeed first (in the same file, or an earlier run with the same --output)")
+    if isinstance(resolution, Resolved) and resolution.source:
+        print(f"    base model: {resolution.uri}, the export of {resolution.source}", file=sys.stderr)
     return resolution.uri if isinstance(resolution, Resolved) else None
 
 
-def _order(jobs: list[Job]) -> list[Job]:
-    """Pretrain jobs before the finetune jobs that name them."""
-    return sorted(jobs, key=lambda j: 0 if j.kind == "PretrainJob" else 1)
+def teacher_uri(job: Job, jobs: list[Job], root: str) -> str | None:
+    """A distilling job's teacher URI, None for any other job. With no cluster, a FinetuneJob it names
+    has finished: it ran before it in this file (`_order`), or ran before under the same root."""
+    def finished(name: str) -> JobStatus:
+        upstream = next((other for other in jobs if other.kind == "FinetuneJob" and other.name == name
+                         and other.namespace == job.namespace), None)
+        storage = checkpoint_uri(upstream, root) if upstream else job_storage_uri(root, "FinetuneJob",
+                                                                                  job.namespace, name)
+        return JobStatus(phase=SUCCEEDED, export_uri=export_uri(storage))
+
+    resolution = resolve_teacher(job, finished)
+    return resolution.uri if isinstance(resolution, ResolvedTeacher) else None
+
+
+def _upstreams(manifest: Job | SweepJob) -> list[tuple[str, str]]:
+    """(kind, name) of each job or sweep whose export the job, or a sweep's trials, start from."""
+    if isinstance(manifest, SweepJob):
+        spec = manifest.spec
+        first = {p.path: p.candidates()[0] for p in spec.parameters}  # any trial names the same upstreams
+        job = parse_job(trial_manifest(spec.template, manifest.trial_name(0), manifest.namespace, first))
+    else:
+        job = manifest
+    base, teacher = upstream_base_job(job), upstream_teacher_job(job)
+    return ([(base.kind, base.name)] if base else []) + ([("FinetuneJob", teacher)] if teacher else [])
+
+
+def _order(manifests: list[Job | SweepJob]) -> list[Job | SweepJob]:
+    """Each job and sweep after those of the file it starts from: its base model's PretrainJob or
+    SweepJob, its teacher's FinetuneJob. Otherwise in the file's order."""
+    present = {(m.kind, m.namespace, m.name): m for m in manifests}
+
+    def depth(manifest: Job | SweepJob, hops: int = 0) -> int:
+        above = [present[key] for kind, name in _upstreams(manifest)
+                 if (key := (kind, manifest.namespace, name)) in present]
+        if not above or hops >= len(manifests):  # a cycle stops here
+            return 0
+        return 1 + max(depth(upstream, hops + 1) for upstream in above)
+
+    return sorted(manifests, key=depth)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from kubeforge.trainer.loop import train
 
-    jobs = load_job_file(args.file)
-    results = []
-    for job in _order(jobs):
+    manifests = load_manifest_file(args.file)
+    jobs = [m for m in manifests if not isinstance(m, SweepJob)]
+    results: list[TrainerResult | SweepStatus] = []
+    for manifest in _order(manifests):
+        if isinstance(manifest, SweepJob):
+            results.append(_run_sweep(manifest, jobs, args))
+            continue
+        job = manifest
         root = checkpoint_uri(job, args.output)
-        base = base_model_uri(job, jobs, args.output)
         print(f"==> {job.kind} {job.namespace}/{job.name}: checkpoints in {root}", file=sys.stderr)
+        base = base_model_uri(job, jobs, args.output)
         result = train(job, checkpoint_root=root, base_model_uri=base, progress=not args.no_progress,
-                       base_model_cache=base_model_cache_uri(args.output, job.namespace))
+                       base_model_cache=base_model_cache_uri(args.output, job.namespace),
+                       corpus_cache=corpus_cache_uri(args.output, job.namespace),
+                       teacher_uri=teacher_uri(job, jobs, args.output))
         results.append(result)
         evals = ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items())
         print(f"==> {job.kind} {job.name} done at step {result.step}: {evals}", file=sys.stderr)
         print(f"    model: {result.export_uri}", file=sys.stderr)
+        if result.compression is not None:
+            print(f"    {result.compression.summary}: {result.compression.quantized.uri}", file=sys.stderr)
     if args.json:
         print(json.dumps([result.to_json() for result in results], indent=2))
-    return 0
+    return 0 if all(r.phase == SUCCEEDED for r in results if isinstance(r, SweepStatus)) else 1
+
+
+def _run_sweep(sweep: SweepJob, jobs: list[Job], args: argparse.Namespace) -> SweepStatus:
+    """A SweepJob's trials one after another, after the file's jobs they start from (`_order`)."""
+    from kubeforge.localsweep import run_sweep
+    from kubeforge.trainer.loop import train
+
+    def train_trial(job: Job, on_eval: EvalObserver) -> TrainerResult:
+        return train(job, checkpoint_root=checkpoint_uri(job, args.output), progress=False, on_eval=on_eval,
+                     base_model_uri=base_model_uri(job, jobs, args.output),
+                     base_model_cache=base_model_cache_uri(args.output, job.namespace),
+                     corpus_cache=corpus_cache_uri(args.output, job.namespace),
+                     teacher_uri=teacher_uri(job, jobs, args.output))
+
+    status = run_sweep(sweep, args.output, train_trial)
+    best = status.best_trial
+    print(f"==> SweepJob {sweep.name} {status.phase}: {status.message}", file=sys.stderr)
+    if best is not None:
+        print(f"    best trial {best.name}: {sweep.spec.objective.metric} {best.value:.4f}, "
+              + ", ".join(f"{k}={v}" for k, v in best.parameters.items()), file=sys.stderr)
+        print(f"    model: {best.export_uri}", file=sys.stderr)
+    return status
 
 
 def _read_train_spec(args: argparse.Namespace) -> Job:
@@ -119,7 +218,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     root = args.checkpoint_uri or checkpoint_uri(job, DEFAULT_RUN_ROOT)
     base = args.base_model_uri or base_model_uri(job, [job], DEFAULT_RUN_ROOT)
     result = train(job, checkpoint_root=root, base_model_uri=base, progress=False,
-                   base_model_cache=args.base_model_cache)
+                   base_model_cache=args.base_model_cache, corpus_cache=args.corpus_cache,
+                   teacher_uri=args.teacher_uri or teacher_uri(job, [job], DEFAULT_RUN_ROOT))
     if os.environ.get("RANK", "0") != "0":
         return 0  # rank 0 speaks for the job
     if args.result:
@@ -140,7 +240,9 @@ def _launch_processes(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "kubeforge", "--log-level", "debug" if args.verbose else args.log_level, "train"]
     command += ["--spec-env", args.spec_env] if args.spec_env else ["--spec", args.spec]
     for flag, value in (("--checkpoint-uri", args.checkpoint_uri), ("--base-model-uri", args.base_model_uri),
-                        ("--base-model-cache", args.base_model_cache), ("--result", args.result)):
+                        ("--base-model-cache", args.base_model_cache), ("--corpus-cache", args.corpus_cache),
+                        ("--teacher-uri", args.teacher_uri),
+                        ("--result", args.result)):
         if value:
             command += [flag, value]
     if not args.termination_log:
@@ -168,7 +270,7 @@ def _write_termination_log(path: str, outcome: TrainerSummary | TrainerError) ->
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    for job in load_job_file(args.file):
+    for job in load_manifest_file(args.file):
         print(f"{job.kind} {job.namespace}/{job.name}: valid")
     return 0
 
@@ -203,7 +305,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         root = checkpoint_uri(job, settings.storage_root)
         base = base_model_uri(job, jobs, settings.storage_root)
         plan = LaunchPlan(root, base, cpu_fallback=args.cpu_fallback,
-                          base_model_cache=base_model_cache_uri(settings.storage_root, job.namespace))
+                          base_model_cache=base_model_cache_uri(settings.storage_root, job.namespace),
+                          corpus_cache=corpus_cache_uri(settings.storage_root, job.namespace),
+                          teacher_uri=teacher_uri(job, jobs, settings.storage_root))
         group = builders.build_pod_group(job, settings)
         documents += [builders.build_service(job), *([group] if group else []),
                       *builders.build_pods(job, args.attempt, plan, settings)]
@@ -291,6 +395,9 @@ def _add_train_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     train.add_argument("--base-model-uri", help="the resolved base model of a FinetuneJob")
     train.add_argument("--base-model-cache",
                        help="where hf:// base models are kept once fetched (default: next to the checkpoints)")
+    train.add_argument("--corpus-cache",
+                       help="where a PretrainJob's corpus is kept prepared (default: next to the checkpoints)")
+    train.add_argument("--teacher-uri", help="the resolved teacher of a FinetuneJob with method distill")
     train.add_argument("--result", help="write the result JSON here")
     train.add_argument("--termination-log", help="write a short JSON summary (or the error) here on exit")
     train.add_argument("--processes", type=_positive, default=1,
@@ -305,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run a job or a pipeline of jobs on this machine, no cluster")
-    run.add_argument("file", help="a manifest; several documents run pretrain jobs first")
+    run = commands.add_parser("run", help="run a job, a pipeline of jobs or a sweep on this machine, no cluster")
+    run.add_argument("file", help="a manifest; of several documents, each runs after the jobs and sweeps it "
+                                     "starts from")
     run.add_argument("--output", default=DEFAULT_RUN_ROOT,
                      help="storage root for jobs without checkpoint.uri (a directory or s3://bucket/prefix)")
     run.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
@@ -352,7 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, args.log_level)
-    sys.exit(_dispatch(args))
+    code = _dispatch(args)
+    if args.handler is cmd_train and "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank of a gloo world could abort (SIGABRT, exit 134) in the interpreter's finalization after
+        # its outcome was written, gloo's threads still holding work (pytorch/pytorch#179291; seen in CI
+        # once in a few runs). The process group is destroyed and the outcome written: leave without
+        # finalizing, with the exit code the outcome has.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code))
+    sys.exit(code)
 
 
 def _dispatch(args: argparse.Namespace) -> Any:

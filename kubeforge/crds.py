@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
-from kubeforge.spec import JOB_NAME, JOB_NAME_MAX_LENGTH, KINDS
-from kubeforge.status import JobStatus
+from kubeforge.spec import ALL_KINDS, JOB_NAME, JOB_NAME_MAX_LENGTH, SWEEP_KIND
+from kubeforge.status import JobStatus, SweepStatus
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -21,11 +22,21 @@ PRINTER_COLUMNS = [
     {"name": "Loss", "type": "number", "jsonPath": ".status.loss"},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    # `kubectl get -o wide` only: most jobs quantize nothing.
+    {"name": "Quantized", "type": "string", "jsonPath": ".status.compression.summary", "priority": 1,
+     "description": "export.quantize: size and eval metric against the full model"},
+]
+SWEEP_PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Trials", "type": "string", "jsonPath": ".status.trialsProgress", "description": "done/maxTrials"},
+    {"name": "Best", "type": "number", "jsonPath": ".status.bestValue", "description": "the best objective value"},
+    {"name": "Pruned", "type": "integer", "jsonPath": ".status.prunedTrials"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
 # JSON Schema keywords a Kubernetes structural schema takes as they are.
 KEPT = {"type", "description", "enum", "minimum", "maximum", "pattern", "minLength", "maxLength",
-        "minItems", "maxItems", "required", "x-kubernetes-validations"}
+        "minItems", "maxItems", "required", "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields"}
 
 
 def _without_nulls(value: Any) -> Any:
@@ -75,18 +86,19 @@ def structural(schema: dict[str, Any], defs: dict[str, Any], defaults: bool = Tr
     return out
 
 
-def status_schema() -> dict[str, Any]:
-    """The schema of every kind's status, from `JobStatus`.
+def status_schema(model: type[BaseModel] = JobStatus) -> dict[str, Any]:
+    """The schema of a kind's status: `JobStatus` for the training kinds, `SweepStatus` for sweeps.
 
     No defaults: status holds what the operator wrote and nothing else. Unknown fields are kept, not
     pruned: they are the operator's or Kopf's, and the API server need not know them to store them."""
-    json_schema = JobStatus.model_json_schema(by_alias=True, mode="validation")
+    json_schema = model.model_json_schema(by_alias=True, mode="validation")
     schema = structural(json_schema, json_schema.get("$defs", {}), defaults=False)
     return {**schema, "x-kubernetes-preserve-unknown-fields": True}
 
 
 def crd(kind: str) -> dict[str, Any]:
-    names = KINDS[kind]
+    names = ALL_KINDS[kind]
+    sweep = kind == SWEEP_KIND.kind
     json_schema = names.model.model_json_schema(by_alias=True, mode="validation")
     defs = json_schema.get("$defs", {})
     spec_schema = structural(json_schema["properties"]["spec"], defs)
@@ -104,7 +116,7 @@ def crd(kind: str) -> dict[str, Any]:
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},
-                "additionalPrinterColumns": PRINTER_COLUMNS,
+                "additionalPrinterColumns": SWEEP_PRINTER_COLUMNS if sweep else PRINTER_COLUMNS,
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
                     "description": (names.model.__doc__ or kind).strip().splitlines()[0],
@@ -116,7 +128,7 @@ def crd(kind: str) -> dict[str, Any]:
                         "metadata": {"type": "object", "properties": {"name": {
                             "type": "string", "maxLength": JOB_NAME_MAX_LENGTH, "pattern": JOB_NAME}}},
                         "spec": spec_schema,
-                        "status": status_schema(),
+                        "status": status_schema(SweepStatus if sweep else JobStatus),
                     },
                 }},
             }],
@@ -139,7 +151,7 @@ def render(kind: str) -> str:
 def write(directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for kind, names in KINDS.items():
+    for kind, names in ALL_KINDS.items():
         path = directory / f"{names.plural}.{names.group}.yaml"
         path.write_text(render(kind))
         written.append(path)
@@ -206,7 +218,7 @@ def _rows(node: dict[str, Any], path: str, required: bool, out: list[str], rules
 
 def reference() -> str:
     sections = [REFERENCE_HEADER]
-    for kind, names in KINDS.items():
+    for kind, names in ALL_KINDS.items():
         schema = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
         rows: list[str] = []
         rules: list[str] = []
@@ -217,9 +229,13 @@ def reference() -> str:
             sections.append(f"Rules across fields of a {kind}:\n\n" + "\n".join(rules) + "\n")
     rows = []
     _rows(status_schema(), "status", False, rows, [])
-    sections.append("## Status\n\nThe same for both kinds, and the operator's to write (from "
+    sections.append("## Status\n\nThe same for both training kinds, and the operator's to write (from "
                     "kubeforge/status.py); other fields in it are kept as they are.\n\n"
                     + TABLE_HEADER + "\n".join(rows) + "\n")
+    rows = []
+    _rows(status_schema(SweepStatus), "status", False, rows, [])
+    sections.append("## SweepJob status\n\nThe operator's (or `kubeforge run`'s) to write: its trials are "
+                    "the study, rebuilt from them after any restart.\n\n" + TABLE_HEADER + "\n".join(rows) + "\n")
     return "\n".join(sections)
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "kubeforge.io"
@@ -128,12 +128,19 @@ class ModelSpec(_Model):
 
 
 class TokenizerSpec(_Model):
-    """A byte-level BPE tokenizer trained on the training corpus before pretraining starts."""
+    """The tokenizer: an existing Hugging Face one (uri), or a byte-level BPE tokenizer trained on a
+    sample of the training corpus before pretraining starts."""
 
     model_config = ConfigDict(json_schema_extra=IMMUTABLE)
 
+    uri: str | None = Field(None, min_length=1, pattern=STORAGE_URI,
+                            description="a Hugging Face tokenizer (a directory or s3:// prefix holding "
+                                        "tokenizer.json) to use instead of training one")
     vocab_size: int = Field(2048, ge=260, le=262144, description="tokens in the trained vocabulary")
-    min_frequency: int = Field(2, ge=1, description="a merge must occur this often in the corpus")
+    min_frequency: int = Field(2, ge=1, description="a merge must occur this often in the sample")
+    sample_bytes: int = Field(
+        64 << 20, ge=1 << 20, le=16 << 30, description="training reads at most this many characters of the "
+        "corpus: an even share of each training file's beginning")
 
 
 class DataSource(_Model):
@@ -141,7 +148,8 @@ class DataSource(_Model):
 
     uri: str = Field(..., min_length=1, pattern=STORAGE_URI,
                      description="a local file or directory, or an s3://bucket/prefix")
-    format: Literal["auto", "txt", "jsonl"] = Field("auto", description="auto: by file extension")
+    format: Literal["auto", "txt", "jsonl", "parquet"] = Field(
+        "auto", description="auto: by file extension (.txt, .jsonl, .parquet; .gz or .zst compress .txt and .jsonl)")
 
 
 class PretrainData(_Model):
@@ -282,6 +290,40 @@ class MetricsSpec(_Model):
     """The trainer's Prometheus endpoint."""
 
     port: int = Field(9090, ge=0, le=65535, description="Prometheus endpoint; 0 disables it")
+
+
+#: The weight-only schemes of export.quantize, as compressed-tensors stores them (what vLLM loads natively).
+QUANTIZE_SCHEMES = {
+    "int8": "int8 weights, symmetric, one scale per output channel; activations unquantized (W8A16)",
+    "int4": "int4 weights, symmetric, one scale per group of 32 input features, packed eight to an int32 "
+            "(W4A16)",
+}
+
+
+class ExportSpec(_Model):
+    """What the job exports besides its full-precision Hugging Face model: a quantized copy of it,
+    evaluated on the eval set next to the full model."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        *IMMUTABLE["x-kubernetes-validations"],
+        {"rule": "!has(self.keepFullPrecision) || self.keepFullPrecision || has(self.quantize)",
+         "message": "keepFullPrecision: false needs quantize"},
+    ]})
+
+    quantize: Literal["int8", "int4"] | None = Field(
+        None, description="also export the model with its Linear layers' weights quantized (compressed-tensors "
+        "pack-quantized: int8 " + QUANTIZE_SCHEMES["int8"].removeprefix("int8 weights") + "; int4 "
+        + QUANTIZE_SCHEMES["int4"].removeprefix("int4 weights") + "), under export/QUANTIZE/; embeddings and the "
+        "output head stay full precision. Needs nn.Linear layers (llama-like bases, not gpt2's Conv1D)")
+    keep_full_precision: bool = Field(
+        True, description="false: the export is the quantized model alone, at export/ (FinetuneJob only: a "
+                          "PretrainJob's export is what finetunes start from)")
+
+    @model_validator(mode="after")
+    def _dropping_full_needs_quantized(self) -> ExportSpec:
+        if not self.keep_full_precision and self.quantize is None:
+            raise ValueError("keepFullPrecision: false needs quantize")
+        return self
 
 
 
@@ -613,6 +655,7 @@ class _JobSpec(_Model):
     checkpoint: CheckpointSpec = CheckpointSpec()
     resources: ResourcesSpec = ResourcesSpec()
     metrics: MetricsSpec = MetricsSpec()
+    export: ExportSpec = Field(ExportSpec(), description="what is exported besides the full-precision model")
     s3: S3Spec | None = None
     pod_template: PodTemplateSpec | None = Field(None, description="scheduling, volumes, env and metadata of the pods")
     gang: GangSpec | None = Field(None, description="gang admission by Kueue, Volcano or coscheduling")
@@ -636,9 +679,20 @@ class _JobSpec(_Model):
 class PretrainSpec(_JobSpec):
     """What a PretrainJob trains and how."""
 
+    model_config = ConfigDict(json_schema_extra=cel(
+        "!has(self.export) || !has(self.export.keepFullPrecision) || self.export.keepFullPrecision",
+        "export.keepFullPrecision: false is only valid on a FinetuneJob"))
+
     model: ModelSpec = ModelSpec()
     tokenizer: TokenizerSpec = TokenizerSpec()
     data: PretrainData
+
+    @model_validator(mode="after")
+    def _export_keeps_the_base(self) -> PretrainSpec:
+        if not self.export.keep_full_precision:
+            raise ValueError("export.keepFullPrecision: false is only valid on a FinetuneJob: a PretrainJob's "
+                             "export is the full-precision model finetunes start from")
+        return self
 
 
 #: The fields that may change after creation (the others are immutable: CEL `self == oldSelf`).
@@ -651,12 +705,17 @@ RUN_POLICY_FIELDS = {"suspend", "backoff_limit", "active_deadline_seconds", "ttl
 # Finetuning: from a base checkpoint in Hugging Face format
 
 
+#: Where a finetune's base model comes from: one of these, and only one.
+BASE_MODEL_SOURCES = "set exactly one of uri, fromPretrainJob or fromSweepJob"
+
+
 class BaseModelSpec(_Model):
-    """The model a finetune starts from: exactly one of uri or fromPretrainJob."""
+    """The model a finetune starts from: exactly one of uri, fromPretrainJob or fromSweepJob."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         *IMMUTABLE["x-kubernetes-validations"],
-        {"rule": "has(self.uri) != has(self.fromPretrainJob)", "message": "set exactly one of uri or fromPretrainJob"},
+        {"rule": "[has(self.uri), has(self.fromPretrainJob), has(self.fromSweepJob)].filter(given, given).size() == 1",
+         "message": BASE_MODEL_SOURCES},
         {"rule": "!has(self.tokenSecretRef) || (has(self.uri) && self.uri.startsWith('hf://'))",
          "message": "tokenSecretRef is only valid with an hf:// uri"},
     ]})
@@ -668,14 +727,17 @@ class BaseModelSpec(_Model):
                     "and reused from there by every pod, restart and later job")
     from_pretrain_job: str | None = Field(None, pattern=DNS_LABEL,
                                           description="a PretrainJob in the same namespace")
+    from_sweep_job: str | None = Field(
+        None, pattern=DNS_LABEL, description="a SweepJob in the same namespace: the export of its best trial "
+                                             "(status.bestTrial.exportUri), once the sweep succeeded")
     token_secret_ref: KeySelector | None = Field(
         None, description="with an hf:// uri: the key of a Secret holding a Hub access token (private or gated "
                           "models), given to the trainer as HF_TOKEN")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> BaseModelSpec:
-        if (self.uri is None) == (self.from_pretrain_job is None):
-            raise ValueError("set exactly one of uri or fromPretrainJob")
+        if [self.uri, self.from_pretrain_job, self.from_sweep_job].count(None) != 2:
+            raise ValueError(BASE_MODEL_SOURCES)
         if self.token_secret_ref is not None and not self.from_hub():
             raise ValueError("tokenSecretRef is only valid with an hf:// uri")
         return self
@@ -764,9 +826,40 @@ class AdaLoraSpec(_Model):
         return self
 
 
+class TeacherSpec(_Model):
+    """The model a distilling student learns from: exactly one of uri or fromFinetuneJob. It must
+    share the student's tokenizer (and, to classify, its labels); it runs in inference mode, never trained."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        *IMMUTABLE["x-kubernetes-validations"],
+        {"rule": "has(self.uri) != has(self.fromFinetuneJob)", "message": "set exactly one of uri or fromFinetuneJob"},
+    ]})
+
+    uri: str | None = Field(None, pattern=STORAGE_URI,
+                            description="a Hugging Face model directory (local path or s3://), in safetensors")
+    from_finetune_job: str | None = Field(
+        None, pattern=DNS_LABEL, description="a FinetuneJob in the same namespace: its export, once it succeeded")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TeacherSpec:
+        if (self.uri is None) == (self.from_finetune_job is None):
+            raise ValueError("set exactly one of uri or fromFinetuneJob")
+        return self
+
+
+class DistillSpec(_Model):
+    """Knowledge distillation (Hinton et al. 2015): the loss is alpha * temperature^2 * KL(teacher || student),
+    both softened by the temperature, plus (1 - alpha) * the task's loss on the labels."""
+
+    model_config = ConfigDict(json_schema_extra=IMMUTABLE)
+
+    temperature: float = Field(2.0, gt=0.0, le=100.0, description="softens both distributions before the KL")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="the KL term's weight; the task loss gets 1 - alpha")
+
+
 #: Each finetuning method with a settings block, by the block's field name: only that method may set it.
 METHOD_SETTINGS = {"lora": "lora", "ia3": "ia3", "prompt-tuning": "prompt_tuning",
-                   "prefix-tuning": "prefix_tuning", "adalora": "adalora"}
+                   "prefix-tuning": "prefix_tuning", "adalora": "adalora", "distill": "distill"}
 #: Methods that put virtual tokens before the input: a packed row's pairs would all see them as one
 #: sequence's start, and peft drops the position_ids that separate the pairs.
 VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "prefix-tuning")
@@ -825,18 +918,21 @@ class FinetuneSpec(_JobSpec):
          "message": "data.packing is not valid with method: prompt-tuning or prefix-tuning"},
         {"rule": "self.method != 'prefix-tuning' || self.task == 'causal-lm'",
          "message": "method: prefix-tuning is only valid with task: causal-lm"},
+        {"rule": "(self.method == 'distill') == has(self.teacher)",
+         "message": "teacher is required with method: distill and only valid with it"},
     ]})
 
     base_model: BaseModelSpec = Field(..., description="the model to start from")
     base_model_wait_seconds: int = Field(
-        604800, ge=1, description="fail (reason BaseModelTimeout) when baseModel.fromPretrainJob has not "
-        "succeeded this long after the FinetuneJob was created")
+        604800, ge=1, description="fail (reason BaseModelTimeout, or TeacherTimeout) when baseModel.fromPretrainJob "
+        "or fromSweepJob (or teacher.fromFinetuneJob) has not succeeded this long after the FinetuneJob was created")
     task: Literal["causal-lm", "sequence-classification"] = Field("causal-lm", json_schema_extra=IMMUTABLE,
                                                                   description="causal-lm: prompt/response SFT")
-    method: Literal["full", "lora", "ia3", "prompt-tuning", "prefix-tuning", "adalora"] = Field(
+    method: Literal["full", "lora", "ia3", "prompt-tuning", "prefix-tuning", "adalora", "distill"] = Field(
         "lora", json_schema_extra=IMMUTABLE,
         description="full: every weight; lora, adalora: low-rank adapters; ia3: rescaling vectors; "
-        "prompt-tuning, prefix-tuning: learned virtual tokens")
+        "prompt-tuning, prefix-tuning: learned virtual tokens; distill: every weight of baseModel (the student), "
+        "trained to match the teacher's predictions as well as the labels")
     lora: LoraSpec | None = Field(None, description="only with method: lora; defaults apply if absent")
     ia3: Ia3Spec | None = Field(None, description="only with method: ia3; defaults apply if absent")
     prompt_tuning: VirtualTokensSpec | None = Field(
@@ -844,6 +940,8 @@ class FinetuneSpec(_JobSpec):
     prefix_tuning: VirtualTokensSpec | None = Field(
         None, description="only with method: prefix-tuning; defaults apply if absent")
     adalora: AdaLoraSpec | None = Field(None, description="only with method: adalora; defaults apply if absent")
+    teacher: TeacherSpec | None = Field(None, description="required with method: distill, and only valid with it")
+    distill: DistillSpec | None = Field(None, description="only with method: distill; defaults apply if absent")
     data: FinetuneData
 
     @model_validator(mode="after")
@@ -860,6 +958,8 @@ class FinetuneSpec(_JobSpec):
         if self.method == "prefix-tuning" and self.task != "causal-lm":
             # peft passes the prefix as past_key_values, which transformers 5's classifiers no longer take.
             raise ValueError("method: prefix-tuning is only valid with task: causal-lm")
+        if (self.method == "distill") != (self.teacher is not None):
+            raise ValueError("teacher is required with method: distill and only valid with it")
         return self
 
     def lora_settings(self) -> LoraSpec:
@@ -874,6 +974,9 @@ class FinetuneSpec(_JobSpec):
 
     def adalora_settings(self) -> AdaLoraSpec:
         return self.adalora or AdaLoraSpec()
+
+    def distill_settings(self) -> DistillSpec:
+        return self.distill or DistillSpec()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -940,7 +1043,7 @@ class JobKind:
     """How the API server knows one kind of job (its CRD's names), and the model that reads it."""
 
     kind: str
-    model: type[PretrainJob] | type[FinetuneJob]
+    model: type[_Model]
     group: str
     version: str
     plural: str
@@ -953,7 +1056,8 @@ class JobKind:
         return f"{self.group}/{self.version}"
 
 
-#: The two kinds: the CRDs, the pods' labels and the operator's watches all read their names here.
+#: The two kinds that train: the CRDs, the pods' labels and the operator's watches all read their names
+#: here. `ALL_KINDS` adds the SweepJob, which trains through jobs of these kinds.
 KINDS: dict[str, JobKind] = {kind.kind: kind for kind in (
     #       kind           model        group      version  plural          short  category
     JobKind("PretrainJob", PretrainJob, API_GROUP, VERSION, "pretrainjobs", "ptj", "kubeforge"),
@@ -989,34 +1093,42 @@ def parse_job(document: Any) -> Job:
     if kind not in KINDS:
         raise SpecError([f"kind: must be one of {', '.join(KINDS)}, got {kind!r}"])
     try:
-        return KINDS[kind].model.model_validate(document)
+        return cast(Job, KINDS[kind].model.model_validate(document))
     except ValidationError as exc:
         raise SpecError([field_problem(e) for e in exc.errors()]) from None
 
 
-def load_jobs(text: str) -> list[Job]:
-    """Every job in a (multi-document) YAML text, in order; names must be unique per kind."""
+def _documents(text: str) -> list[Any]:
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise SpecError([f"(document): not valid YAML: {exc}"]) from None
     if not documents:
         raise SpecError(["(document): no job found"])
-    jobs: list[Job] = []
+    return documents
+
+
+def _parse_each(documents: list[Any], parse: Callable[[Any], Any]) -> list[Any]:
+    parsed: list[Any] = []
     problems: list[str] = []
     for index, document in enumerate(documents):
         try:
-            jobs.append(parse_job(document))
+            parsed.append(parse(document))
         except SpecError as exc:
             prefix = f"document {index + 1}: " if len(documents) > 1 else ""
             problems.extend(prefix + p for p in exc.problems)
     if problems:
         raise SpecError(problems)
-    _check_unique(jobs)
-    return jobs
+    _check_unique(parsed)
+    return parsed
 
 
-def _check_unique(jobs: Iterable[Job]) -> None:
+def load_jobs(text: str) -> list[Job]:
+    """Every job in a (multi-document) YAML text, in order; names must be unique per kind."""
+    return _parse_each(_documents(text), parse_job)
+
+
+def _check_unique(jobs: Iterable[Job | SweepJob]) -> None:
     seen: set[tuple[str, str, str]] = set()
     for job in jobs:
         key = (job.kind, job.namespace, job.name)
@@ -1029,6 +1141,275 @@ def load_job_file(path: str) -> list[Job]:
     try:
         with open(path, encoding="utf-8") as handle:
             return load_jobs(handle.read())
+    except OSError as exc:
+        raise SpecError([f"{path}: {exc.strerror}"]) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: a SweepJob searches hyperparameters by running trials, each a job of a training kind
+
+#: A camelCase path into a template's spec: `training.learningRate`, `lora.r`.
+PARAMETER_PATH = r"^[a-z][A-Za-z0-9]*(\.[a-z][A-Za-z0-9]*)*$"
+PATTERN_MEANINGS[PARAMETER_PATH] = "a camelCase path into template.spec such as training.learningRate"
+#: A trial's name is `<sweep>-t<N>`: the sweep's name leaves room for the suffix.
+TRIAL_SUFFIX = "-t"
+#: A choice's value (any JSON), and a template's spec: the CRD keeps them as they are; the models check them.
+FreeForm = Annotated[JsonValue, WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True})]
+FreeObject = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]
+#: What each kind of trial reports at each evaluation, as the objective names it (`eval.<name>`).
+EVAL_METRICS = {"causal-lm": ("loss", "perplexity"), "sequence-classification": ("loss", "accuracy", "f1")}
+
+
+class SweepTemplate(_Model):
+    """The job every trial is: its kind and spec, each parameter set into the spec."""
+
+    kind: Literal["FinetuneJob", "PretrainJob"] = Field(..., description="the kind of every trial")
+    spec: FreeObject = Field(
+        ..., description="the trials' spec, as in a job of that kind; checked when the sweep is created")
+
+
+class SweepParameter(_Model):
+    """One hyperparameter: where it goes in the template's spec, and the values it may take."""
+
+    # values (items of any JSON) has no type the API server's CEL can read: its rule is the model's alone.
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "self.type == 'choice' || (has(self.low) && has(self.high) && self.low < self.high)",
+         "message": "float and int parameters need low below high"},
+    ]})
+
+    path: str = Field(..., max_length=253, pattern=PARAMETER_PATH,
+                      description="where the value goes in template.spec, camelCase: training.learningRate, lora.r")
+    type: Literal["float", "int", "choice"] = Field(..., description="the distribution's kind")
+    low: float | None = Field(None, description="float and int: the smallest value")
+    high: float | None = Field(None, description="float and int: the largest value")
+    step: float | None = Field(None, gt=0, description="float and int: values low, low + step, ... (int: default 1)")
+    log: bool = Field(False, description="float and int: sample the logarithm uniformly (low must be above 0)")
+    values: list[FreeForm] | None = Field(None, min_length=1, max_length=MAX_ITEMS,
+                                          description="choice: the values to choose from")
+
+    @model_validator(mode="after")
+    def _distribution(self) -> SweepParameter:
+        if (self.type == "choice") != (self.values is not None):
+            raise ValueError("values is set with type choice only")
+        if self.type == "choice":
+            if self.low is not None or self.high is not None or self.step is not None or self.log:
+                raise ValueError("low, high, step and log are for float and int parameters")
+            return self
+        if self.low is None or self.high is None or self.low >= self.high:
+            raise ValueError(f"{self.path}: float and int parameters need low below high")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError(f"{self.path}: log needs low above 0 and no step")
+        if self.type == "int" and any(v is not None and v != int(v) for v in (self.low, self.high, self.step)):
+            raise ValueError(f"{self.path}: an int parameter's low, high and step are integers")
+        return self
+
+    def candidates(self) -> list[JsonValue]:
+        """The values that show whether the template's schema takes this parameter: its bounds, or every choice."""
+        if self.values is not None:
+            return list(self.values)
+        assert self.low is not None and self.high is not None  # the validator saw to it
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
+class SweepObjective(_Model):
+    """What the search optimises: an eval metric every trial reports."""
+
+    metric: str = Field(..., pattern=r"^eval\.[a-z0-9]+$",
+                        description="eval.loss or eval.perplexity (causal-lm, pretraining), eval.accuracy or "
+                                    "eval.f1 (sequence-classification)")
+    direction: Literal["maximize", "minimize"] = Field(..., description="whether a higher value is better")
+
+    @property
+    def eval_name(self) -> str:
+        return self.metric.removeprefix("eval.")
+
+
+class SweepSpec(_Model):
+    """What a SweepJob searches, how, and for how long."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        *IMMUTABLE["x-kubernetes-validations"],
+        {"rule": "self.parallelism <= self.maxTrials", "message": "parallelism must not exceed maxTrials"},
+    ]})
+
+    template: SweepTemplate = Field(..., description="the job each trial runs, before its parameters are set")
+    parameters: list[SweepParameter] = Field(..., min_length=1, max_length=MAX_ITEMS,
+                                             description="the hyperparameters searched")
+    objective: SweepObjective
+    max_trials: int = Field(..., ge=1, le=1000, description="trials in all")
+    parallelism: int = Field(1, ge=1, le=64, description="trials running at once")
+    max_failed_trials: int = Field(
+        3, ge=0, le=1000, description="the sweep fails when more trials than this fail (pruned ones do not count)")
+    algorithm: Literal["tpe", "random", "grid", "cmaes"] = Field(
+        "tpe", description="Optuna's sampler: TPE, random, grid (int, stepped float and choice parameters) or CMA-ES")
+    early_stopping: Literal["none", "median", "successive-halving"] = Field(
+        "none", description="Optuna's pruner, fed each trial's eval metrics as they arrive: a trial worse than "
+                            "the median of the finished ones at the same step, or not promoted by successive "
+                            "halving, is stopped (reason Pruned)")
+    startup_trials: int = Field(
+        2, ge=0, le=1000, description="trials sampled at random before TPE or CMA-ES model the results, and that "
+                                      "must succeed before the median pruner prunes")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds the sampler: the same seed asks the same trials")
+
+    @model_validator(mode="after")
+    def _searchable(self) -> SweepSpec:
+        paths = [p.path for p in self.parameters]
+        if len(set(paths)) != len(paths):
+            raise ValueError("parameters: each path appears once")
+        if self.parallelism > self.max_trials:
+            raise ValueError(f"parallelism ({self.parallelism}) must not exceed maxTrials ({self.max_trials})")
+        if self.algorithm == "grid" and any(p.type == "float" and p.step is None for p in self.parameters):
+            raise ValueError("algorithm grid needs a step on every float parameter")
+        problems = template_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _spec_model(kind: str) -> type[BaseModel]:
+    annotation = KINDS[kind].model.model_fields["spec"].annotation
+    assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return annotation
+
+
+def _leaf_problem(model: type[BaseModel], path: str) -> str | None:
+    """Why `path` names no value of `model`'s fields (None when it does): each part a camelCase field,
+    every part but the last one an object."""
+    parts = path.split(".")
+    for index, part in enumerate(parts):
+        field = next((f for name, f in model.model_fields.items() if to_camel(name) == part), None)
+        if field is None:
+            return f"{'.'.join(parts[:index + 1])} is no field of the template's spec"
+        nested = [t for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                  if isinstance(t, type) and issubclass(t, BaseModel)]
+        if index == len(parts) - 1:
+            return f"{path} is an object, not a value" if nested else None
+        if not nested:
+            return f"{'.'.join(parts[:index + 1])} is a value, not an object"
+        model = nested[0]
+    return None
+
+
+def with_parameters(template: dict[str, Any], values: dict[str, JsonValue]) -> dict[str, Any]:
+    """A copy of a template's spec with each value set at its camelCase path (objects made as needed)."""
+    spec = json.loads(json.dumps(template))
+    for path, value in values.items():
+        *parents, leaf = path.split(".")
+        node = spec
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return spec
+
+
+def trial_manifest(template: SweepTemplate, name: str, namespace: str, values: dict[str, JsonValue]
+                   ) -> dict[str, Any]:
+    """A trial's job: the template's spec with its values; a checkpoint.uri of the template is the
+    root under which each trial has its own (no trial resumes another's checkpoints)."""
+    spec = with_parameters(template.spec, values)
+    checkpoint = spec.get("checkpoint")
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("uri"), str):
+        checkpoint["uri"] = f"{checkpoint['uri'].rstrip('/')}/{name}"
+    return {"apiVersion": KINDS[template.kind].api_version, "kind": template.kind,
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def _refusals(template: SweepTemplate, values: dict[str, JsonValue]) -> list[str]:
+    try:
+        KINDS[template.kind].model.model_validate(trial_manifest(template, "trial", "default", values))
+    except ValidationError as exc:
+        return [field_problem(e).removeprefix("spec.") for e in exc.errors()]
+    return []
+
+
+def template_problems(spec: SweepSpec) -> list[str]:
+    """Why the template, or a parameter's value in it, is refused by the trials' schema, naming the
+    parameter: each value checked with the other parameters at their first candidate."""
+    model = _spec_model(spec.template.kind)
+    problems = []
+    for index, parameter in enumerate(spec.parameters):
+        problem = _leaf_problem(model, parameter.path)
+        if problem:
+            problems.append(f"parameters[{index}].path: {problem}")
+    if problems:
+        return problems
+    first = {p.path: p.candidates()[0] for p in spec.parameters}
+    problems = [f"template.spec.{problem}" for problem in _refusals(spec.template, first)]
+    if problems:
+        return problems
+    for index, parameter in enumerate(spec.parameters):
+        for value in parameter.candidates()[1:]:
+            problems += [f"parameters[{index}] ({parameter.path} = {value!r}): the {spec.template.kind} schema "
+                         f"refuses it: {problem}" for problem in _refusals(spec.template, {**first,
+                                                                                         parameter.path: value})]
+    task = spec.template.spec.get("task", "causal-lm") if spec.template.kind == "FinetuneJob" else "causal-lm"
+    reported = EVAL_METRICS.get(str(task), ())
+    if reported and spec.objective.eval_name not in reported:
+        problems.append(f"objective.metric: a {task} trial reports " + ", ".join(f"eval.{m}" for m in reported))
+    return problems
+
+
+class SweepJob(_Model):
+    """Searches hyperparameters with Optuna: trials run as FinetuneJobs or PretrainJobs it owns."""
+
+    api_version: Literal["kubeforge.io/v1alpha1"]
+    kind: Literal["SweepJob"]
+    metadata: ObjectMeta
+    spec: SweepSpec
+    status: dict[str, Any] | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _trial_names_fit(self) -> SweepJob:
+        longest = f"{self.metadata.name}{TRIAL_SUFFIX}{self.spec.max_trials - 1}"
+        if len(longest) > JOB_NAME_MAX_LENGTH:
+            raise ValueError(f"metadata.name: the trial name {longest} would be longer than "
+                             f"{JOB_NAME_MAX_LENGTH} characters: shorten the name")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace
+
+    def trial_name(self, number: int) -> str:
+        return f"{self.name}{TRIAL_SUFFIX}{number}"
+
+
+SWEEP_KIND = JobKind("SweepJob", SweepJob, API_GROUP, VERSION, "sweepjobs", "swj", "kubeforge")
+#: Every kind the CRDs and the chart's RBAC know.
+ALL_KINDS: dict[str, JobKind] = {**KINDS, SWEEP_KIND.kind: SWEEP_KIND}
+
+
+def parse_sweep(document: Any) -> SweepJob:
+    """Validate one SweepJob manifest, or raise SpecError naming each offending field."""
+    try:
+        return SweepJob.model_validate(document)
+    except ValidationError as exc:
+        raise SpecError([field_problem(e) for e in exc.errors()]) from None
+
+
+def _parse_manifest(document: Any) -> Job | SweepJob:
+    if isinstance(document, dict) and document.get("kind") == SWEEP_KIND.kind:
+        return parse_sweep(document)
+    return parse_job(document)
+
+
+def load_manifests(text: str) -> list[Job | SweepJob]:
+    """Every job and sweep in a (multi-document) YAML text, in order; names unique per kind."""
+    return _parse_each(_documents(text), _parse_manifest)
+
+
+def load_manifest_file(path: str) -> list[Job | SweepJob]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return load_manifests(handle.read())
     except OSError as exc:
         raise SpecError([f"{path}: {exc.strerror}"]) from None
 
@@ -1051,6 +1432,11 @@ def job_storage_uri(root: str, kind: str, namespace: str, name: str, uid: str | 
 def base_model_cache_uri(root: str, namespace: str) -> str:
     """Where a namespace's jobs keep the Hub models they start from (hf:// base models), each fetched once."""
     return f"{root.rstrip('/')}/{namespace}/base-models"
+
+
+def corpus_cache_uri(root: str, namespace: str) -> str:
+    """Where a namespace's PretrainJobs keep their corpora prepared (tokenized into shards), each prepared once."""
+    return f"{root.rstrip('/')}/{namespace}/corpora"
 
 
 def checkpoint_uri(job: Job, default_root: str) -> str:

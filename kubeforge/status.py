@@ -10,9 +10,10 @@ Field names are camelCase on the wire and snake_case in Python.
 from __future__ import annotations
 
 import json
-from typing import Any, Final, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 #: The trainer's exit code for a job that can never succeed as written (bad spec, bad data): the
@@ -26,6 +27,13 @@ EXIT_PREEMPTED = 143
 
 class Preempted(RuntimeError):
     """The trainer stopped on SIGTERM at a step boundary, after committing that step's checkpoint."""
+
+class EarlyStopped(RuntimeError):
+    """Training stopped after an evaluation because its observer asked (a sweep's pruner)."""
+
+
+#: What sees each evaluation of a run in progress: (step, metrics) -> stop now.
+EvalObserver = Callable[[int, dict[str, float]], bool]
 
 Phase = Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
 PENDING: Final = "Pending"
@@ -47,6 +55,29 @@ class _Reported(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
+# What export.quantize cost: written by the trainer, copied into the status by the operator
+
+
+class ExportedModel(_Reported):
+    """One exported model, evaluated on the job's eval set."""
+
+    uri: str | None = Field(None, description="where it is; none for a full-precision model not kept")
+    size_bytes: int = Field(description="its weight files' bytes on disk")
+    eval: dict[str, float] = Field(description="its metrics on the eval set, by name")
+
+
+class CompressionReport(_Reported):
+    """The quantized export next to the full-precision one it was made from."""
+
+    quantize: Literal["int8", "int4"] = Field(description="export.quantize")
+    scheme: str = Field(description="what the quantized weights are, in words")
+    full: ExportedModel = Field(description="the full-precision model")
+    quantized: ExportedModel = Field(description="the quantized model")
+    size_ratio: float = Field(description="the quantized model's size over the full one's")
+    summary: str = Field(description="size and eval metric of both, for `kubectl get`")
+
+
+# ---------------------------------------------------------------------------------------------
 # The job's status, written by the operator only
 
 
@@ -54,7 +85,7 @@ class Condition(_Reported):
     """One aspect of the job, as the Kubernetes API conventions have conditions."""
 
     type: str = Field(description="Running, Succeeded, Failed, Suspended, Restarting, WaitingForGPU, "
-                                  "CPUFallback, WaitingForBaseModel or SpecChangePending")
+                                  "CPUFallback, WaitingForBaseModel, WaitingForTeacher or SpecChangePending")
     status: Literal["True", "False"] = Field(description="whether the condition holds")
     reason: str = Field(description="why, as one CamelCase word")
     message: str = Field(description="why, for people")
@@ -77,6 +108,7 @@ class JobStatus(_Reported):
     completion_time: str | None = Field(None, description="when the job succeeded or failed (RFC 3339)")
     checkpoint_uri: str | None = Field(None, description="where the job's checkpoints are written")
     base_model_uri: str | None = Field(None, description="the model a FinetuneJob starts from")
+    teacher_uri: str | None = Field(None, description="method distill: the teacher model the student learns from")
     export_uri: str | None = Field(None, description="the trained Hugging Face model, once the job succeeded")
     device: Literal["cpu", "gpu"] | None = Field(None, description="what the workers train on")
     step: int | None = Field(None, description="the optimizer steps done")
@@ -84,7 +116,13 @@ class JobStatus(_Reported):
     step_progress: str | None = Field(None, description="step/totalSteps, for `kubectl get`")
     loss: float | None = Field(None, description="the training loss of the last logging interval")
     eval_metrics: dict[str, float] | None = Field(None, description="the last evaluation's metrics, by name")
+    eval_step: int | None = Field(None, description="the step of the last evaluation (a sweep's pruner judges by it)")
     last_checkpoint_step: int | None = Field(None, description="the step of the newest committed checkpoint")
+    compression: CompressionReport | None = Field(
+        None, description="export.quantize: size and eval metrics of the quantized and the full model")
+    corpus_tokens_prepared: int | None = Field(
+        None, description="a PretrainJob's corpus tokens that rank 0 has tokenized into shards, while it prepares "
+        "them (stepProgress: preparing)")
     last_step_time: str | None = Field(
         None, description="when the trainer last reported a new step, or the gang started running (RFC 3339): "
                           "stallTimeoutSeconds counts from it")
@@ -96,6 +134,75 @@ class JobStatus(_Reported):
 
     def condition(self, kind: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == kind), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# A SweepJob's status: every trial it asked for, from which the operator rebuilds the study
+
+TrialState = Literal["Running", "Succeeded", "Pruned", "Failed"]
+TRIAL_FINISHED = ("Succeeded", "Pruned", "Failed")
+#: Parameter values and Optuna's bookkeeping: any JSON, kept as it is.
+FreeObject = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]
+
+
+class IntermediateValue(_Reported):
+    """The objective at one evaluation of a running trial: what the pruner judges."""
+
+    step: int = Field(description="the trial's step at that evaluation")
+    value: float = Field(description="the objective metric then")
+
+
+class TrialStatus(_Reported):
+    """One trial: asked of the sampler, run as a job `<sweep>-t<number>`, and how it ended."""
+
+    number: int = Field(ge=0, description="the trial's number, in the order the sampler asked")
+    name: str = Field(description="the trial's job")
+    parameters: FreeObject = Field(description="the value of each parameter, by path")
+    state: TrialState = Field(description="Running, Succeeded, Pruned or Failed")
+    reason: str | None = Field(None, description="why it ended so, as one CamelCase word")
+    message: str | None = Field(None, description="why it ended so, for people")
+    intermediate: list[IntermediateValue] = Field([], description="the objective at each evaluation seen")
+    value: float | None = Field(None, description="the objective at the trial's end, once it succeeded")
+    step: int | None = Field(None, description="the step the trial reached")
+    export_uri: str | None = Field(None, description="the trial's exported model, once it succeeded")
+    optuna: FreeObject = Field({}, description="Optuna's own attributes of the trial (grid point, halving rungs)")
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TRIAL_FINISHED
+
+
+class BestTrial(_Reported):
+    """The succeeded trial with the best objective (the lowest number among equals)."""
+
+    name: str = Field(description="the trial's job")
+    number: int = Field(description="the trial's number")
+    parameters: FreeObject = Field(description="its parameters")
+    value: float = Field(description="its objective value")
+    export_uri: str | None = Field(None, description="its exported model")
+
+
+class SweepStatus(_Reported):
+    """A SweepJob's status, written by the operator (or `kubeforge run`): the trials are the study."""
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed"] | None = Field(None, description="the sweep's phase")
+    reason: str | None = Field(None, description="why it is in this phase, as one CamelCase word")
+    message: str | None = Field(None, description="why it is in this phase, for people")
+    conditions: list[Condition] = Field([], description="the sweep's conditions, one per type")
+    observed_generation: int | None = Field(None, description="the metadata.generation this status is for")
+    trials: list[TrialStatus] = Field([], description="every trial asked so far, by number")
+    trials_done: int = Field(0, ge=0, description="trials finished: succeeded, pruned or failed")
+    trials_progress: str | None = Field(None, description="trialsDone/maxTrials, for `kubectl get`")
+    pruned_trials: int = Field(0, ge=0, description="trials stopped early by the pruner")
+    failed_trials: int = Field(0, ge=0, description="trials that failed (or reported no objective)")
+    best_value: float | None = Field(None, description="the best objective value so far")
+    best_trial: BestTrial | None = Field(None, description="the best trial so far")
+    start_time: str | None = Field(None, description="when the first trial was asked (RFC 3339)")
+    completion_time: str | None = Field(None, description="when the sweep succeeded or failed (RFC 3339)")
+
+    @classmethod
+    def read(cls, status: dict[str, Any] | None) -> SweepStatus:
+        return cls.model_validate(status or {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +219,8 @@ class TrainerSummary(_Reported):
     final_eval: dict[str, float] = {}
     export_uri: str
     checkpoint_uri: str
+    compression: CompressionReport | None = None  # export.quantize's measurements
+    teacher_uri: str | None = None  # method distill: the teacher's model, the student's lineage
 
 
 class TrainerResult(TrainerSummary):

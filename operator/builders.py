@@ -125,6 +125,10 @@ def trainer_command(job: Job, plan: LaunchPlan) -> list[str]:
         command += ["--base-model-uri", plan.base_model_uri]
     if plan.base_model_cache and (plan.base_model_uri or "").startswith(HUB_SCHEME):
         command += ["--base-model-cache", plan.base_model_cache]
+    if plan.corpus_cache and job.kind == "PretrainJob":
+        command += ["--corpus-cache", plan.corpus_cache]
+    if plan.teacher_uri:
+        command += ["--teacher-uri", plan.teacher_uri]
     processes = processes_per_pod(job)
     if processes > 1:
         command += ["--processes", str(processes)]

@@ -19,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubeforge.operator.contract import label_selector
 from kubeforge.operator.pods import PodView
-from kubeforge.spec import KINDS, Job
+from kubeforge.spec import ALL_KINDS, KINDS, Job
 
 GPU = "nvidia.com/gpu"
 NOT_FOUND, CONFLICT = 404, 409
@@ -68,10 +68,11 @@ class Cluster:
             self._gpu_nodes = (now, available)
         return self._gpu_nodes[1]
 
-    def pretrain_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        pretrain = KINDS["PretrainJob"]
-        found = call_kubeapi(self.custom.get_namespaced_custom_object, pretrain.group, pretrain.version, namespace,
-                             pretrain.plural, name, tolerate=NOT_FOUND)
+    def job_body(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A PretrainJob, FinetuneJob or SweepJob as the API server has it now; None when there is none."""
+        names = ALL_KINDS[kind]
+        found = call_kubeapi(self.custom.get_namespaced_custom_object, names.group, names.version, namespace,
+                             names.plural, name, tolerate=NOT_FOUND)
         return dict(found) if found is not None else None
 
     def create(self, body: dict[str, Any]) -> bool:
@@ -90,10 +91,29 @@ class Cluster:
         call_kubeapi(self.core.delete_namespaced_pod, name, namespace, tolerate=NOT_FOUND)
 
     def patch_status(self, kind: str, namespace: str, name: str, changed: dict[str, Any]) -> None:
-        """Merge `changed` into the job's status (the status subresource)."""
-        names = KINDS[kind]
+        """Merge `changed` into the job's (or sweep's) status (the status subresource)."""
+        names = ALL_KINDS[kind]
         call_kubeapi(self.custom.patch_namespaced_custom_object_status, names.group, names.version, namespace,
                      names.plural, name, {"status": changed})
+
+    def create_job(self, body: dict[str, Any]) -> bool:
+        """Create a job (a sweep's trial) if missing; False when it already existed."""
+        names = KINDS[body["kind"]]
+        created = call_kubeapi(self.custom.create_namespaced_custom_object, names.group, names.version,
+                               body["metadata"]["namespace"], names.plural, body, tolerate=CONFLICT)
+        return created is not None
+
+    def labelled_jobs(self, kind: str, namespace: str, selector: str) -> dict[str, dict[str, Any]]:
+        """The jobs of a kind in a namespace with these labels, by name."""
+        names = KINDS[kind]
+        found = call_kubeapi(self.custom.list_namespaced_custom_object, names.group, names.version, namespace,
+                             names.plural, label_selector=selector)
+        return {item["metadata"]["name"]: item for item in found["items"]}
+
+    def delete_named_job(self, kind: str, namespace: str, name: str) -> None:
+        names = KINDS[kind]
+        call_kubeapi(self.custom.delete_namespaced_custom_object, names.group, names.version, namespace,
+                     names.plural, name, propagation_policy="Background", tolerate=NOT_FOUND)
 
     def delete_job(self, job: Job) -> None:
         kind = KINDS[job.kind]
@@ -102,18 +122,22 @@ class Cluster:
 
 
 class CachedView:
-    """What the operator's watches have seen (Kopf indexes): pods by job, PretrainJobs by name.
+    """What the operator's watches have seen (Kopf indexes): pods by job; PretrainJobs, FinetuneJobs and
+    SweepJobs by name.
 
     Answers the questions `Cluster` answers, without a request. It may lag the API server by a watch
     event, so the operator reads status from it but acts only on a fresh `Cluster` read."""
 
     def __init__(self, job_pods: kopf.Index[tuple[str, str, str], PodView],
-                 pretrain_jobs: kopf.Index[tuple[str, str], dict[str, Any]]):
+                 pretrain_jobs: kopf.Index[tuple[str, str], dict[str, Any]],
+                 finetune_jobs: kopf.Index[tuple[str, str], dict[str, Any]],
+                 sweep_jobs: kopf.Index[tuple[str, str], dict[str, Any]]):
         self.job_pods = job_pods
-        self.pretrain_jobs = pretrain_jobs
+        self.by_kind = {"PretrainJob": pretrain_jobs, "FinetuneJob": finetune_jobs, "SweepJob": sweep_jobs}
 
     def pods(self, job: Job) -> list[PodView]:
         return list(self.job_pods.get((job.namespace, KINDS[job.kind].short_name, job.name), []))
 
-    def pretrain_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return next(iter(self.pretrain_jobs.get((namespace, name), [])), None)
+    def job_body(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The job's status (all the index keeps of it) as last watched; None when there is none."""
+        return next(iter(self.by_kind[kind].get((namespace, name), [])), None)

@@ -44,6 +44,10 @@ class LaunchPlan:
     cpu_fallback: bool
     #: Where an hf:// base model is kept once fetched: shared by the namespace's jobs.
     base_model_cache: str | None = None
+    #: Where a PretrainJob's corpus is kept prepared: shared by the namespace's jobs.
+    corpus_cache: str | None = None
+    #: method distill: the teacher model's URI, resolved as the base model's is.
+    teacher_uri: str | None = None
 
 
 def group_name(job: Job) -> str:

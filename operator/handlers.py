@@ -16,7 +16,8 @@ from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.pods import PodView
 from kubeforge.operator.reconciler import Operator
 from kubeforge.operator.settings import OperatorSettings
-from kubeforge.spec import KINDS, JobKind
+from kubeforge.operator.sweeps import SweepReconciler
+from kubeforge.spec import ALL_KINDS, KINDS, SWEEP_KIND, JobKind
 
 #: Threads that run the (sync) handlers; the API client keeps as many connections alive.
 WORKERS = 16
@@ -45,6 +46,7 @@ def create_registry(settings: OperatorSettings, api: client.ApiClient, metrics: 
     _register_indexes(registry, settings)
     for kind in KINDS.values():
         _register_job_handlers(registry, kind, settings, operator)
+    _register_sweep_handler(registry, settings, SweepReconciler(operator.cluster, metrics))
     _register_liveness_probe(registry, operator)
     return registry
 
@@ -53,7 +55,8 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure(settings)
 
 
-# Every pod of every job, and every PretrainJob (for FinetuneJobs that name one), as the watches
+# Every pod of every job, and every PretrainJob, FinetuneJob and SweepJob (for the FinetuneJobs that
+# name one as base model or teacher), as the watches
 # report them: a resync that finds nothing to do makes no request. The index keeps each pod's view
 # (parsed once per watch event), not its body. The indexers are coroutines: Kopf runs a sync
 # handler in a worker thread, and the hop cost more than the indexing.
@@ -63,7 +66,7 @@ async def job_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, 
     return {(namespace, labels[LABEL_KIND], labels[LABEL_JOB]): PodView.parse(body)}
 
 
-async def pretrain_jobs(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+async def job_statuses(namespace: str | None, name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
     return {(namespace, name): {"status": copy.deepcopy(dict(status))}}
 
 
@@ -74,8 +77,10 @@ async def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[Any
 def _register_indexes(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
     kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT, LABEL_KIND: kopf.PRESENT},
                id="job_pods", registry=registry)(job_pods)
-    pretrain = KINDS["PretrainJob"]
-    kopf.index(pretrain.group, pretrain.version, pretrain.plural, id="pretrain_jobs", registry=registry)(pretrain_jobs)
+    for kind, index in (("PretrainJob", "pretrain_jobs"), ("FinetuneJob", "finetune_jobs"),
+                        ("SweepJob", "sweep_jobs")):
+        names = ALL_KINDS[kind]
+        kopf.index(names.group, names.version, names.plural, id=index, registry=registry)(job_statuses)
     if settings.namespace_selector:
         # Namespaces' labels, for the selector that says which namespaces' jobs are ours.
         kopf.index("namespaces", id="namespace_labels", registry=registry)(namespace_labels)
@@ -98,7 +103,9 @@ def _register_job_handlers(registry: kopf.OperatorRegistry, kind: JobKind, setti
     def reconcile_job(body: kopf.Body, **indexes: Any) -> None:
         if not _acts_in(settings, body["metadata"]["namespace"], indexes):
             return  # watched (the operator may watch every namespace) but not this operator's to act on
-        cached = CachedView(indexes["job_pods"], indexes["pretrain_jobs"])  # Kopf passes indexes by id
+        # Kopf passes indexes by id.
+        cached = CachedView(indexes["job_pods"], indexes["pretrain_jobs"], indexes["finetune_jobs"],
+                            indexes["sweep_jobs"])
         operator.reconcile(copy.deepcopy(dict(body)), cached)
 
     # A raw event, not kopf.on.delete: any on-create/update/delete handler makes Kopf keep a copy of
@@ -107,6 +114,25 @@ def _register_job_handlers(registry: kopf.OperatorRegistry, kind: JobKind, setti
                    registry=registry)
     async def deleted(body: kopf.Body, **_: Any) -> None:
         operator.forget(dict(body))
+
+
+def _register_sweep_handler(registry: kopf.OperatorRegistry, settings: OperatorSettings,
+                            sweeps: SweepReconciler) -> None:
+    # As for the jobs: one timer per sweep, ticks that never overlap, a status it writes itself.
+    @kopf.timer(SWEEP_KIND.group, SWEEP_KIND.version, SWEEP_KIND.plural, interval=settings.resync_seconds,
+                registry=registry)
+    def reconcile_sweep(body: kopf.Body, **indexes: Any) -> None:
+        if not _acts_in(settings, body["metadata"]["namespace"], indexes):
+            return
+        try:
+            sweeps.reconcile(copy.deepcopy(dict(body)))
+        except Exception as exc:
+            raise kopf.TemporaryError(f"{type(exc).__name__}: {exc}", delay=settings.error_backoff_seconds) from exc
+
+    @kopf.on.event(SWEEP_KIND.group, SWEEP_KIND.version, SWEEP_KIND.plural,
+                   when=lambda type, **_: type == "DELETED", registry=registry)
+    async def sweep_deleted(body: kopf.Body, **_: Any) -> None:
+        sweeps.forget(dict(body))
 
 
 def _register_liveness_probe(registry: kopf.OperatorRegistry, operator: Operator) -> None:

@@ -17,7 +17,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from kubeforge.basemodel import BaseModelResolution, Resolved, WaitingForPretrainJob, resolve_base_model
+from kubeforge.basemodel import (
+    BaseJob,
+    BaseModelResolution,
+    Resolved,
+    ResolvedTeacher,
+    TeacherResolution,
+    UpstreamStatus,
+    WaitingForBaseJob,
+    WaitingForFinetuneJob,
+    resolve_base_model,
+    resolve_teacher,
+)
 from kubeforge.operator.contract import LaunchPlan, pod_shape
 from kubeforge.operator.pods import PodView, live, of_attempt, owned
 from kubeforge.operator.tenancy import UriPolicy, uri_violations
@@ -34,6 +45,7 @@ from kubeforge.status import (
     Condition,
     JobStatus,
     Phase,
+    SweepStatus,
     TrainerSummary,
 )
 
@@ -46,7 +58,11 @@ class Progress:
     total_steps: int
     loss: float | None = None
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    eval_step: int | None = None
     last_checkpoint_step: int | None = None
+    #: Whether rank 0 is preparing the corpus (tokenizing it into shards), and its tokens so far.
+    preparing: bool = False
+    tokens_prepared: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,7 +73,8 @@ class Observed:
     pods: list[PodView]
     gpu_nodes: bool
     checkpoint_uri: str
-    #: The PretrainJob named by baseModel.fromPretrainJob: its body, or None when it does not exist.
+    #: The PretrainJob named by baseModel.fromPretrainJob, or the SweepJob named by baseModel.fromSweepJob:
+    #: its body, or None when it does not exist.
     base_job: dict[str, Any] | None = None
     progress: Progress | None = None
     generation: int | None = None
@@ -69,6 +86,10 @@ class Observed:
     created: datetime | None = None
     #: Where the namespace's jobs keep hf:// base models once fetched (spec.base_model_cache_uri).
     base_model_cache: str | None = None
+    #: Where the namespace's PretrainJobs keep prepared corpora (spec.corpus_cache_uri).
+    corpus_cache: str | None = None
+    #: The FinetuneJob named by teacher.fromFinetuneJob: its body, or None when it does not exist.
+    teacher_job: dict[str, Any] | None = None
 
 
 class Event(NamedTuple):
@@ -190,10 +211,15 @@ def _decide(decision: _Decision) -> None:
         return
 
     base_model = _base_model(decision)
-    if isinstance(base_model, WaitingForPretrainJob):
-        _wait_for_base_model(decision, base_model)
+    if isinstance(base_model, WaitingForBaseJob):
+        _wait_for_upstream(decision, BASE_MODEL[base_model.job.kind], base_model.job.name, base_model.status,
+                           base_model.wait_seconds)
         return
     base_uri = base_model.uri if isinstance(base_model, Resolved) else None
+    teacher = _teacher(decision)
+    if isinstance(teacher, WaitingForFinetuneJob):
+        _wait_for_upstream(decision, TEACHER, teacher.name, teacher.status, teacher.wait_seconds)
+        return
 
     if spec.active_deadline_seconds and status.start_time:
         elapsed = now - parse_time(status.start_time)
@@ -255,7 +281,12 @@ def _follow_gang(decision: _Decision, current: list[PodView], attempt: int, base
         if _stalled(decision):
             _gang_failure(decision, current, [], [], attempt, stalled=True)
             return
-        decision.phase(RUNNING, "Training", f"{workers} worker(s) training")
+        progress = decision.seen.progress
+        if progress is not None and progress.preparing:
+            decision.phase(RUNNING, "PreparingCorpus", f"{workers} worker(s) preparing the corpus: "
+                           f"{progress.tokens_prepared} tokens on rank 0 so far")
+        else:
+            decision.phase(RUNNING, "Training", f"{workers} worker(s) training")
     else:
         decision.phase(RESTARTING if attempt else PENDING, "PodsStarting",
                        f"{sum(p == RUNNING for p in phases.values())}/{workers} workers running")
@@ -272,43 +303,90 @@ def _stalled(decision: _Decision) -> bool:
 
 def _base_model(decision: _Decision) -> BaseModelResolution:
     """The job's base model, kept in status once resolved and used from then on: the base PretrainJob
-    may be deleted later (its TTL) without the finetune noticing."""
+    (or SweepJob, with its trials) may be deleted later (its TTL) without the finetune noticing."""
     seen = decision.seen
-    resolution = resolve_base_model(
-        seen.job, lambda _: JobStatus.read(seen.base_job.get("status")) if seen.base_job is not None else None,
-        kept=decision.before.base_model_uri)
+
+    def upstream(base_job: BaseJob) -> UpstreamStatus:
+        if seen.base_job is None:
+            return None
+        reported = seen.base_job.get("status")
+        return SweepStatus.read(reported) if base_job.kind == "SweepJob" else JobStatus.read(reported)
+
+    resolution = resolve_base_model(seen.job, upstream, kept=decision.before.base_model_uri)
     if isinstance(resolution, Resolved) and resolution.uri != decision.before.base_model_uri:
         decision.status.base_model_uri = resolution.uri
-        if resolution.from_pretrain_job:
+        if resolution.source:
             decision.condition("WaitingForBaseModel", False, "BaseModelReady",
-                               f"starting from PretrainJob {resolution.from_pretrain_job}: {resolution.uri}")
+                               f"starting from {resolution.source}: {resolution.uri}")
     return resolution
 
 
-def _wait_for_base_model(decision: _Decision, waiting: WaitingForPretrainJob) -> None:
-    """Pending while the base PretrainJob is missing or still training, within baseModelWaitSeconds;
+def _teacher(decision: _Decision) -> TeacherResolution:
+    """A distilling job's teacher, kept in status once resolved as the base model is (see _base_model)."""
+    seen = decision.seen
+    resolution = resolve_teacher(
+        seen.job, lambda _: JobStatus.read(seen.teacher_job.get("status")) if seen.teacher_job is not None else None,
+        kept=decision.before.teacher_uri)
+    if isinstance(resolution, ResolvedTeacher) and resolution.uri != decision.before.teacher_uri:
+        decision.status.teacher_uri = resolution.uri
+        if resolution.from_finetune_job:
+            decision.condition(TEACHER.condition, False, "TeacherReady",
+                               f"distilling from FinetuneJob {resolution.from_finetune_job}: {resolution.uri}")
+    return resolution
+
+
+@dataclass(frozen=True)
+class _Upstream:
+    """A job another one waits for the export of: its kind, and the condition and reasons of the wait."""
+
+    kind: str
+    condition: str
+    #: The reasons' stem: BaseModelMissing, TeacherFailed...
+    stem: str
+    #: What it is to the waiting job, in messages.
+    role: str
+    #: The field that names it, in the timeout's message.
+    field: str
+
+
+#: By the kind of job the base model is the export of.
+BASE_MODEL = {kind: _Upstream(kind, "WaitingForBaseModel", "BaseModel", "its base model", f"baseModel.from{kind}")
+              for kind in ("PretrainJob", "SweepJob")}
+TEACHER = _Upstream("FinetuneJob", "WaitingForTeacher", "Teacher", "its teacher", "teacher.fromFinetuneJob")
+
+
+def _wait_for_upstream(decision: _Decision, upstream: _Upstream, name: str, upstream_status: UpstreamStatus,
+                       limit: int) -> None:
+    """Pending while the upstream job is missing or still training, within baseModelWaitSeconds;
     failed when it failed or that time is up."""
-    job, name, base_status = decision.seen.job, waiting.name, waiting.status
-    if base_status is None:
-        reason, message = "BaseModelMissing", f"PretrainJob {name} does not exist in namespace {job.namespace}"
-    elif base_status.phase == FAILED:
-        message = f"its base model, PretrainJob {name}, failed: {base_status.message or base_status.reason}"
-        decision.condition("WaitingForBaseModel", False, "BaseModelFailed", message)
-        decision.phase(FAILED, "BaseModelFailed", message)
+    job, stem = decision.seen.job, upstream.stem
+    if upstream_status is None:
+        reason, message = f"{stem}Missing", f"{upstream.kind} {name} does not exist in namespace {job.namespace}"
+    elif upstream_status.phase == FAILED:
+        message = (f"{upstream.field}: {upstream.role}, {upstream.kind} {name}, failed: "
+                   f"{upstream_status.message or upstream_status.reason}")
+        decision.condition(upstream.condition, False, f"{stem}Failed", message)
+        decision.phase(FAILED, f"{stem}Failed", message)
         return
     else:
-        progress = base_status.step_progress
-        reason = "BaseModelNotReady"
-        message = f"waiting for PretrainJob {name} to succeed (now {base_status.phase or PENDING}" + (
-            f", step {progress})" if progress else ")")
-    created, limit = decision.seen.created, waiting.wait_seconds
+        reason = f"{stem}NotReady"
+        message = (f"waiting for {upstream.kind} {name} to succeed (now {upstream_status.phase or PENDING}"
+                   f"{_upstream_progress(upstream_status)})")
+    created = decision.seen.created
     if created is not None and decision.now - created >= timedelta(seconds=limit):
         message = f"{message}; gave up after baseModelWaitSeconds ({limit}s)"
-        decision.condition("WaitingForBaseModel", False, "BaseModelTimeout", message)
-        decision.phase(FAILED, "BaseModelTimeout", message)
+        decision.condition(upstream.condition, False, f"{stem}Timeout", message)
+        decision.phase(FAILED, f"{stem}Timeout", message)
         return
-    decision.condition("WaitingForBaseModel", True, reason, message)
-    decision.phase(PENDING, "WaitingForBaseModel", message)
+    decision.condition(upstream.condition, True, reason, message)
+    decision.phase(PENDING, upstream.condition, message)
+
+
+def _upstream_progress(status: JobStatus | SweepStatus) -> str:
+    """How far the upstream job is, after its phase: its steps, or a sweep's trials."""
+    if isinstance(status, SweepStatus):
+        return f", {status.trials_progress} trials done" if status.trials_progress else ""
+    return f", step {status.step_progress}" if status.step_progress else ""
 
 
 def _launch(decision: _Decision, attempt: int, base_uri: str | None) -> None:
@@ -332,7 +410,8 @@ def _launch(decision: _Decision, attempt: int, base_uri: str | None) -> None:
     if decision.status.condition("WaitingForGPU"):
         decision.condition("WaitingForGPU", False, "Scheduled", "pods created")
     decision.status.device = "cpu" if cpu_fallback or not resources.gpus_per_worker else "gpu"
-    decision.launch = LaunchPlan(decision.seen.checkpoint_uri, base_uri, cpu_fallback, decision.seen.base_model_cache)
+    decision.launch = LaunchPlan(decision.seen.checkpoint_uri, base_uri, cpu_fallback, decision.seen.base_model_cache,
+                                 decision.seen.corpus_cache, teacher_uri=decision.status.teacher_uri)
     if attempt:
         decision.phase(RESTARTING, "PodsCreated",
                        f"restart {attempt}: {resources.workers} worker(s) resume from the last checkpoint")
@@ -380,6 +459,13 @@ def _report_progress(decision: _Decision) -> None:
     if progress is None:
         return
     status = decision.status
+    if progress.preparing:
+        # Preparing a large corpus takes hours without a step: while it advances it is no stall.
+        if progress.tokens_prepared != decision.before.corpus_tokens_prepared:
+            status.last_step_time = _iso(decision.now)
+        status.corpus_tokens_prepared = progress.tokens_prepared
+        status.step_progress = "preparing"
+        return
     if progress.step != decision.before.step:
         status.last_step_time = _iso(decision.now)
     status.step, status.total_steps = progress.step, progress.total_steps
@@ -388,6 +474,7 @@ def _report_progress(decision: _Decision) -> None:
         status.loss = round(progress.loss, 4)
     if progress.eval_metrics:
         status.eval_metrics = {k: round(v, 4) for k, v in progress.eval_metrics.items()}
+        status.eval_step = progress.eval_step
     if progress.last_checkpoint_step:
         status.last_checkpoint_step = progress.last_checkpoint_step
 
@@ -406,7 +493,10 @@ def _succeed(decision: _Decision, current: list[PodView]) -> None:
         status.step_progress = f"{summary.step}/{summary.total_steps}"
         status.last_checkpoint_step = summary.step
         status.export_uri = summary.export_uri
+        status.teacher_uri = summary.teacher_uri or status.teacher_uri
         status.eval_metrics = {k: round(v, 4) for k, v in summary.final_eval.items()}
+        status.compression = summary.compression
+        status.eval_step = summary.step if summary.final_eval else status.eval_step
         if summary.train_loss is not None:
             status.loss = round(summary.train_loss, 4)
     step = status.step if status.step is not None else "?"

@@ -45,6 +45,14 @@ class OperatorMetrics:
             "kubeforge_operator_job_pods_created_seconds",
             "Time from a job's creation to all its pods created", ("kind",),
             registry=self.registry, buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.sweep_trials = Counter("kubeforge_operator_sweep_trials_total",
+                                    "SweepJobs' trials, by outcome: started, succeeded, pruned, failed",
+                                    ("outcome",), registry=self.registry)
+        self.sweep_best_value = Gauge("kubeforge_operator_sweep_best_value",
+                                      "The best objective value of each SweepJob so far",
+                                      ("job_namespace", "job_name"), registry=self.registry)
+        for outcome in ("started", "succeeded", "pruned", "failed"):
+            self.sweep_trials.labels(outcome)
         for kind in KINDS:
             # Exported at 0 from the start, so that increase() sees the first event.
             for counter in (self.seen, self.succeeded, self.restarted, self.reconcile_errors):

@@ -32,7 +32,10 @@ def parse(text: str) -> Progress | None:
         total_steps=int(values["total_steps"]),
         loss=values.get("loss") or None,  # 0 until the first logging interval
         eval_metrics=evals,
+        eval_step=int(values["eval_step"]) if "eval_step" in values else None,
         last_checkpoint_step=int(values["last_checkpoint_step"]) if values.get("last_checkpoint_step") else None,
+        preparing=bool(values.get("corpus_preparing")),
+        tokens_prepared=int(values.get("corpus_tokens_prepared_total", 0)),
     )
 
 

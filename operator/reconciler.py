@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import kopf
 
-from kubeforge.basemodel import upstream_pretrain_job
+from kubeforge.basemodel import upstream_base_job, upstream_teacher_job
 from kubeforge.operator import builders
 from kubeforge.operator.cluster import CachedView, Cluster
 from kubeforge.operator.lifecycle import Observed, Plan, parse_time, reconcile
@@ -21,7 +21,7 @@ from kubeforge.operator.metrics import OperatorMetrics
 from kubeforge.operator.pods import PodView, of_attempt, owned
 from kubeforge.operator.progress import scrape
 from kubeforge.operator.settings import OperatorSettings
-from kubeforge.spec import Job, SpecError, base_model_cache_uri, checkpoint_uri, parse_job
+from kubeforge.spec import Job, SpecError, base_model_cache_uri, checkpoint_uri, corpus_cache_uri, parse_job
 from kubeforge.status import FAILED, PENDING, RESTARTING, RUNNING, SUCCEEDED, JobStatus
 
 
@@ -111,8 +111,10 @@ class Operator:
               source: Cluster | CachedView) -> tuple[list[PodView], Plan]:
         pods = source.pods(job)
         attempt = JobStatus.read(status).restarts
-        upstream = upstream_pretrain_job(job)
-        base_job = source.pretrain_job(job.namespace, upstream) if upstream else None
+        upstream = upstream_base_job(job)
+        base_job = source.job_body(upstream.kind, job.namespace, upstream.name) if upstream else None
+        teacher = upstream_teacher_job(job)
+        teacher_job = source.job_body("FinetuneJob", job.namespace, teacher) if teacher else None
         ip = _rank0_ip(owned(pods, job), attempt)
         progress = scrape(ip, job.spec.metrics.port) if ip and job.spec.metrics.port else None
         seen = Observed(job=job, status=status, pods=pods, gpu_nodes=self.cluster.gpu_nodes(),
@@ -120,7 +122,9 @@ class Operator:
                         progress=progress, generation=body["metadata"].get("generation"),
                         cpu_fallback_allowed=self.settings.allow_cpu_fallback, created=_created(body),
                         uri_policy=self.settings.uri_policy(),
-                        base_model_cache=base_model_cache_uri(self.settings.storage_root, job.namespace))
+                        base_model_cache=base_model_cache_uri(self.settings.storage_root, job.namespace),
+                        corpus_cache=corpus_cache_uri(self.settings.storage_root, job.namespace),
+                        teacher_job=teacher_job)
         return pods, reconcile(seen, datetime.now(UTC))
 
     def _act(self, job: Job, body: dict[str, Any], pods: list[PodView], plan: Plan) -> None:

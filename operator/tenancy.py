@@ -84,6 +84,8 @@ def job_uris(job: Job) -> list[tuple[str, str]]:
     # A Hub model is no storage of anyone's: its copy is kept under the namespace's own prefix.
     if isinstance(job, FinetuneJob) and job.spec.base_model.uri and not job.spec.base_model.from_hub():
         named.append(("spec.baseModel.uri", job.spec.base_model.uri))
+    if isinstance(job, FinetuneJob) and job.spec.teacher is not None and job.spec.teacher.uri:
+        named.append(("spec.teacher.uri", job.spec.teacher.uri))
     return named
 
 

@@ -70,6 +70,10 @@ def cel_violations(schema: dict[str, Any], value: Any, old: Any = None, path: st
             if old is not None and previous is None:
                 continue  # transition rules apply only where the old object had the field
             failed += cel_violations(sub, value[name], previous if old is not None else None, f"{path}.{name}")
+    if "items" in schema and isinstance(value, list):
+        # Items of a plain list have no old self to compare with: only their other rules apply.
+        for index, item in enumerate(value):
+            failed += cel_violations(schema["items"], item, None, f"{path}[{index}]")
     return failed
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from k8s.kubelet import ApiError
-from support.jobs import tiny_pretrain
+from support.jobs import example, tiny_pretrain, with_change
 
 PTJ = "PretrainJob"
 
@@ -28,6 +28,16 @@ async def test_names_the_operator_cannot_serve_are_refused(cluster: Any, name: s
     makes a Service name of 64."""
     message = await refusal(cluster, cluster.apply(tiny_pretrain(name)))
     assert "metadata.name" in message
+
+
+@pytest.mark.parametrize("base_model", [{"fromPretrainJob": "base", "fromSweepJob": "search"},
+                                        {"uri": "s3://models/m", "fromSweepJob": "search"}])
+async def test_a_base_model_from_more_than_one_source_is_refused(cluster: Any, base_model: dict[str, str]) -> None:
+    finetune = with_change(example("finetune-lora-classify.yaml")[0], "spec.baseModel", base_model)
+    message = await refusal(cluster, cluster.apply(finetune))
+    assert "set exactly one of uri, fromPretrainJob or fromSweepJob" in message
+    admitted = await cluster.apply(with_change(finetune, "spec.baseModel", {"fromSweepJob": "search"}))
+    assert admitted[0]["spec"]["baseModel"] == {"fromSweepJob": "search"}
 
 
 async def test_the_longest_name_is_admitted(cluster: Any) -> None:

@@ -34,14 +34,20 @@ import pytest
 from aiohttp import web
 from k8s.cluster import node_harness
 from k8s.kubelet import ApiError, KubeClient, Kubelet
+from support.e2e import phase_is
 from support.fake_trainer import MODE_LABEL, RATE_LABEL
+from support.faults import FAULT_RESULTS
 from support.jobs import ROOT, tiny_pretrain
 from support.processes import free_port, stop_process
 from support.rbac import write_kubeconfig
+from support.sweeps import same_search, undisturbed
+
+from kubeforge.operator.sweeplife import LABEL_SWEEP
 
 pytestmark = pytest.mark.faults
 
 PTJ = "PretrainJob"
+FTJ = "FinetuneJob"
 #: The sizes of each row, per --fault-size: docs/reliability.md's (full) and CI's.
 SCALE = {
     "ci": {"operator_kills": 3, "api_fault_rounds": 1, "api_fault_seconds": 20.0, "fuzzed_manifests": 60},
@@ -176,6 +182,21 @@ class FaultProxy:
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.url = ""
+        self._hold_plural: str | None = None
+        #: (plural, seconds): that resource's watch events reach the client this much late.
+        self.watch_lag: tuple[str, float] | None = None
+        self.held = asyncio.Event()  # a create is held, unanswered
+        self._release = asyncio.Event()
+
+    def hold_next_create(self, plural: str) -> None:
+        """Hold the next POST that creates a `plural` object, unanswered and never forwarded, until
+        `release`: the client's request is in flight when the test kills the client."""
+        self._hold_plural = plural
+        self.held.clear()
+        self._release.clear()
+
+    def release(self) -> None:
+        self._release.set()
 
     @property
     def failing(self) -> bool:
@@ -198,6 +219,7 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{port}"
 
     async def stop(self) -> None:
+        self.release()
         self.fail(True)  # ends the streams still open
         if self._runner is not None:
             await self._runner.cleanup()
@@ -205,6 +227,12 @@ class FaultProxy:
             await self._session.close()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self._hold_plural and request.method == "POST" and request.path.endswith(f"/{self._hold_plural}"):
+            self._hold_plural = None
+            self.held.set()
+            await self._release.wait()
+            return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503,
+                                      "reason": "ServiceUnavailable", "message": "held, never forwarded"}, status=503)
         if self.failing:
             self.refused += 1
             code = next(self._codes)
@@ -224,6 +252,9 @@ class FaultProxy:
                 k: v for k, v in upstream.headers.items()
                 if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection")})
             await response.prepare(request)
+            lag = self._lag(request)
+            writes: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+            writer = asyncio.ensure_future(self._write_late(response, writes, lag))
             failure = asyncio.ensure_future(self._failing.wait())
             try:
                 while True:
@@ -233,12 +264,36 @@ class FaultProxy:
                         chunk.cancel()
                         break  # the API server "went away": the client sees its stream end
                     data = chunk.result()
-                    if not data:
+                    if not data or writer.done():  # writer done: the client went away
                         break
-                    await response.write(data)
+                    if lag:
+                        writes.put_nowait((time.monotonic(), data))
+                    else:
+                        await response.write(data)
+                if lag and not writer.done():
+                    drained = asyncio.ensure_future(writes.join())
+                    await asyncio.wait([drained, writer], timeout=lag + 5, return_when=asyncio.FIRST_COMPLETED)
+                    drained.cancel()
             finally:
                 failure.cancel()
+                writer.cancel()
             return response
+
+    def _lag(self, request: web.Request) -> float:
+        watching = request.query.get("watch") in ("true", "1")
+        if self.watch_lag is None or not watching or f"/{self.watch_lag[0]}" not in request.path:
+            return 0.0
+        return self.watch_lag[1]
+
+    @staticmethod
+    async def _write_late(response: web.StreamResponse, writes: asyncio.Queue[tuple[float, bytes]],
+                          lag: float) -> None:
+        """Each chunk `lag` seconds after it came from the API server, in order."""
+        while True:
+            arrived, data = await writes.get()
+            await asyncio.sleep(max(0.0, arrived + lag - time.monotonic()))
+            await response.write(data)
+            writes.task_done()
 
 
 @contextlib.asynccontextmanager
@@ -424,6 +479,59 @@ async def test_nan_loss_and_a_hung_trainer_among_healthy_jobs(cluster: Any, fake
     assert health == 200 and errors == 0 and exceptions == 0
 
 
+def fake_finetune(name: str, steps: int, *, mode: str = "train", **spec: Any) -> dict[str, Any]:
+    """A FinetuneJob for the fake trainer (which reads no model or data): its base model a URI."""
+    return {"apiVersion": "kubeforge.io/v1alpha1", "kind": FTJ,
+            "metadata": {"name": name, "labels": {MODE_LABEL: mode, RATE_LABEL: "20"}},
+            "spec": {"baseModel": {"uri": "s3://faults/data/base"}, "task": "sequence-classification", "method": "full",
+                     "data": {"train": {"uri": "s3://faults/data/reviews.jsonl"}}, "training": {"maxSteps": steps},
+                     "resources": {"gpusPerWorker": 0, "cpu": "100m", "memory": "64Mi"}, "metrics": {"port": 9400},
+                     **spec}}
+
+
+async def test_students_wait_for_their_teachers_and_one_fails_with_its_failed_teacher(
+        cluster: Any, fake_kubelet: Kubelet, tmp_path: Path) -> None:
+    """method distill: a student applied before its teacher FinetuneJob waits (no pods); it starts
+    once the teacher succeeded, from its export (status.teacherUri); a student whose teacher
+    diverged fails with TeacherFailed, naming teacher.fromFinetuneJob."""
+    students = [fake_finetune(name, 40, method="distill", teacher={"fromFinetuneJob": teacher})
+                for name, teacher in (("student", "teacher"), ("orphan", "diverged-teacher"))]
+    teachers = [fake_finetune("teacher", 40), fake_finetune("diverged-teacher", 400, mode="nan")]
+    names = ["student", "orphan", "teacher", "diverged-teacher"]
+
+    async def finetunes() -> dict[str, dict[str, Any]]:
+        return {j["metadata"]["name"]: j.get("status") or {} for j in await cluster.list(FTJ)}
+
+    async def waiting_for_teachers() -> dict[str, dict[str, Any]] | None:
+        current = await finetunes()
+        reasons = {n: next((c["reason"] for c in current.get(n, {}).get("conditions", [])
+                            if c["type"] == "WaitingForTeacher" and c["status"] == "True"), None)
+                   for n in ("student", "orphan")}
+        return current if set(reasons.values()) == {"TeacherMissing"} else None
+
+    async def finished() -> dict[str, dict[str, Any]] | None:
+        current = await finetunes()
+        return current if all(current.get(n, {}).get("phase") in ("Succeeded", "Failed") for n in names) else None
+
+    async with operator_process(cluster, cluster.url, tmp_path) as operator:
+        for job in students:
+            await cluster.apply(job)
+        waiting = await cluster.wait_for(waiting_for_teachers, 60, "both students to wait for their teachers")
+        assert {n: waiting[n]["phase"] for n in ("student", "orphan")} == {"student": "Pending", "orphan": "Pending"}
+        assert not await cluster.list("Pod", {"kubeforge.io/job-kind": "ftj"})
+        for job in teachers:
+            await cluster.apply(job)
+        final = await cluster.wait_for(finished, 180, "the teachers and their students to finish")
+        exceptions = tracebacks(operator)
+    assert final["teacher"]["phase"] == "Succeeded" and final["student"]["phase"] == "Succeeded", final
+    assert final["student"]["teacherUri"] == final["teacher"]["exportUri"]
+    assert final["diverged-teacher"]["reason"] == "LossNotFinite"
+    assert (final["orphan"]["phase"], final["orphan"]["reason"]) == ("Failed", "TeacherFailed")
+    assert final["orphan"]["message"].startswith(
+        "teacher.fromFinetuneJob: its teacher, FinetuneJob diverged-teacher, failed: the trainer reported loss=nan")
+    assert "teacherUri" not in final["orphan"] and exceptions == 0
+
+
 # Fuzzing: one field of a valid job at a time, given a value of the wrong type, out of range, in an
 # odd alphabet or huge. Valid results (some are) stay suspended: the row is about what is refused.
 FIELDS = ["metadata.name", "spec.training.maxSteps", "spec.training.learningRate", "spec.training.batchSize",
@@ -488,3 +596,182 @@ async def test_fuzzed_manifests(cluster: Any, fake_kubelet: Kubelet, tmp_path: P
            valid_and_suspended=len(admitted) - len(invalid), unnamed_refusals=len(unnamed),
            reconcile_errors=int(errors), operator_exceptions=exceptions)
     assert unnamed == [] and errors == 0 and exceptions == 0 and pods == []
+
+
+# A SweepJob killed mid-search. Its trials' evaluations come 8 s apart (20 steps at 2.5 a second): longer
+# than the operator takes to restart, so the new one sees every evaluation an undisturbed one sees.
+SWJ = "SweepJob"
+SWEEP = "kill-sweep"
+SWEEP_STEPS, SWEEP_EVAL_INTERVAL, SWEEP_RATE = 40, 20, 2.5
+
+
+def fake_sweep(name: str) -> dict[str, Any]:
+    """4 LoRA trials, 2 at a time, median pruning: FinetuneJobs for the fake trainer (eval loss by learning rate)."""
+    template = {"baseModel": {"uri": "s3://faults/data/base"}, "task": "sequence-classification", "method": "lora",
+                "lora": {"alpha": 16},
+                "data": {"train": {"uri": "s3://faults/data/reviews.jsonl"},
+                         "eval": {"uri": "s3://faults/data/reviews-eval.jsonl"}},
+                "training": {"maxSteps": SWEEP_STEPS, "evalInterval": SWEEP_EVAL_INTERVAL},
+                "resources": {"gpusPerWorker": 0, "cpu": "100m", "memory": "64Mi"}, "metrics": {"port": 9400},
+                "podTemplate": {"env": [{"name": "FAKE_STEPS_PER_SECOND", "value": str(SWEEP_RATE)}]}}
+    return {"apiVersion": "kubeforge.io/v1alpha1", "kind": SWJ, "metadata": {"name": name}, "spec": {
+        "template": {"kind": FTJ, "spec": template},
+        "parameters": [{"path": "training.learningRate", "type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+                       {"path": "lora.r", "type": "choice", "values": [4, 8]}],
+        "objective": {"metric": "eval.loss", "direction": "minimize"},
+        "maxTrials": 4, "parallelism": 2, "earlyStopping": "median", "startupTrials": 1, "seed": 0}}
+
+
+class TrialWatch:
+    """Polls a sweep's trial jobs and their pods: every uid each trial's job and its pods ever had.
+    A second uid under one name is a trial created (or run) twice."""
+
+    def __init__(self, cluster: Any, sweep: str):
+        self.cluster, self.sweep = cluster, sweep
+        self.jobs: dict[str, set[str]] = defaultdict(set)
+        self.pods: dict[str, set[str]] = defaultdict(set)
+        self.failed_polls: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                jobs = await self.cluster.list(FTJ, {LABEL_SWEEP: self.sweep})
+                pods = await self.cluster.list_pods("kubeforge.io/job-kind=ftj")
+            except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
+                self.failed_polls.append(repr(exc))  # one poll missed; a job lives for seconds
+                jobs, pods = [], []
+            for job in jobs:
+                self.jobs[job["metadata"]["name"]].add(job["metadata"]["uid"])
+            for pod in pods:
+                self.pods[pod["metadata"]["labels"]["kubeforge.io/job-name"]].add(pod["metadata"]["uid"])
+            await asyncio.sleep(0.2)
+
+    def __enter__(self) -> TrialWatch:
+        self._task = asyncio.ensure_future(self._poll())
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        assert self._task is not None
+        if self._task.done():
+            self._task.result()  # a poll that failed fails the test: it saw nothing after it
+        self._task.cancel()
+
+
+async def sweep_status(cluster: Any) -> dict[str, Any]:
+    found = await cluster.get(SWJ, SWEEP)
+    return (found or {}).get("status") or {}
+
+
+async def first_trials_evaluated(cluster: Any) -> bool:
+    trials = (await sweep_status(cluster)).get("trials", [])
+    return len(trials) == 2 and all(t["state"] == "Running" and t.get("intermediate") for t in trials)
+
+
+def sweep_reconciled(operator: OperatorProcess) -> bool:
+    """Whether this operator process has reconciled the sweep once (it counts each kind it has seen)."""
+    return 'kubeforge_operator_jobs_seen_total{kind="SweepJob"} 1.0' in (operator.metrics() or "")
+
+
+async def test_operator_killed_mid_sweep(cluster: Any, fake_kubelet: Kubelet, tmp_path: Path) -> None:
+    """SIGKILL the operator while a sweep's first trials run, and again between the status write that
+    records the next trial and its job's creation (that create held at a proxy): no trial is created or
+    run twice, none is lost, and the sweep ends with the trials and best trial of an undisturbed run."""
+    manifest = fake_sweep(SWEEP)
+    expected = undisturbed(manifest)
+    recovery: list[float] = []
+    async with fault_proxy(cluster.client) as proxy, operator_process(cluster, proxy.url, tmp_path) as operator:
+        with TrialWatch(cluster, SWEEP) as watch:
+            started = time.monotonic()
+            await cluster.apply(manifest)
+            await cluster.wait_for(lambda: first_trials_evaluated(cluster), 120, "the first 2 trials evaluated")
+            operator.kill(signal.SIGKILL)
+            killed = time.monotonic()
+            await operator.start()
+            await cluster.wait_for(lambda: sweep_reconciled(operator), 60, "the new operator to reconcile the sweep")
+            recovery.append(round(time.monotonic() - killed, 1))
+
+            proxy.hold_next_create("finetunejobs")  # the next trial's: its status is written first
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proxy.held.wait(), 60)
+            assert proxy.held.is_set(), "no trial's creation came to hold"
+            recorded = [t["name"] for t in (await sweep_status(cluster))["trials"]]
+            unmade = [n for n in recorded if await cluster.get(FTJ, n) is None]
+            operator.kill(signal.SIGKILL)
+            killed = time.monotonic()
+            proxy.release()
+            await operator.start()
+            await cluster.wait_for(lambda: _all_exist(cluster, unmade), 60, "the recorded trials' jobs")
+            recovery.append(round(time.monotonic() - killed, 1))
+
+            done = await cluster.wait_for(lambda: phase_is(cluster, SWJ, SWEEP, "Succeeded", "Failed"), 180,
+                                          "the sweep to end")
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(0.5)  # a last poll of the trials
+        exceptions = tracebacks(operator)
+    names = [t["name"] for t in done["trials"]]
+    duplicate_jobs = sum(len(uids) - 1 for uids in watch.jobs.values())
+    duplicate_pods = sum(max(0, len(uids) - 1) for uids in watch.pods.values())
+    pruned = sum(t["state"] == "Pruned" for t in done["trials"])
+    report("operator SIGKILLed mid-sweep", kills=2, trials=len(names), pruned=pruned,
+           recorded_without_job_at_kill=len(unmade), duplicate_trial_jobs=duplicate_jobs,
+           duplicate_trial_pods=duplicate_pods, recovery_s=recovery, missed_polls=len(watch.failed_polls),
+           seconds=round(elapsed, 1))
+    FAULT_RESULTS.append((
+        "operator SIGKILLed mid-sweep (4 trials, 2 at a time, median pruning)",
+        "2 times: trials running; between the status write recording a trial and its job's creation",
+        "no trial created or run twice, none lost; trials and bestTrial as an undisturbed run's",
+        f"{len(names)} trials ({pruned} pruned), {len(unmade)} recorded without a job at the 2nd kill; "
+        f"{duplicate_jobs} duplicate trial jobs, {duplicate_pods} duplicate pods; recovered in {recovery} s; "
+        f"{elapsed:.0f} s"))
+    assert unmade, recorded  # the second kill came after the status write and before the create
+    assert names == [f"{SWEEP}-t{n}" for n in range(4)] and sorted(watch.jobs) == names  # none lost, none twice
+    assert duplicate_jobs == 0 and duplicate_pods == 0 and exceptions == 0, (dict(watch.jobs), dict(watch.pods))
+    assert done["phase"] == expected["phase"] == "Succeeded", done.get("message")
+    assert same_search(done["trials"]) == same_search(expected["trials"])
+    best, expected_best = done["bestTrial"], expected["bestTrial"]
+    assert (best["number"], best["parameters"], best["value"]) == (
+        expected_best["number"], expected_best["parameters"], expected_best["value"])
+
+
+def started_trials(operator: OperatorProcess) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in (operator.metrics() or "").splitlines()
+               if line.startswith('kubeforge_operator_sweep_trials_total{outcome="started"}'))
+
+
+async def test_a_sweep_whose_watch_lags(cluster: Any, fake_kubelet: Kubelet, tmp_path: Path) -> None:
+    """The sweep's watch events reach the operator 2 s late (4 resyncs): Kopf hands its timer a sweep
+    one status write or more behind. No trial is created or started twice; the sweep ends as an
+    undisturbed one."""
+    manifest = fake_sweep(SWEEP)
+    expected = undisturbed(manifest)
+    async with fault_proxy(cluster.client) as proxy:
+        proxy.watch_lag = ("sweepjobs", 2.0)
+        async with operator_process(cluster, proxy.url, tmp_path) as operator:
+            with TrialWatch(cluster, SWEEP) as watch:
+                started = time.monotonic()
+                await cluster.apply(manifest)
+                done = await cluster.wait_for(lambda: phase_is(cluster, SWJ, SWEEP, "Succeeded", "Failed"), 180,
+                                              "the sweep to end")
+                elapsed = time.monotonic() - started
+                await asyncio.sleep(0.5)  # a last poll of the trials
+            counted = started_trials(operator)
+            exceptions = tracebacks(operator)
+    duplicate_jobs = sum(len(uids) - 1 for uids in watch.jobs.values())
+    duplicate_pods = sum(max(0, len(uids) - 1) for uids in watch.pods.values())
+    report("a sweep's watch 2 s late", trials=len(done["trials"]), started_counted=int(counted),
+           duplicate_trial_jobs=duplicate_jobs, duplicate_trial_pods=duplicate_pods,
+           missed_polls=len(watch.failed_polls), seconds=round(elapsed, 1))
+    FAULT_RESULTS.append((
+        "a sweep's watch events 2 s late (4 resync intervals; a proxy delays them)", "the whole sweep",
+        "no trial created or run twice; trials and bestTrial as an undisturbed run's",
+        f"{len(done['trials'])} trials, {int(counted)} starts counted; {duplicate_jobs} duplicate trial jobs, "
+        f"{duplicate_pods} duplicate pods; {elapsed:.0f} s"))
+    assert sorted(watch.jobs) == [t["name"] for t in done["trials"]]  # the poll saw every trial
+    assert duplicate_jobs == 0 and duplicate_pods == 0 and counted == 4 and exceptions == 0, dict(watch.jobs)
+    assert same_search(done["trials"]) == same_search(expected["trials"])
+    assert done["bestTrial"]["name"] == expected["bestTrial"]["name"]
+
+
+async def _all_exist(cluster: Any, names: list[str]) -> bool:
+    return all([await cluster.get(FTJ, n) is not None for n in names])

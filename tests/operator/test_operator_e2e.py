@@ -161,7 +161,8 @@ async def test_failures_stop_at_the_backoff_limit_or_at_once_when_permanent(
     assert failed["reason"] == "BackoffLimitExceeded" and failed["restarts"] == 1
     assert "no-such-bucket-kf" in failed["message"]
     assert permanent["reason"] == "PermanentError" and permanent["restarts"] == 0
-    assert "no .txt or .jsonl files found" in permanent["message"]
+    assert "data.train.uri: " in permanent["message"]
+    assert "no .txt, .jsonl(.gz/.zst) or .parquet files found" in permanent["message"]
     assert "testing-secret-key" not in str(failed) + str(permanent)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 import pytest
-from support.jobs import tiny_pretrain
+from support.jobs import example, tiny_pretrain, with_change
 
 from kubeforge.operator import builders
 from kubeforge.operator.cluster import CachedView
@@ -27,8 +27,10 @@ SETTINGS = OperatorSettings(storage_root="s3://bucket/kf", restrict_uris_to_name
 class RecordedCluster:
     """The API server as `Operator` sees it through `Cluster`: pods it lists, calls it records."""
 
-    def __init__(self, pods: list[dict[str, Any]]):
+    def __init__(self, pods: list[dict[str, Any]], jobs: dict[tuple[str, str], dict[str, Any]] | None = None):
         self.listed_pods = pods
+        #: The other jobs and sweeps it has, by (kind, name).
+        self.jobs = jobs or {}
         self.calls: list[tuple[str, str]] = []
         #: The status fields the operator wrote (the status subresource's merge patches).
         self.written_status: dict[str, Any] = {}
@@ -40,9 +42,9 @@ class RecordedCluster:
     def gpu_nodes(self) -> bool:
         return False
 
-    def pretrain_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        self.calls.append(("get", name))
-        return None
+    def job_body(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", f"{kind}/{name}"))
+        return self.jobs.get((kind, name))
 
     def create(self, body: dict[str, Any]) -> bool:
         self.calls.append(("create", body["metadata"]["name"]))
@@ -89,7 +91,7 @@ def pods_of(job_body: dict[str, Any], phase: str, attempt: int = 0) -> list[dict
 
 def view(job_body: dict[str, Any], pods: list[dict[str, Any]]) -> CachedView:
     key = (job_body["metadata"]["namespace"], "ptj", job_body["metadata"]["name"])
-    return CachedView({key: [PodView.parse(pod) for pod in pods]} if pods else {}, {})  # type: ignore[arg-type]
+    return CachedView({key: [PodView.parse(pod) for pod in pods]} if pods else {}, {}, {}, {})  # type: ignore[arg-type]
 
 
 def reconcile(cluster: RecordedCluster, job_body: dict[str, Any], cached: CachedView | None,
@@ -154,3 +156,18 @@ def test_an_invalid_spec_fails_the_job_once_and_counts_it(no_events: list[tuple[
     assert metrics.registry.get_sample_value(
         "kubeforge_operator_job_phase",
         {"kind": "PretrainJob", "job_namespace": "team", "job_name": "watched", "phase": "Failed"}) == 1
+
+
+def test_a_finetune_from_a_sweep_reads_the_sweep_and_starts_from_its_best_trial() -> None:
+    """The watch cache says the sweep succeeded; the launch is decided again on the SweepJob read fresh."""
+    finetune = with_change(example("finetune-lora-classify.yaml")[0], "spec.baseModel", {"fromSweepJob": "lr-search"})
+    finetune["metadata"].update(namespace="team", uid="0b1c2d3e-0000-4000-8000-000000000002", generation=1,
+                                creationTimestamp="2026-11-23T10:00:00Z")
+    best = "s3://bucket/kf/team/finetunejob/lr-search-t2/export"
+    sweep = {"status": {"phase": "Succeeded", "bestTrial": {"name": "lr-search-t2", "number": 2, "parameters": {},
+                                                           "value": 0.9, "exportUri": best}}}
+    cluster = RecordedCluster(pods=[], jobs={("SweepJob", "lr-search"): sweep})
+    cached = CachedView({}, {}, {}, {("team", "lr-search"): [sweep]})  # type: ignore[arg-type]
+    patch = reconcile(cluster, finetune, cached)
+    assert ("get", "SweepJob/lr-search") in cluster.calls
+    assert patch.status["baseModelUri"] == best and patch.status["reason"] == "PodsCreated"

@@ -41,13 +41,15 @@ def tiny_tokenizer() -> Any:
 
 
 def tiny_base(directory: Path, *, positions: int = 128, chat_template: str | None = None,
-              tokenizer: Any = None) -> Path:
-    """A tiny GPT-2 with `positions` position embeddings, saved with its tokenizer (and chat template)."""
+              tokenizer: Any = None, architecture: str = "gpt2", layers: int | None = None) -> Path:
+    """A tiny GPT-2 (or llama; 2 layers, or `layers`) with `positions` position embeddings, saved with
+    its tokenizer (and chat template)."""
     tokenizer = tokenizer or tiny_tokenizer()
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     torch.manual_seed(0)
-    build_pretrain_model(ModelSpec(size="tiny"), tokenizer, positions).save_pretrained(directory)
+    spec = ModelSpec(architecture=architecture, size="tiny", num_layers=layers)  # type: ignore[arg-type]
+    build_pretrain_model(spec, tokenizer, positions).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

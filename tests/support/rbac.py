@@ -23,12 +23,16 @@ OPERATOR_PERMISSIONS: dict[tuple[str, str, str], set[str]] = {
     ("cluster", "apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
     # Kopf: lists and watches the jobs; patches them (finalizer kubeforge.io/operator, progress
     # annotations). operator/cluster.py Cluster.delete_job: ttlSecondsAfterFinished.
-    ("namespace", "kubeforge.io", "pretrainjobs"): {"list", "watch", "patch", "delete", "get"},
-    ("namespace", "kubeforge.io", "finetunejobs"): {"list", "watch", "patch", "delete"},
-    # operator/cluster.py Cluster.pretrain_job (get above): a FinetuneJob's baseModel.fromPretrainJob.
-    # Kopf writes the status the handlers return through the status subresource.
+    # operator/cluster.py Cluster.job_body (get): a FinetuneJob's baseModel.fromPretrainJob or
+    # fromSweepJob, its teacher.fromFinetuneJob, and a SweepJob read fresh before a tick acts.
+    # operator/sweeps.py: a SweepJob's trials, created, listed by label and deleted when pruned.
+    ("namespace", "kubeforge.io", "pretrainjobs"): {"list", "watch", "patch", "delete", "get", "create"},
+    ("namespace", "kubeforge.io", "finetunejobs"): {"list", "watch", "patch", "delete", "get", "create"},
+    ("namespace", "kubeforge.io", "sweepjobs"): {"list", "watch", "patch", "get"},
+    # The reconcilers write status through the status subresource.
     ("namespace", "kubeforge.io", "pretrainjobs/status"): {"patch"},
     ("namespace", "kubeforge.io", "finetunejobs/status"): {"patch"},
+    ("namespace", "kubeforge.io", "sweepjobs/status"): {"patch"},
     # operator/handlers.py: the job_pods index (Kopf lists and watches pods); operator/cluster.py:
     # Cluster.pods (a fresh list by label selector before acting), Cluster.create (pods), Cluster.delete_pod.
     ("namespace", "", "pods"): {"list", "watch", "create", "delete"},
@@ -90,7 +94,7 @@ def not_granted(emulator: Any, permissions: Permissions = OPERATOR_PERMISSIONS) 
         if rest[0] == "namespaces" and len(rest) > 2:
             scope, rest = "namespace", rest[2:]
         resource, name, subresource = rest[0], rest[1] if len(rest) > 1 else None, rest[2:]
-        if resource in {"pods", "services", "events", "pretrainjobs", "finetunejobs"}:
+        if resource in {"pods", "services", "events", "pretrainjobs", "finetunejobs", "sweepjobs"}:
             scope = "namespace"  # a namespaced resource listed or watched across all namespaces
         if request.method.value.upper() == "GET":
             verb = "get" if name else "watch" if request.params.get("watch") in ("true", "1") else "list"

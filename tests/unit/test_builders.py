@@ -87,6 +87,16 @@ def test_the_trainer_command_carries_the_job_and_its_uris() -> None:
     assert carried == finetune
 
 
+def test_a_pretrain_job_prepares_its_corpus_in_the_namespaces_cache() -> None:
+    pretrain = job()
+    plan = LaunchPlan("s3://models/kf/default/pretrainjob/tiny-shakespeare-11111111", None, False,
+                      "s3://models/kf/default/base-models", "s3://models/kf/default/corpora")
+    command = build_pod(pretrain, 0, 0, plan, SETTINGS)["spec"]["containers"][0]["command"]
+    assert command[command.index("--corpus-cache") + 1] == "s3://models/kf/default/corpora"
+    finetune = job(example("finetune-lora-classify.yaml")[0])
+    assert "--corpus-cache" not in build_pod(finetune, 0, 0, plan, SETTINGS)["spec"]["containers"][0]["command"]
+
+
 def test_s3_credentials_travel_only_by_reference() -> None:
     pod = build_pod(job(s3={"endpointUrl": "http://ceph:7480", "credentialsSecret": "team-s3"}), 0, 0, GPU_PLAN,
                   SETTINGS)

@@ -15,14 +15,14 @@ from k8s.admission import admit, crd_file, schema_of
 from support.jobs import DELETE, EXAMPLES, example, with_change
 
 from kubeforge.crds import render
-from kubeforge.spec import KINDS
+from kubeforge.spec import ALL_KINDS, KINDS
 
 PRETRAIN = example("pretrain-tiny.yaml")[0]
 FINETUNE = example("finetune-lora-classify.yaml")[0]
 
 
 def test_crds_match_the_spec_models() -> None:
-    for kind in KINDS:
+    for kind in ALL_KINDS:
         assert crd_file(kind).read_text() == render(kind), (
             f"{crd_file(kind)} is stale: run `kubeforge crds` and commit the result")
 
@@ -37,7 +37,7 @@ def test_schemas_are_structural() -> None:
         if "items" in node:
             walk(node["items"], f"{path}[]")
 
-    for kind in KINDS:
+    for kind in ALL_KINDS:
         walk(schema_of(kind), kind)
 
 
@@ -49,7 +49,12 @@ def test_names_columns_and_status_subresource() -> None:
         assert crd["spec"]["names"]["categories"] == ["kubeforge"]
         assert version["subresources"] == {"status": {}}
         assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Step", "Loss", "Restarts",
-                                                                            "Age"]
+                                                                            "Age", "Quantized"]
+    sweep = yaml.safe_load(crd_file("SweepJob").read_text())
+    assert sweep["spec"]["names"]["shortNames"] == ["swj"] and sweep["spec"]["names"]["categories"] == ["kubeforge"]
+    assert [c["jsonPath"] for c in sweep["spec"]["versions"][0]["additionalPrinterColumns"]] == [
+        ".status.phase", ".status.trialsProgress", ".status.bestValue", ".status.prunedTrials",
+        ".metadata.creationTimestamp"]
     spec = schema_of("PretrainJob")["properties"]["spec"]["properties"]
     assert spec["training"]["properties"]["precision"]["enum"] == ["auto", "bf16", "fp32"]
     assert spec["checkpoint"]["default"] == {"intervalSteps": 100, "keep": 3}
@@ -63,7 +68,7 @@ def test_every_field_is_explained() -> None:
             missing += undocumented(sub, f"{path}.{name}")
         return missing
 
-    for kind in KINDS:
+    for kind in ALL_KINDS:
         assert undocumented(schema_of(kind)["properties"]["spec"], f"{kind}.spec") == []
 
 
@@ -71,6 +76,11 @@ def test_every_example_is_admitted() -> None:
     for manifest in sorted(EXAMPLES.glob("*.yaml")):
         for document in yaml.safe_load_all(manifest.read_text()):
             assert admit(document) == [], manifest
+
+
+def test_a_base_model_from_a_sweep_job_is_admitted_alone() -> None:
+    assert admit(with_change(FINETUNE, "spec.baseModel", {"fromSweepJob": "lr-search"})) == []
+    assert any("fromSweepJob" in p for p in admit(with_change(FINETUNE, "spec.baseModel", {"fromSweepJob": "LR"})))
 
 
 REJECTED_BY_SCHEMA = [
@@ -104,9 +114,13 @@ REJECTED_BY_CEL = [
     (PRETRAIN, "spec.training.epochs", 2, ".spec.training: set exactly one of maxSteps or epochs"),
     (PRETRAIN, "spec.training.maxSteps", DELETE, ".spec.training: set exactly one of maxSteps or epochs"),
     (PRETRAIN, "spec.training.warmupSteps", 300, ".spec.training: warmupSteps must be below maxSteps"),
-    (FINETUNE, "spec.baseModel", {}, ".spec.baseModel: set exactly one of uri or fromPretrainJob"),
+    (FINETUNE, "spec.baseModel", {}, ".spec.baseModel: set exactly one of uri, fromPretrainJob or fromSweepJob"),
     (FINETUNE, "spec.baseModel", {"uri": "s3://models/m", "fromPretrainJob": "x"},
-     ".spec.baseModel: set exactly one of uri or fromPretrainJob"),
+     ".spec.baseModel: set exactly one of uri, fromPretrainJob or fromSweepJob"),
+    (FINETUNE, "spec.baseModel", {"uri": "s3://models/m", "fromSweepJob": "lr-search"},
+     ".spec.baseModel: set exactly one of uri, fromPretrainJob or fromSweepJob"),
+    (FINETUNE, "spec.baseModel", {"fromPretrainJob": "x", "fromSweepJob": "lr-search"},
+     ".spec.baseModel: set exactly one of uri, fromPretrainJob or fromSweepJob"),
     (FINETUNE, "spec.method", "full", ".spec: lora is only valid with method: lora"),
     (FINETUNE, "spec.data.packing", True, ".spec: data.packing is only valid with task: causal-lm"),
     (FINETUNE, "spec.baseModel.tokenSecretRef", {"name": "hub", "key": "token"},
@@ -122,6 +136,15 @@ REJECTED_BY_CEL = [
      {"initR": 4, "targetR": 8}, ".spec.adalora: targetR must not exceed initR"),
     (with_change(FINETUNE, "spec.lora", DELETE), "spec.method", "prefix-tuning",
      ".spec: method: prefix-tuning is only valid with task: causal-lm"),
+    (FINETUNE, "spec.export", {"keepFullPrecision": False}, ".spec.export: keepFullPrecision: false needs quantize"),
+    (PRETRAIN, "spec.export", {"quantize": "int8", "keepFullPrecision": False},
+     ".spec: export.keepFullPrecision: false is only valid on a FinetuneJob"),
+    (with_change(FINETUNE, "spec.lora", DELETE), "spec.method", "distill",
+     ".spec: teacher is required with method: distill and only valid with it"),
+    (with_change(FINETUNE, "spec.lora", DELETE), "spec.distill", {"alpha": 0.5},
+     ".spec: distill is only valid with method: distill"),
+    (with_change(with_change(FINETUNE, "spec.lora", DELETE), "spec.method", "distill"), "spec.teacher",
+     {"uri": "s3://models/t", "fromFinetuneJob": "t"}, ".spec.teacher: set exactly one of uri or fromFinetuneJob"),
 ]
 
 

@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from support.jobs import SETTINGS, UID, example, job
+from support.jobs import DELETE, SETTINGS, UID, example, job, with_change
 
 from kubeforge.operator.builders import build_pods
 from kubeforge.operator.contract import LaunchPlan
@@ -76,6 +76,20 @@ def test_success_reads_the_trainers_summary() -> None:
     assert plan.status["stepProgress"] == "300/300" and plan.status["loss"] == 4.6
     assert plan.status["completionTime"] == "2026-11-23T12:00:00Z"
     assert plan.events == [("Normal", "Completed", f"trained to step 300; model at {CKPT}/export")]
+    assert "compression" not in plan.status
+
+
+def test_success_reports_what_quantization_cost() -> None:
+    """export.quantize: the trainer's measurements of both models land in the status, for kubectl get."""
+    compression = {"quantize": "int8", "scheme": "int8 weights (W8A16)", "sizeRatio": 0.31,
+                   "summary": "int8: 31% of the size, accuracy 0.7100 -> 0.7000",
+                   "full": {"uri": CKPT + "/export", "sizeBytes": 1000, "eval": {"accuracy": 0.71}},
+                   "quantized": {"uri": CKPT + "/export/int8", "sizeBytes": 310, "eval": {"accuracy": 0.7}}}
+    summary = {"step": 300, "totalSteps": 300, "finalEval": {"accuracy": 0.71}, "exportUri": CKPT + "/export",
+               "checkpointUri": CKPT, "resumedFromStep": 0, "compression": compression}
+    plan = decide(job(), status={"phase": "Running", "restarts": 0},
+                  observed_pods=pods(job(), phases=["Succeeded"], message=json.dumps(summary)))
+    assert plan.status["phase"] == "Succeeded" and plan.status["compression"] == compression
 
 
 def test_any_worker_failing_replaces_every_worker() -> None:
@@ -154,6 +168,55 @@ def test_finetune_waits_for_its_pretrain_job() -> None:
     ready = decide(finetune, status=waiting.status, base_job=done)
     assert ready.launch is not None and ready.launch.base_model_uri == done["status"]["exportUri"]
     assert condition(ready, "WaitingForBaseModel")["status"] == "False"
+
+
+SWEEP_BEST = "s3://models/kf/default/finetunejob/lr-search-t3/export"
+
+
+def from_sweep(**spec: Any) -> Any:
+    return job(example("finetune-lora-classify.yaml")[0], baseModel={"fromSweepJob": "lr-search"}, **spec)
+
+
+def test_a_finetune_from_a_sweep_waits_for_it_then_starts_from_its_best_trial() -> None:
+    finetune = from_sweep()
+    missing = decide(finetune)
+    assert missing.launch is None and condition(missing, "WaitingForBaseModel")["reason"] == "BaseModelMissing"
+    assert missing.status["message"] == "SweepJob lr-search does not exist in namespace default"
+    best = {"name": "lr-search-t3", "number": 3, "parameters": {"lora.r": 8}, "value": 0.81, "exportUri": SWEEP_BEST}
+    running = {"status": {"phase": "Running", "trialsProgress": "3/6", "bestTrial": best}}
+    waiting = decide(finetune, status=missing.status, base_job=running)
+    assert waiting.launch is None and waiting.status["reason"] == "WaitingForBaseModel"
+    assert waiting.status["message"] == "waiting for SweepJob lr-search to succeed (now Running, 3/6 trials done)"
+    assert waiting.events == []  # still pending, still waiting: no second warning
+    done = {"status": {"phase": "Succeeded", "trialsProgress": "6/6", "bestTrial": best}}
+    ready = decide(finetune, status=waiting.status, base_job=done)
+    assert ready.launch is not None and ready.launch.base_model_uri == SWEEP_BEST
+    assert ready.status["baseModelUri"] == SWEEP_BEST  # lineage: the model it started from
+    ready_condition = condition(ready, "WaitingForBaseModel")
+    assert ready_condition["status"] == "False" and ready_condition["reason"] == "BaseModelReady"
+    assert "SweepJob lr-search's best trial lr-search-t3" in ready_condition["message"]
+    # The sweep, deleted with its trials after the finetune started: the finetune keeps its base model.
+    relaunched = decide(finetune, status={**ready.status, "phase": "Restarting", "restarts": 1}, base_job=None)
+    assert relaunched.launch is not None and relaunched.launch.base_model_uri == SWEEP_BEST
+
+
+def test_a_finetune_from_a_sweep_that_failed_fails() -> None:
+    failed = decide(from_sweep(), base_job={"status": {"phase": "Failed", "reason": "NoSuccessfulTrial",
+                                                       "message": "none of 6 trials succeeded"}})
+    assert failed.launch is None and failed.status["phase"] == "Failed"
+    assert failed.status["reason"] == "BaseModelFailed"
+    assert failed.status["message"] == ("baseModel.fromSweepJob: its base model, SweepJob lr-search, failed: "
+                                        "none of 6 trials succeeded")
+    assert failed.events == [("Warning", "BaseModelFailed", failed.status["message"])]
+
+
+def test_waiting_for_a_sweep_has_the_base_models_deadline() -> None:
+    finetune = from_sweep(baseModelWaitSeconds=600)
+    running = {"status": {"phase": "Running", "trialsProgress": "1/6"}}
+    timed_out = decide(finetune, base_job=running, created=NOW - timedelta(seconds=600))
+    assert timed_out.status["phase"] == "Failed" and timed_out.status["reason"] == "BaseModelTimeout"
+    assert timed_out.status["message"].endswith("gave up after baseModelWaitSeconds (600s)")
+    assert "SweepJob lr-search" in timed_out.status["message"]
 
 
 def test_deadline_fails_a_running_job() -> None:
@@ -301,8 +364,87 @@ def test_a_step_that_moves_keeps_a_job_from_stalling() -> None:
     assert later.status["phase"] == "Running"
 
 
+def test_a_corpus_in_preparation_shows_in_status_and_is_no_stall_while_it_advances() -> None:
+    stalling = job(stallTimeoutSeconds=600, metrics={"port": 9090})
+    first = decide(stalling, status=running(stalling), observed_pods=pods(stalling),
+                   progress=Progress(step=0, total_steps=0, preparing=True, tokens_prepared=1_000_000))
+    assert (first.status["phase"], first.status["reason"], first.status["stepProgress"]) == (
+        "Running", "PreparingCorpus", "preparing")
+    assert first.status["corpusTokensPrepared"] == 1_000_000
+    assert "1000000 tokens on rank 0 so far" in first.status["message"]
+    # Hours of preparation, the count moving: no restart.
+    status = first.status
+    for minutes in range(9, 120, 9):
+        status = decide(stalling, status=status, observed_pods=pods(stalling), now=NOW + timedelta(minutes=minutes),
+                        progress=Progress(step=0, total_steps=0, preparing=True,
+                                          tokens_prepared=1_000_000 * minutes)).status
+        assert status["phase"] == "Running", status
+    # A preparation that stops advancing is a stall like any other.
+    stuck = decide(stalling, status=status, observed_pods=pods(stalling), now=NOW + timedelta(minutes=140),
+                   progress=Progress(step=0, total_steps=0, preparing=True, tokens_prepared=117_000_000))
+    assert (stuck.status["phase"], stuck.status["reason"]) == ("Restarting", "Stalled")
+
+
 def test_without_progress_metrics_there_is_no_stall_to_see() -> None:
     silent = job(stallTimeoutSeconds=600, metrics={"port": 0})
     first = decide(silent, status=running(silent), observed_pods=pods(silent))
     later = decide(silent, status=first.status, observed_pods=pods(silent), now=NOW + timedelta(days=1))
     assert later.status["phase"] == "Running"
+
+
+def distilling(**spec: Any) -> Any:
+    """The classification example as a student distilled from FinetuneJob big-teacher, its base model a URI."""
+    document = with_change(example("finetune-lora-classify.yaml")[0], "spec.lora", DELETE)
+    return job(document, **{"method": "distill", "teacher": {"fromFinetuneJob": "big-teacher"},
+                            "baseModel": {"uri": "s3://models/student-base"}, **spec})
+
+
+def test_a_student_waits_for_its_teacher_finetune_job_and_starts_from_its_export() -> None:
+    student = distilling()
+    missing = decide(student)
+    assert missing.launch is None and missing.status["phase"] == "Pending"
+    assert condition(missing, "WaitingForTeacher")["reason"] == "TeacherMissing"
+    assert "FinetuneJob big-teacher does not exist" in missing.status["message"]
+    running = decide(student, status=missing.status,
+                     teacher_job={"status": {"phase": "Running", "stepProgress": "40/300"}})
+    assert running.launch is None and condition(running, "WaitingForTeacher")["reason"] == "TeacherNotReady"
+    assert "waiting for FinetuneJob big-teacher to succeed (now Running, step 40/300)" in running.status["message"]
+    done = {"status": {"phase": "Succeeded", "exportUri": "s3://models/kf/default/finetunejob/big-teacher/export"}}
+    ready = decide(student, status=running.status, teacher_job=done)
+    assert ready.launch is not None and ready.launch.teacher_uri == done["status"]["exportUri"]
+    assert ready.status["teacherUri"] == done["status"]["exportUri"]
+    assert condition(ready, "WaitingForTeacher")["status"] == "False"
+    command = build_pods(student, 0, ready.launch, SETTINGS)[0]["spec"]["containers"][0]["command"]
+    assert command[command.index("--teacher-uri") + 1] == done["status"]["exportUri"]
+    # Resolved once: the teacher may expire (its TTL) and the student's restarts still find it.
+    relaunched = decide(student, status=ready.status, teacher_job=None)
+    assert relaunched.launch is not None and relaunched.launch.teacher_uri == done["status"]["exportUri"]
+
+
+def test_a_student_whose_teacher_failed_fails_naming_the_field() -> None:
+    failed = decide(distilling(), teacher_job={"status": {"phase": "Failed", "message": "loss is nan"}})
+    assert failed.launch is None and failed.status["phase"] == "Failed"
+    assert failed.status["reason"] == "TeacherFailed" and condition(failed, "WaitingForTeacher")["status"] == "False"
+    assert failed.status["message"] == ("teacher.fromFinetuneJob: its teacher, FinetuneJob big-teacher, failed: "
+                                        "loss is nan")
+    assert failed.events == [("Warning", "TeacherFailed", failed.status["message"])]
+
+
+def test_waiting_for_a_teacher_has_the_base_models_deadline() -> None:
+    student = distilling(baseModelWaitSeconds=600)
+    timed_out = decide(student, created=NOW - timedelta(seconds=600),
+                       teacher_job={"status": {"phase": "Running"}})
+    assert timed_out.status["phase"] == "Failed" and timed_out.status["reason"] == "TeacherTimeout"
+    assert "gave up after baseModelWaitSeconds (600s)" in timed_out.status["message"]
+
+
+def test_a_teacher_given_by_uri_needs_no_wait_and_a_students_summary_names_it() -> None:
+    student = distilling(teacher={"uri": "s3://models/teacher"})
+    started = decide(student)
+    assert started.launch is not None and started.launch.teacher_uri == "s3://models/teacher"
+    summary = {"step": 30, "totalSteps": 30, "finalEval": {"accuracy": 0.8}, "exportUri": CKPT + "/export",
+               "checkpointUri": CKPT, "resumedFromStep": 0, "teacherUri": "s3://models/teacher"}
+    done = decide(student, status={**started.status, "phase": "Running"},
+                  observed_pods=pods(student, phases=["Succeeded"], message=json.dumps(summary)))
+    assert done.status["phase"] == "Succeeded" and done.status["teacherUri"] == "s3://models/teacher"
+    assert done.status["evalMetrics"] == {"accuracy": 0.8}

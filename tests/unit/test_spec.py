@@ -17,6 +17,7 @@ from kubeforge.spec import (
     checkpoint_uri,
     export_uri,
     load_jobs,
+    load_manifests,
     parse_job,
 )
 
@@ -46,7 +47,7 @@ BAD_INPUTS = [
     (PRETRAIN, "spec.data.train", DELETE, "spec.data.train", "Field required"),
     (PRETRAIN, "spec.data.train.uri", "", "spec.data.train.uri", "at least 1 character"),
     (PRETRAIN, "spec.data.train.uri", "gs://bucket/x", "spec.data.train.uri", "s3://bucket/prefix URI"),
-    (PRETRAIN, "spec.data.train.format", "csv", "spec.data.train.format", "'txt' or 'jsonl'"),
+    (PRETRAIN, "spec.data.train.format", "csv", "spec.data.train.format", "'jsonl' or 'parquet'"),
     (PRETRAIN, "spec.data.evalFraction", 0.9, "spec.data.evalFraction", "less than 0.5"),
     (PRETRAIN, "spec.checkpoint.keep", 0, "spec.checkpoint.keep", "greater than or equal to 1"),
     (PRETRAIN, "spec.checkpoint.uri", "s3://", "spec.checkpoint.uri", "bucket of 3-63 characters"),
@@ -71,12 +72,15 @@ BAD_INPUTS = [
     # Finetuning options make no sense on a pretrain job.
     (PRETRAIN, "spec.method", "lora", "spec.method", "unknown field"),
     (PRETRAIN, "spec.lora", {"r": 8}, "spec.lora", "unknown field"),
-    (FINETUNE, "spec.baseModel", {}, "spec.baseModel", "exactly one of uri or fromPretrainJob"),
+    (FINETUNE, "spec.baseModel", {}, "spec.baseModel", "exactly one of uri, fromPretrainJob or fromSweepJob"),
     (FINETUNE, "spec.baseModel", {"uri": "s3://models/m", "fromPretrainJob": "x"}, "spec.baseModel",
-     "exactly one of uri or fromPretrainJob"),
+     "exactly one of uri, fromPretrainJob or fromSweepJob"),
+    (FINETUNE, "spec.baseModel", {"fromPretrainJob": "x", "fromSweepJob": "y"}, "spec.baseModel",
+     "exactly one of uri, fromPretrainJob or fromSweepJob"),
+    (FINETUNE, "spec.baseModel", {"fromSweepJob": "Lr Search"}, "spec.baseModel.fromSweepJob", "lowercase DNS label"),
     (FINETUNE, "spec.baseModel.fromPretrainJob", "Not A Name", "spec.baseModel.fromPretrainJob", "lowercase DNS label"),
     (FINETUNE, "spec.task", "translation", "spec.task", "'causal-lm' or 'sequence-classification'"),
-    (FINETUNE, "spec.method", "qlora", "spec.method", "'prefix-tuning' or 'adalora'"),
+    (FINETUNE, "spec.method", "qlora", "spec.method", "'adalora' or 'distill'"),
     (FINETUNE, "spec.method", "full", "spec", "lora is only valid with method: lora"),
     (FINETUNE, "spec.lora.r", 0, "spec.lora.r", "greater than or equal to 1"),
     (FINETUNE, "spec.lora.dropout", 1.0, "spec.lora.dropout", "less than 1"),
@@ -90,6 +94,11 @@ BAD_INPUTS = [
     (FINETUNE, "spec.data.labelField", "", "spec.data.labelField", "at least 1 character"),
     (FINETUNE, "spec.data.packing", True, "spec", "data.packing is only valid with task: causal-lm"),
     (FINETUNE, "spec.training.groupByLength", "sometimes", "spec.training.groupByLength", "valid boolean"),
+    (FINETUNE, "spec.export.quantize", "int3", "spec.export.quantize", "'int8' or 'int4'"),
+    (FINETUNE, "spec.export", {"keepFullPrecision": False}, "spec.export", "keepFullPrecision: false needs quantize"),
+    (FINETUNE, "spec.export", {"quantize": "int8", "prune": 0.5}, "spec.export.prune", "unknown field"),
+    (PRETRAIN, "spec.export", {"quantize": "int8", "keepFullPrecision": False}, "spec",
+     "keepFullPrecision: false is only valid on a FinetuneJob"),
     # The name becomes the Service `<name>-ptj`: a DNS-1035 label of at most 63 characters.
     (PRETRAIN, "metadata.name", "7b-pretrain", "metadata.name", "starts with a letter"),
     (PRETRAIN, "metadata.name", "a" * 60, "metadata.name", "at most 59 characters"),
@@ -111,6 +120,16 @@ BAD_METHOD_SETTINGS = [
     ("adalora", "spec.adalora", {"initR": 4, "targetR": 8}, "spec.adalora", "targetR must not exceed initR"),
     ("adalora", "spec.adalora.beta1", 1.0, "spec.adalora.beta1", "less than 1"),
     ("adalora", "spec.adalora.deltaT", 0, "spec.adalora.deltaT", "greater than or equal to 1"),
+    ("distill", "spec.distill", {"alpha": 0.5}, "spec", "teacher is required with method: distill"),
+    ("distill", "spec.teacher", {}, "spec.teacher", "exactly one of uri or fromFinetuneJob"),
+    ("distill", "spec.teacher", {"uri": "s3://models/t", "fromFinetuneJob": "t"}, "spec.teacher",
+     "exactly one of uri or fromFinetuneJob"),
+    ("distill", "spec.teacher.fromFinetuneJob", "Big Teacher", "spec.teacher.fromFinetuneJob", "lowercase DNS label"),
+    ("distill", "spec.teacher.uri", "gs://models/t", "spec.teacher.uri", "s3://bucket/prefix URI"),
+    ("distill", "spec.distill.temperature", 0, "spec.distill.temperature", "greater than 0"),
+    ("distill", "spec.distill.alpha", 1.5, "spec.distill.alpha", "less than or equal to 1"),
+    ("full", "spec.teacher", {"uri": "s3://models/t"}, "spec", "teacher is required with method: distill and only"),
+    ("full", "spec.distill", {"alpha": 0.5}, "spec", "distill is only valid with method: distill"),
 ]
 
 
@@ -135,6 +154,17 @@ def test_bad_method_settings_name_the_field(method: str, path: str, value: Any, 
     assert any(p.startswith(f"{field}: ") and words in p for p in problems), problems
 
 
+def test_a_distilling_job_names_its_teacher_and_defaults_its_settings() -> None:
+    document = with_change(with_change(FINETUNE, "spec.method", "distill"), "spec.lora", DELETE)
+    job = parse_job(with_change(document, "spec.teacher", {"fromFinetuneJob": "big-teacher"}))
+    assert isinstance(job, FinetuneJob) and job.spec.teacher is not None
+    assert job.spec.teacher.from_finetune_job == "big-teacher"
+    settings = job.spec.distill_settings()
+    assert (settings.temperature, settings.alpha) == (2.0, 0.5)
+    other = parse_job(with_change(document, "spec.teacher", {"fromFinetuneJob": "other-teacher"}))
+    assert other.spec_hash() != job.spec_hash()  # another teacher trains another student
+
+
 def test_virtual_tokens_refuse_packing() -> None:
     document = with_change(with_change(FINETUNE, "spec.method", "prompt-tuning"), "spec.lora", DELETE)
     document = with_change(with_change(document, "spec.task", "causal-lm"), "spec.data.packing", True)
@@ -146,7 +176,7 @@ def test_every_example_is_valid() -> None:
     manifests = sorted(EXAMPLES.glob("*.yaml"))
     assert len(manifests) >= 3
     for manifest in manifests:
-        assert load_jobs(manifest.read_text()), manifest
+        assert load_manifests(manifest.read_text()), manifest
 
 
 def test_pipeline_example_chains_finetune_to_pretrain() -> None:
