@@ -38,6 +38,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora": ("lora", {"lora": {"r": 8, "alpha": 16, "targetModules": LAYERS}}),
     "lora (DoRA)": ("lora", {"lora": {"r": 8, "alpha": 16, "targetModules": LAYERS, "useDora": True}}),
     "lora (rsLoRA)": ("lora", {"lora": {"r": 8, "alpha": 16, "targetModules": LAYERS, "useRslora": True}}),
+    "qlora (4-bit)": ("lora", {"lora": {"r": 8, "alpha": 16, "targetModules": LAYERS, "quantizeBase": "4bit"}}),
+    "qlora (8-bit)": ("lora", {"lora": {"r": 8, "alpha": 16, "targetModules": LAYERS, "quantizeBase": "8bit"}}),
     "ia3": ("ia3", {"ia3": {"targetModules": LAYERS, "feedforwardModules": ["c_fc"]}}),
     "prompt-tuning": ("prompt-tuning", {"promptTuning": {"numVirtualTokens": 16}}),
     "adalora": ("adalora", {"adalora": {"initR": 12, "targetR": 8, "alpha": 16, "targetModules": LAYERS,

@@ -760,7 +760,8 @@ class LoraSpec(_Model):
                                               "the adapters train the direction")
     use_rslora: bool = Field(False, description="rank-stabilised scaling: alpha / sqrt(r) instead of alpha / r")
     quantize_base: Literal["4bit", "8bit"] | None = Field(
-        None, description="QLoRA: the frozen base in 4-bit (NF4) or 8-bit (bitsandbytes); needs a GPU")
+        None, description="QLoRA: the frozen base quantized by bitsandbytes, 4-bit NF4 or 8-bit LLM.int8(); "
+                    "on CPU or GPU, ddp only")
 
 
 #: Module names: at least one, none empty.

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import torch
 import yaml
@@ -54,10 +54,12 @@ from kubeforge.trainer.models import (
     build_pretrain_model,
     cache_hub_model,
     check_positions,
+    dequantized_twin,
     enable_activation_checkpointing,
     fetch_model_dir,
     load_finetune_model,
     merges_on_export,
+    quantized_base,
     refuse_unsupported,
     save_for_export,
     task_loss_only,
@@ -147,8 +149,9 @@ class Workload(NamedTuple):
     eval_set: data.DataSet
     labels: list[str] | None  # the class names of a sequence-classification job
     #: The model for a run of this many optimizer steps (AdaLoRA schedules its rank budget over
-    #: them), whole and on CPU; built again to export a sharded model's gathered weights through.
-    build: Callable[[int], torch.nn.Module]
+    #: them), whole and on CPU; built again to export a sharded model's gathered weights through,
+    #: and, full_precision=True, a QLoRA model's adapters.
+    build: Callable[..., torch.nn.Module]
     #: method distill: the teacher's model directory, checked against the student's tokenizer and labels.
     teacher_dir: Path | None = None
 
@@ -266,7 +269,8 @@ class Trainer:
         if self.adalora is not None:
             states["adalora"] = self.adalora
         trained_tokenizer = isinstance(job, PretrainJob) and job.spec.tokenizer.uri is None
-        self.checkpoint_state = TrainingState(Weights(self.raw_model, self.optimizer, self.sharded), states,
+        weights = Weights(self.raw_model, self.optimizer, self.sharded, trainable_only=self._quantized_base is not None)
+        self.checkpoint_state = TrainingState(weights, states,
                                               self.tokenizer if trained_tokenizer else None)
         if restored:
             self.checkpoint_state.restore(restored)
@@ -282,6 +286,11 @@ class Trainer:
     def _method(self) -> str | None:
         """A FinetuneJob's method (full, lora, adalora...); None for a PretrainJob."""
         return self.job.spec.method if isinstance(self.job, FinetuneJob) else None
+
+    @property
+    def _quantized_base(self) -> Literal["4bit", "8bit"] | None:
+        """lora.quantizeBase of a QLoRA job; None for every other."""
+        return quantized_base(self.job.spec) if isinstance(self.job, FinetuneJob) else None
 
     def _checkpointer(self) -> Checkpointer:
         checkpointer = Checkpointer(
@@ -521,6 +530,9 @@ class Trainer:
         started = time.perf_counter()
         if self.use_cache is not None:
             self.model_config.use_cache = self.use_cache  # the exported model generates with its cache
+        quantize = self._quantized_base
+        if quantize is not None:  # QLoRA: the adapters merge into full-precision weights, not bitsandbytes'
+            model = dequantized_twin(model, self.rebuild(full_precision=True))
         save: Callable[[Path], Any] = partial(save_for_export, model)
         if self.job.spec.export.quantize is not None:
             save = partial(self._save_quantized, save, result)

@@ -162,11 +162,19 @@ def _require_safetensors(model_dir: Path, uri: str, field: str = "baseModel") ->
 
 
 def load_finetune_model(spec: FinetuneSpec, base_dir: Path, tokenizer: Any, labels: list[str] | None,
-                        total_steps: int) -> PreTrainedModel:
+                        total_steps: int, full_precision: bool = False) -> PreTrainedModel:
     """The base model for the task, wrapped in the method's peft adapters (every method but full);
-    `total_steps`, the job's optimizer steps, is what AdaLoRA schedules its rank budget over.
+    `total_steps`, the job's optimizer steps, is what AdaLoRA schedules its rank budget over. With
+    lora.quantizeBase the base's Linear layers load quantized (QLoRA) unless `full_precision`: the
+    twin the export merges the trained adapters into.
 
     Weights load from safetensors only: a pickled checkpoint could run code."""
+    quantize = None if full_precision else quantized_base(spec)
+    loading: dict[str, Any] = {"use_safetensors": True}
+    if quantize is not None:
+        loading.update(quantization_config=bnb_config(quantize))
+        if torch.cuda.is_available():  # bitsandbytes quantizes as the weights reach their device
+            loading.update(device_map={"": torch.cuda.current_device()})
     config = AutoConfig.from_pretrained(base_dir)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
@@ -178,11 +186,17 @@ def load_finetune_model(spec: FinetuneSpec, base_dir: Path, tokenizer: Any, labe
         config.label2id = {label: i for i, label in enumerate(labels)}
         # The base is usually a causal LM: its classification head is new, by design.
         model = AutoModelForSequenceClassification.from_pretrained(
-            base_dir, config=config, ignore_mismatched_sizes=True, use_safetensors=True)
+            base_dir, config=config, ignore_mismatched_sizes=True, **loading)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, **loading)
+    if quantize is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Activation checkpointing is the trainer's to enable (non-reentrant), as for any method.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _train_and_eval_alike(model)
     if spec.method not in WHOLE_MODEL_METHODS:
-        model = _with_adapters(model, spec, total_steps)
+        model = _with_adapters(model, spec, total_steps, announce=not full_precision)
     return model
 
 
@@ -194,7 +208,8 @@ _BLOCK = {"lora": "lora", "ia3": "ia3", "prompt-tuning": "promptTuning", "prefix
           "adalora": "adalora"}
 
 
-def _with_adapters(model: PreTrainedModel, spec: FinetuneSpec, total_steps: int) -> Any:
+def _with_adapters(model: PreTrainedModel, spec: FinetuneSpec, total_steps: int, announce: bool = True) -> Any:
+    """The base wrapped in the method's adapters; `announce`: log what trains (not for an export's twin)."""
     from peft import get_peft_model
 
     block = _BLOCK[spec.method]
@@ -208,7 +223,8 @@ def _with_adapters(model: PreTrainedModel, spec: FinetuneSpec, total_steps: int)
         # peft names the modules it could not find; say which field to change.
         raise JobError(f"{block}.targetModules: {exc}") from None
     trainable, total = adapted.get_nb_trainable_parameters()
-    log.info("%s: %d of %d parameters trainable (%.2f%%)", spec.method, trainable, total, 100 * trainable / total)
+    if announce:
+        log.info("%s: %d of %d parameters trainable (%.2f%%)", spec.method, trainable, total, 100 * trainable / total)
     return adapted
 
 
@@ -241,13 +257,54 @@ def _names(modules: list[str] | None) -> list[str] | None:
     return list(modules) if modules else None
 
 
-#: Why lora.quantizeBase is refused. bitsandbytes 0.50 installs on the CPU torch and its 4-bit and
-#: 8-bit layers train on CPU, but a quantized model's state_dict does not load back there (4-bit:
-#: its quant_state keys are refused as unexpected; 8-bit: "call module.cuda() first"), so no
-#: checkpoint of it could resume; and a GPU, where it may, was not at hand to test it.
-QUANTIZED_BASE_REFUSED = ("lora.quantizeBase: a quantized base (QLoRA) is not supported yet: its checkpoints do "
-                          "not resume on CPU and it is untested on GPU; remove the field to train LoRA on the "
-                          "full-precision base")
+def quantized_base(spec: FinetuneSpec) -> Literal["4bit", "8bit"] | None:
+    """lora.quantizeBase: how a QLoRA job's frozen base is quantized; None for every other job."""
+    return spec.lora_settings().quantize_base if spec.method == "lora" else None
+
+
+def bnb_config(quantize: Literal["4bit", "8bit"]) -> Any:
+    """QLoRA's quantization (bitsandbytes): 4bit is NF4 with double-quantized scales, computing in
+    bf16 on a GPU that has it and fp32 elsewhere (bf16 on CPU is ~30x slower); 8bit is LLM.int8()."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def dequantized_twin(trained: Any, twin: Any) -> Any:
+    """`twin` (the same peft model on the full-precision base) given the trained adapters and, in
+    place of each quantized base weight, that weight dequantized as the trained model computed with
+    it: merging the adapters then exports the model that was trained and evaluated."""
+    import bitsandbytes as bnb
+    from peft.utils.integrations import dequantize_bnb_weight
+    from transformers.pytorch_utils import Conv1D
+
+    trainable = {name for name, p in trained.named_parameters() if p.requires_grad}
+    twin.load_state_dict({k: v for k, v in trained.state_dict().items() if k in trainable}, strict=False)
+    for name, layer in trained.named_modules():
+        if isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            weight: Any = layer.weight  # bitsandbytes' Params4bit or Int8Params
+            state = layer.state if isinstance(layer, bnb.nn.Linear8bitLt) else weight.quant_state
+            target = twin.get_submodule(name)
+            dequantized = dequantize_bnb_weight(weight, state=state).to(target.weight.dtype)
+            with torch.no_grad():  # GPT-2's Conv1D keeps its weight transposed, as (in, out)
+                target.weight.copy_(dequantized.T if isinstance(target, Conv1D) else dequantized)
+    return twin
+
+
+def _train_and_eval_alike(model: Any) -> None:
+    """bitsandbytes repacks a 4-bit layer's weights for its CPU inference kernel at the first forward
+    without grad (an eval) and keeps them so: training then runs that kernel, which has no backward,
+    and dequantize no longer reads the weights right. Keep every layer on the one kernel."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
 
 #: Methods that training.parallelism fsdp cannot shard. AdaLoRA's rank allocator scores and masks
 #: whole adapter matrices, which FSDP holds in shards; prompt and prefix tuning's virtual-token
@@ -257,8 +314,9 @@ NOT_SHARDABLE = ("adalora", "prompt-tuning", "prefix-tuning")
 
 def refuse_unsupported(spec: FinetuneSpec, parallelism: str) -> None:
     """Refuse, naming the field, what the job's method cannot train with, before anything is loaded."""
-    if spec.method == "lora" and spec.lora_settings().quantize_base is not None:
-        raise JobError(QUANTIZED_BASE_REFUSED)
+    if quantized_base(spec) is not None and parallelism == "fsdp":
+        # FSDP would shard bitsandbytes' packed weights without their quantization state.
+        raise JobError("lora.quantizeBase: training.parallelism fsdp cannot shard a quantized base; use ddp")
     if parallelism == "fsdp" and spec.method in NOT_SHARDABLE:
         raise JobError(f"training.parallelism: fsdp does not support method {spec.method}; use ddp")
 

@@ -36,6 +36,9 @@ METHODS = {
     "prompt-tuning": ("prompt-tuning", "promptTuning", {"numVirtualTokens": 8}),
     "prefix-tuning": ("prefix-tuning", "prefixTuning", {"numVirtualTokens": 8}),
     "adalora": ("adalora", "adalora", {"initR": 6, "targetR": 2, "tinit": 4, "tfinal": 4, "deltaT": 2}),
+    # QLoRA: bitsandbytes' 4-bit NF4 and 8-bit LLM.int8() bases, on its CPU backend.
+    "qlora-4bit": ("lora", "lora", {"r": 4, "quantizeBase": "4bit"}),
+    "qlora-8bit": ("lora", "lora", {"r": 4, "quantizeBase": "8bit"}),
 }
 
 
@@ -171,7 +174,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
 REFUSED = [
     ("adalora", {"training": {"parallelism": "fsdp"}}, "training.parallelism: fsdp does not support method adalora"),
     ("prompt-tuning", {"training": {"parallelism": "fsdp"}}, "training.parallelism: fsdp does not support"),
-    ("dora", {"lora": {"quantizeBase": "4bit"}}, "lora.quantizeBase: "),
+    ("qlora-4bit", {"training": {"parallelism": "fsdp"}}, "lora.quantizeBase: training.parallelism fsdp cannot"),
     ("ia3", {"ia3": {"targetModules": ["no_such_layer"]}}, "ia3.targetModules: "),
     ("adalora", {"adalora": {"tinit": 10, "tfinal": 10}}, "adalora: "),
     # The base has 128 positions: virtual tokens take positions before the sequence's.
@@ -240,3 +243,23 @@ def test_lora_and_ia3_train_sharded_and_export_a_whole_model(name: str, base: Pa
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "export")
     assert not any("lora" in key or "ia3" in key for key in exported.state_dict())  # merged, not wrapped
+
+
+def test_qlora_under_ddp_checkpoints_the_adapters_alone_and_exports_a_whole_model(base: Path, tmp_path: Path) -> None:
+    """2 processes on a 4-bit base: the checkpoint holds only what trains (the base is quantized
+    afresh from the base model at each start), and the export is one full-precision merged model."""
+    job = finetune("qlora-4bit", base, tmp_path / "out", task="causal-lm", steps=8).to_manifest()
+    job["spec"]["checkpoint"]["intervalSteps"] = 4
+    manifest = write_manifest(tmp_path / "job.yaml", job)
+    process = train_on_two_processes(manifest, base, tmp_path)
+    assert process.returncode == 0, (process.stdout + process.stderr)[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["workers"] == 2 and result["finalEval"]["loss"] < result["evalHistory"][0]["loss"]
+    saved = torch.load(tmp_path / "out" / step_prefix(8) / "model.pt", weights_only=True)
+    assert saved and all(".lora_A." in key or ".lora_B." in key for key in saved), sorted(saved)[:5]
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "export")
+    weights = exported.state_dict()
+    assert not any("lora" in key or "absmax" in key for key in weights)  # merged, full precision
+    assert all(t.dtype == torch.float32 for t in weights.values())

@@ -3,7 +3,8 @@
 
 The files of one checkpoint, by name:
 
-    model.pt, optimizer.pt   Weights, whole: every ddp rank holds the same, rank 0 writes them
+    model.pt, optimizer.pt   Weights, whole: every ddp rank holds the same, rank 0 writes them (a
+                             QLoRA job's model.pt: the trained parameters alone)
     shards/                  Weights, sharded (training.parallelism fsdp): every rank its part, by DCP
     state.pt                 every other component's state, under its name: scheduler, progress, rng,
                              and for method adalora its rank allocation (adalora)
@@ -53,18 +54,31 @@ class Stateful(Protocol):
 
 class Weights:
     """The model and its optimizer: whole (model.pt, optimizer.pt) or, sharded, as DCP shards by
-    parameter name, which load into any number of ranks. Loads refuse weights of another shape."""
+    parameter name, which load into any number of ranks. Loads refuse weights of another shape.
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool):
+    `trainable_only` (a QLoRA job's): model.pt holds only the parameters that train. The frozen base
+    is quantized afresh from the base model at every start, the same every time, and bitsandbytes'
+    quantized weights do not load back on CPU."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool,
+                 trainable_only: bool = False):
         self.model, self.optimizer, self.sharded = model, optimizer, sharded
+        self.trainable_only = trainable_only
         #: What its checkpoints can be loaded into: names and shapes, which training never changes.
-        self.shape = model_shape(model.state_dict())
+        self.shape = model_shape(self._model_state())
+
+    def _model_state(self) -> dict[str, Any]:
+        state = self.model.state_dict()
+        if not self.trainable_only:
+            return state
+        trained = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        return {name: tensor for name, tensor in state.items() if name in trained}
 
     def files(self) -> dict[str, Any]:
         if self.sharded:
             model, optimizer = get_state_dict(self.model, self.optimizer)
             return {SHARDS: {"model": model, "optimizer": optimizer}}
-        return {MODEL: self.model.state_dict(), OPTIMIZER: self.optimizer.state_dict()}
+        return {MODEL: self._model_state(), OPTIMIZER: self.optimizer.state_dict()}
 
     def load_model(self, restored: Restored) -> None:
         """The weights alone (a warm start), into the model as it is sharded now (or not)."""
@@ -72,7 +86,8 @@ class Weights:
         if SHARDS in restored.files:
             load_sharded(restored.files[SHARDS], self.model)
         else:
-            set_model_state_dict(self.model, restored.files[MODEL], options=StateDictOptions(full_state_dict=True))
+            set_model_state_dict(self.model, restored.files[MODEL],
+                                 options=StateDictOptions(full_state_dict=True, strict=not self.trainable_only))
 
     def load(self, restored: Restored) -> None:
         """Weights and optimizer state, whichever way they were saved and the model is sharded now."""
@@ -85,7 +100,8 @@ class Weights:
                            optim_state_dict=self._by_name(files[OPTIMIZER]),
                            options=StateDictOptions(full_state_dict=True))
         else:
-            self.model.load_state_dict(files[MODEL])
+            # The shape check has matched the names: what a trainable-only load leaves is the frozen base.
+            self.model.load_state_dict(files[MODEL], strict=not self.trainable_only)
             self.optimizer.load_state_dict(files[OPTIMIZER])
 
     def _by_name(self, saved: dict[str, Any]) -> dict[str, Any]:
