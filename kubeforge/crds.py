@@ -23,6 +23,8 @@ PRINTER_COLUMNS = [
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     # `kubectl get -o wide` only: most jobs quantize nothing.
+    {"name": "Trainable", "type": "integer", "jsonPath": ".status.trainableParameters", "priority": 1,
+     "description": "the parameters the optimizer trains"},
     {"name": "Quantized", "type": "string", "jsonPath": ".status.compression.summary", "priority": 1,
      "description": "export.quantize: size and eval metric against the full model"},
 ]

@@ -120,6 +120,8 @@ class JobStatus(_Reported):
     last_checkpoint_step: int | None = Field(None, description="the step of the newest committed checkpoint")
     compression: CompressionReport | None = Field(
         None, description="export.quantize: size and eval metrics of the quantized and the full model")
+    trainable_parameters: int | None = Field(
+        None, description="the parameters the optimizer trains: a peft method's adapters, else the whole model")
     corpus_tokens_prepared: int | None = Field(
         None, description="a PretrainJob's corpus tokens that rank 0 has tokenized into shards, while it prepares "
         "them (stepProgress: preparing)")
@@ -221,6 +223,7 @@ class TrainerSummary(_Reported):
     checkpoint_uri: str
     compression: CompressionReport | None = None  # export.quantize's measurements
     teacher_uri: str | None = None  # method distill: the teacher's model, the student's lineage
+    trainable_parameters: int | None = None  # what the optimizer trained
 
 
 class TrainerResult(TrainerSummary):

@@ -63,6 +63,8 @@ class Progress:
     #: Whether rank 0 is preparing the corpus (tokenizing it into shards), and its tokens so far.
     preparing: bool = False
     tokens_prepared: int = 0
+    #: What the optimizer trains, once the model is built.
+    trainable_parameters: int | None = None
 
 
 @dataclass(frozen=True)
@@ -459,6 +461,8 @@ def _report_progress(decision: _Decision) -> None:
     if progress is None:
         return
     status = decision.status
+    if progress.trainable_parameters is not None:
+        status.trainable_parameters = progress.trainable_parameters
     if progress.preparing:
         # Preparing a large corpus takes hours without a step: while it advances it is no stall.
         if progress.tokens_prepared != decision.before.corpus_tokens_prepared:
@@ -494,6 +498,7 @@ def _succeed(decision: _Decision, current: list[PodView]) -> None:
         status.last_checkpoint_step = summary.step
         status.export_uri = summary.export_uri
         status.teacher_uri = summary.teacher_uri or status.teacher_uri
+        status.trainable_parameters = summary.trainable_parameters or status.trainable_parameters
         status.eval_metrics = {k: round(v, 4) for k, v in summary.final_eval.items()}
         status.compression = summary.compression
         status.eval_step = summary.step if summary.final_eval else status.eval_step

@@ -36,6 +36,7 @@ def parse(text: str) -> Progress | None:
         last_checkpoint_step=int(values["last_checkpoint_step"]) if values.get("last_checkpoint_step") else None,
         preparing=bool(values.get("corpus_preparing")),
         tokens_prepared=int(values.get("corpus_tokens_prepared_total", 0)),
+        trainable_parameters=int(values["trainable_parameters"]) if values.get("trainable_parameters") else None,
     )
 
 

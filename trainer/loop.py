@@ -63,6 +63,7 @@ from kubeforge.trainer.models import (
     refuse_unsupported,
     save_for_export,
     task_loss_only,
+    trainable_parameters,
 )
 from kubeforge.trainer.tokenization import ensure_pad_token, from_json, load_tokenizer
 
@@ -254,6 +255,8 @@ class Trainer:
         #: The model itself, sharded in place under fsdp: what evaluates, exports and checkpoints.
         self.raw_model = self.rebuild()
         refuse_unquantizable(job, self.raw_model)
+        self.trainable_parameters = trainable_parameters(self.raw_model)
+        metrics.trainable_parameters.set(self.trainable_parameters)
         self._place_model()
         #: method distill: the frozen teacher, on the student's device; no part of the optimizer or checkpoint.
         self.teacher = (Teacher(job.spec, self.teacher_dir, runtime.device)
@@ -510,7 +513,8 @@ class Trainer:
             export_format=None if self._method is None else
             "merged" if merges_on_export(self.raw_model) else "base+adapter",
             adapter_ranks=adalora_rank_pattern(self.raw_model),
-            teacher_uri=self.teacher_uri if self.teacher is not None else None)
+            teacher_uri=self.teacher_uri if self.teacher is not None else None,
+            trainable_parameters=self.trainable_parameters)
 
     def whole_model(self) -> torch.nn.Module | None:
         """The trained model whole, on rank 0 (None on the others): a sharded one's full weights are

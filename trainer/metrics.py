@@ -69,6 +69,8 @@ class TrainerMetrics:
         self.eval_step = reading("kubeforge_trainer_eval_step", "The step of the last evaluation")
         self._eval = Gauge("kubeforge_trainer_eval_metric", "Eval metrics (perplexity, accuracy, f1)",
                            (*LABELS, "metric"), registry=self.registry)
+        self.trainable_parameters = gauge("kubeforge_trainer_trainable_parameters",
+                                          "Parameters the optimizer trains (a peft method's adapters, else the model)")
         # -- data ------------------------------------------------------------------------------------
         self.corpus_preparing = gauge("kubeforge_trainer_corpus_preparing",
                                       "1 while this rank tokenizes its share of the corpus into shards")

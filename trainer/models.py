@@ -337,6 +337,15 @@ def task_loss_only(model: Any) -> Iterator[None]:
         config.orth_reg_weight = weight
 
 
+def trainable_parameters(model: Any) -> int:
+    """The parameters the optimizer trains: peft counts a quantized base's packed weights as the
+    values they hold, and a sharded model's parameters count whole."""
+    counted = getattr(model, "get_nb_trainable_parameters", None)
+    if counted is not None:
+        return int(counted()[0])
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def merges_on_export(model: Any) -> bool:
     """Whether the model's adapters fold into its weights (lora, ia3, adalora), or stay apart from
     the base as virtual tokens do (prompt and prefix tuning)."""

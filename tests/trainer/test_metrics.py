@@ -254,5 +254,7 @@ def test_the_operator_reads_a_corpus_preparation_from_the_trainers_metrics() -> 
     metrics.corpus_preparing.set(0)
     metrics.step.set(3)
     metrics.total_steps.set(10)
+    metrics.trainable_parameters.set(16_512)
     training = parse(generate_latest(metrics.registry).decode())
     assert training is not None and not training.preparing and (training.step, training.total_steps) == (3, 10)
+    assert training.trainable_parameters == 16_512

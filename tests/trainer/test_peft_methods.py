@@ -99,6 +99,7 @@ def test_each_method_trains_and_exports_a_model_that_classifies_as_its_eval(
     trained = [m for m in map(TRAINABLE.match, caplog.messages) if m]
     assert len(trained) == 1 and trained[0].group(1) == job.spec.method, caplog.messages
     assert 0 < int(trained[0].group(2)) < int(trained[0].group(3)) / 10  # a small part of the model
+    assert result.trainable_parameters == int(trained[0].group(2))  # what the status reports
     final = result.final_eval
     assert 0.0 <= final["accuracy"] <= 1.0 and result.step == 16
 

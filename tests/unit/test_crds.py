@@ -49,7 +49,7 @@ def test_names_columns_and_status_subresource() -> None:
         assert crd["spec"]["names"]["categories"] == ["kubeforge"]
         assert version["subresources"] == {"status": {}}
         assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Step", "Loss", "Restarts",
-                                                                            "Age", "Quantized"]
+                                                                            "Age", "Trainable", "Quantized"]
     sweep = yaml.safe_load(crd_file("SweepJob").read_text())
     assert sweep["spec"]["names"]["shortNames"] == ["swj"] and sweep["spec"]["names"]["categories"] == ["kubeforge"]
     assert [c["jsonPath"] for c in sweep["spec"]["versions"][0]["additionalPrinterColumns"]] == [

@@ -57,10 +57,11 @@ def test_replaying_a_decision_changes_nothing() -> None:
 
 def test_running_with_progress_from_the_trainer() -> None:
     progress = Progress(step=120, total_steps=500, loss=3.21, eval_metrics={"loss": 3.5, "perplexity": 33.1},
-                        last_checkpoint_step=100)
+                        last_checkpoint_step=100, trainable_parameters=16_512)
     plan = decide(job(), observed_pods=pods(job()), progress=progress)
     status = plan.status
     assert status["phase"] == "Running" and status["startTime"] == "2026-11-23T12:00:00Z"
+    assert status["trainableParameters"] == 16_512
     assert status["stepProgress"] == "120/500" and status["loss"] == 3.21
     assert status["evalMetrics"] == {"loss": 3.5, "perplexity": 33.1} and status["lastCheckpointStep"] == 100
     running = condition(plan, "Running")
@@ -69,10 +70,12 @@ def test_running_with_progress_from_the_trainer() -> None:
 
 def test_success_reads_the_trainers_summary() -> None:
     summary = {"step": 300, "totalSteps": 300, "trainLoss": 4.6, "finalEval": {"loss": 4.8},
-               "exportUri": CKPT + "/export", "checkpointUri": CKPT, "resumedFromStep": 0}
+               "exportUri": CKPT + "/export", "checkpointUri": CKPT, "resumedFromStep": 0,
+               "trainableParameters": 220_000}
     plan = decide(job(), status={"phase": "Running", "restarts": 0},
                   observed_pods=pods(job(), phases=["Succeeded"], message=json.dumps(summary)))
     assert plan.status["phase"] == "Succeeded" and plan.status["exportUri"] == CKPT + "/export"
+    assert plan.status["trainableParameters"] == 220_000
     assert plan.status["stepProgress"] == "300/300" and plan.status["loss"] == 4.6
     assert plan.status["completionTime"] == "2026-11-23T12:00:00Z"
     assert plan.events == [("Normal", "Completed", f"trained to step 300; model at {CKPT}/export")]

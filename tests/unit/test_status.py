@@ -37,7 +37,7 @@ EVERY_FIELD = JobStatus(
     base_model_uri="s3://b/base/export", teacher_uri="s3://b/teacher/export", export_uri="s3://b/j/export",
     device="gpu", step=120, total_steps=500,
     step_progress="120/500", loss=3.21, eval_metrics={"perplexity": 33.1}, eval_step=100, last_checkpoint_step=100,
-    last_step_time="2026-11-23T12:59:00Z", disruptions=1, corpus_tokens_prepared=12_000,
+    last_step_time="2026-11-23T12:59:00Z", disruptions=1, corpus_tokens_prepared=12_000, trainable_parameters=16_512,
     compression=CompressionReport(
         quantize="int8", scheme="int8 weights (W8A16)", size_ratio=0.31, summary="int8: 31% of the size",
         full=ExportedModel(uri="s3://b/j/export", size_bytes=1000, eval={"accuracy": 0.71}),
