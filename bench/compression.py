@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from kubeforge.spec import FinetuneJob, PretrainJob, parse_job
-from kubeforge.status import CompressionReport
+from kubeforge.status import CompressionReport, TrainerResult
 from kubeforge.trainer import data
 from kubeforge.trainer.loop import train
 
@@ -50,7 +50,8 @@ def pretrained_base(steps: int, scratch: Path) -> Path:
     return scratch / "pretrain" / "export"
 
 
-def finetune(base: Path, quantize: str, steps: int, root: Path) -> CompressionReport:
+def finetune(base: Path, export: dict[str, Any], steps: int, root: Path) -> TrainerResult:
+    """The bench's full finetune of the review classifier, exported as `export` asks."""
     job = parse_job({
         "apiVersion": "kubeforge.io/v1alpha1", "kind": "FinetuneJob", "metadata": {"name": "bench-compression"},
         "spec": {
@@ -61,13 +62,11 @@ def finetune(base: Path, quantize: str, steps: int, root: Path) -> CompressionRe
                          "evalBatches": 1000, "logInterval": 50},
             "checkpoint": {"uri": str(root), "intervalSteps": 100_000},
             "resources": {"gpusPerWorker": 0}, "metrics": {"port": 0},
-            "export": {"quantize": quantize},
+            "export": export,
         },
     })
     assert isinstance(job, FinetuneJob)
-    result = train(job, checkpoint_root=str(root), base_model_uri=str(base))
-    assert result.compression is not None
-    return result.compression
+    return train(job, checkpoint_root=str(root), base_model_uri=str(base))
 
 
 def eval_inputs(model_dir: Path) -> list[dict[str, torch.Tensor]]:
@@ -113,7 +112,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-compression-") as directory:
         scratch = Path(directory)
         base = pretrained_base(args.pretrain_steps, scratch)
-        reports = {quantize: finetune(base, quantize, args.steps, scratch / quantize) for quantize in ("int8", "int4")}
+        reports: dict[str, CompressionReport] = {}
+        for quantize in ("int8", "int4"):
+            report = finetune(base, {"quantize": quantize}, args.steps, scratch / quantize).compression
+            assert report is not None
+            reports[quantize] = report
         assert reports["int8"].full.eval == reports["int4"].full.eval, "the two full models differ"
         seconds = latencies({"full": scratch / "int8" / "export", "int8": scratch / "int8" / "export" / "int8",
                              "int4": scratch / "int4" / "export" / "int4"}, args.rounds)

@@ -167,6 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"    model: {result.export_uri}", file=sys.stderr)
         if result.compression is not None:
             print(f"    {result.compression.summary}: {result.compression.quantized.uri}", file=sys.stderr)
+        if result.pruning is not None:
+            print(f"    {result.pruning.summary}: {result.pruning.pruned.uri}", file=sys.stderr)
     if args.json:
         print(json.dumps([result.to_json() for result in results], indent=2))
     return 0 if all(r.phase == SUCCEEDED for r in results if isinstance(r, SweepStatus)) else 1

@@ -27,6 +27,8 @@ PRINTER_COLUMNS = [
      "description": "the parameters the optimizer trains"},
     {"name": "Quantized", "type": "string", "jsonPath": ".status.compression.summary", "priority": 1,
      "description": "export.quantize: size and eval metric against the full model"},
+    {"name": "Pruned", "type": "string", "jsonPath": ".status.pruning.summary", "priority": 1,
+     "description": "export.prune: sparsity and eval metric against the full model"},
 ]
 SWEEP_PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},

@@ -300,9 +300,16 @@ QUANTIZE_SCHEMES = {
 }
 
 
+class PruneSpec(_Model):
+    """Magnitude pruning of the exported model's linear layers (torch.nn.utils.prune)."""
+
+    sparsity: float = Field(gt=0.0, lt=1.0, description="the fraction of each linear layer's weights set to "
+                            "zero, the smallest in magnitude first (L1, unstructured)")
+
+
 class ExportSpec(_Model):
     """What the job exports besides its full-precision Hugging Face model: a quantized copy of it,
-    evaluated on the eval set next to the full model."""
+    a pruned one, or both, each evaluated on the eval set next to the full model."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         *IMMUTABLE["x-kubernetes-validations"],
@@ -315,9 +322,17 @@ class ExportSpec(_Model):
         "pack-quantized: int8 " + QUANTIZE_SCHEMES["int8"].removeprefix("int8 weights") + "; int4 "
         + QUANTIZE_SCHEMES["int4"].removeprefix("int4 weights") + "), under export/QUANTIZE/; embeddings and the "
         "output head stay full precision. Needs nn.Linear layers (llama-like bases, not gpt2's Conv1D)")
+    prune: PruneSpec | None = Field(
+        None, description="also export the model with the smallest-magnitude weights of each linear layer of the "
+        "base (gpt2's Conv1D too) set to zero, under export/pruned/; embeddings and the output head stay whole. "
+        "Saved dense: as large on disk as the full model")
     keep_full_precision: bool = Field(
         True, description="false: the export is the quantized model alone, at export/ (FinetuneJob only: a "
                           "PretrainJob's export is what finetunes start from)")
+
+    def compresses(self) -> bool:
+        """Whether the job exports a compressed copy, evaluated beside its full model."""
+        return self.quantize is not None or self.prune is not None
 
     @model_validator(mode="after")
     def _dropping_full_needs_quantized(self) -> ExportSpec:

@@ -55,7 +55,7 @@ class _Reported(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# What export.quantize cost: written by the trainer, copied into the status by the operator
+# What export.quantize and export.prune cost: written by the trainer, copied into the status by the operator
 
 
 class ExportedModel(_Reported):
@@ -75,6 +75,15 @@ class CompressionReport(_Reported):
     quantized: ExportedModel = Field(description="the quantized model")
     size_ratio: float = Field(description="the quantized model's size over the full one's")
     summary: str = Field(description="size and eval metric of both, for `kubectl get`")
+
+
+class PruningReport(_Reported):
+    """The pruned export next to the full model it was pruned from."""
+
+    sparsity: float = Field(description="the fraction of the pruned layers' weights that are zero")
+    full: ExportedModel = Field(description="the full model")
+    pruned: ExportedModel = Field(description="the pruned model")
+    summary: str = Field(description="sparsity and eval metric of both, for `kubectl get`")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +129,8 @@ class JobStatus(_Reported):
     last_checkpoint_step: int | None = Field(None, description="the step of the newest committed checkpoint")
     compression: CompressionReport | None = Field(
         None, description="export.quantize: size and eval metrics of the quantized and the full model")
+    pruning: PruningReport | None = Field(
+        None, description="export.prune: sparsity and eval metrics of the pruned and the full model")
     trainable_parameters: int | None = Field(
         None, description="the parameters the optimizer trains: a peft method's adapters, else the whole model")
     corpus_tokens_prepared: int | None = Field(
@@ -222,6 +233,7 @@ class TrainerSummary(_Reported):
     export_uri: str
     checkpoint_uri: str
     compression: CompressionReport | None = None  # export.quantize's measurements
+    pruning: PruningReport | None = None  # export.prune's
     teacher_uri: str | None = None  # method distill: the teacher's model, the student's lineage
     trainable_parameters: int | None = None  # what the optimizer trained
 

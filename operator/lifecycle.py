@@ -501,6 +501,7 @@ def _succeed(decision: _Decision, current: list[PodView]) -> None:
         status.trainable_parameters = summary.trainable_parameters or status.trainable_parameters
         status.eval_metrics = {k: round(v, 4) for k, v in summary.final_eval.items()}
         status.compression = summary.compression
+        status.pruning = summary.pruning
         status.eval_step = summary.step if summary.final_eval else status.eval_step
         if summary.train_loss is not None:
             status.loss = round(summary.train_loss, 4)

@@ -1,4 +1,5 @@
-"""export.quantize: the exported model again, its Linear weights quantized, measured against the full one.
+"""export.quantize and export.prune: the exported model again, its Linear weights quantized or pruned,
+measured against the full one.
 
 compressed-tensors writes it: safetensors only (nothing loaded runs code), loaded back by transformers'
 `from_pretrained` through the quantization_config in its config.json (CompressedTensorsConfig, on CPU
@@ -11,21 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from kubeforge.spec import QUANTIZE_SCHEMES, FinetuneJob, Job, JobError
-from kubeforge.status import CompressionReport, ExportedModel
+from kubeforge.status import CompressionReport, ExportedModel, PruningReport
 
 #: int4's scales cover this many input features each (a group size vLLM's kernels take).
 INT4_GROUP_SIZE = 32
 #: The format on disk: each int4 or int8 weight packed into int32s, as vLLM's WNA16 kernels read it.
 FORMAT = "pack-quantized"
+#: Where export.prune's model goes, under export/.
+PRUNED_DIR = "pruned"
 
 
 class QuantizeError(JobError):
-    """export.quantize cannot be done on this model: refused before any training."""
+    """export.quantize or export.prune cannot be done on this model: refused before any training."""
 
 
 def quantized_layers(model: Any) -> Iterator[tuple[str, torch.nn.Linear]]:
@@ -42,14 +45,18 @@ def quantized_layers(model: Any) -> Iterator[tuple[str, torch.nn.Linear]]:
             yield f"{prefix}.{name.replace('.base_layer', '')}", module
 
 
-def refuse_unquantizable(job: Job, model: Any) -> None:
-    """export.quantize's refusals, once the model is built and before it trains."""
-    quantize = job.spec.export.quantize
+def refuse_uncompressible(job: Job, model: Any) -> None:
+    """export.quantize's and export.prune's refusals, once the model is built and before it trains."""
+    settings = job.spec.export
+    if not settings.compresses():
+        return
+    field = "export.quantize" if settings.quantize is not None else "export.prune"
+    if isinstance(job, FinetuneJob) and job.spec.method in ("prompt-tuning", "prefix-tuning"):
+        raise QuantizeError(f"{field} is not valid with method: {job.spec.method}: its export is the base "
+                            "model with the virtual tokens' adapter beside it, not one model to compress")
+    quantize = settings.quantize
     if quantize is None:
         return
-    if isinstance(job, FinetuneJob) and job.spec.method in ("prompt-tuning", "prefix-tuning"):
-        raise QuantizeError(f"export.quantize is not valid with method: {job.spec.method}: its export is the base "
-                            "model with the virtual tokens' adapter beside it, not one model to quantize")
     layers = list(quantized_layers(model))
     if not layers:
         model_type = getattr(getattr(model, "config", None), "model_type", "this")
@@ -113,3 +120,41 @@ def compression_report(quantize: str, full: ExportedModel, quantized: ExportedMo
                f"{quantized.eval[metric]:.4f}")
     return CompressionReport(quantize=quantize, scheme=QUANTIZE_SCHEMES[quantize], full=full,  # type: ignore[arg-type]
                              quantized=quantized, size_ratio=round(ratio, 4), summary=summary)
+
+
+def pruned_layers(model: Any) -> Iterator[tuple[str, torch.nn.Module]]:
+    """What export.prune prunes: the base model's linear layers, transformers' Conv1D (GPT-2's) among
+    them; embeddings, norms and the output head outside the base stay whole."""
+    from transformers.pytorch_utils import Conv1D
+
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if isinstance(base, torch.nn.Module):
+        for name, module in base.named_modules():
+            if isinstance(module, (torch.nn.Linear, Conv1D)):
+                yield f"{prefix}.{name}", module
+
+
+def prune_model_dir(full_dir: Path, target: Path, sparsity: float, model_class: Any) -> float:
+    """The Hugging Face model in full_dir with `sparsity` of each pruned layer's weights, the smallest
+    in magnitude, set to zero (torch.nn.utils.prune, made permanent), saved to target; the fraction of
+    those layers' weights that are zero after it."""
+    from torch.nn.utils import prune
+
+    model = model_class.from_pretrained(full_dir, dtype=torch.float32)
+    zeros = total = 0
+    for _, layer in pruned_layers(model):
+        prune.l1_unstructured(layer, "weight", amount=sparsity)
+        prune.remove(layer, "weight")
+        weight = cast(torch.Tensor, layer.weight)
+        zeros += int(torch.count_nonzero(weight == 0))
+        total += weight.numel()
+    model.save_pretrained(target)
+    return zeros / max(total, 1)
+
+
+def pruning_report(sparsity: float, full: ExportedModel, pruned: ExportedModel) -> PruningReport:
+    """The pruned model beside the full one, with a one-line summary as compression_report's."""
+    metric = "accuracy" if "accuracy" in full.eval else "perplexity"
+    summary = f"{sparsity:.0%} sparse, {metric} {full.eval[metric]:.4f} -> {pruned.eval[metric]:.4f}"
+    return PruningReport(sparsity=round(sparsity, 4), full=full, pruned=pruned, summary=summary)

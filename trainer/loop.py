@@ -40,9 +40,12 @@ from kubeforge.trainer.checkpoint.state import (
     saved_tokenizer,
 )
 from kubeforge.trainer.compression import (
+    PRUNED_DIR,
     compression_report,
+    prune_model_dir,
+    pruning_report,
     quantize_model_dir,
-    refuse_unquantizable,
+    refuse_uncompressible,
     weights_size,
 )
 from kubeforge.trainer.distill import Teacher, check_teacher_fits, fetch_teacher
@@ -254,7 +257,7 @@ class Trainer:
         self.rebuild = partial(self.build_model, self.total_steps)
         #: The model itself, sharded in place under fsdp: what evaluates, exports and checkpoints.
         self.raw_model = self.rebuild()
-        refuse_unquantizable(job, self.raw_model)
+        refuse_uncompressible(job, self.raw_model)
         self.trainable_parameters = trainable_parameters(self.raw_model)
         metrics.trainable_parameters.set(self.trainable_parameters)
         self._place_model()
@@ -320,9 +323,9 @@ class Trainer:
         self.eval_batches = data.eval_batches(workload.eval_set, training.batch_size, training.eval_batches,
                                               runtime.rank, runtime.world_size)
         self.eval_filler = data.eval_batches(workload.eval_set, training.batch_size, 1, 0, 1)[0]
-        #: Every rank's eval batches: what rank 0 alone evaluates the exported models on (export.quantize only).
+        #: Every rank's eval batches: what rank 0 alone evaluates the exported models on (export.quantize, .prune).
         self.export_eval_batches = data.eval_batches(workload.eval_set, training.batch_size, training.eval_batches,
-                                                     0, 1) if self.job.spec.export.quantize else []
+                                                     0, 1) if self.job.spec.export.compresses() else []
 
     def _plan_steps(self, restored: Restored | None) -> None:
         """Micro-batches per step, and the optimizer steps the job trains for (maxSteps or epochs)."""
@@ -538,31 +541,40 @@ class Trainer:
         if quantize is not None:  # QLoRA: the adapters merge into full-precision weights, not bitsandbytes'
             model = dequantized_twin(model, self.rebuild(full_precision=True))
         save: Callable[[Path], Any] = partial(save_for_export, model)
-        if self.job.spec.export.quantize is not None:
-            save = partial(self._save_quantized, save, result)
+        if self.job.spec.export.compresses():
+            save = partial(self._save_compressed, save, result)
         export_model(self.storage, save, self.tokenizer,
                      yaml.safe_dump(self.job.to_manifest(), sort_keys=False), result, self.job.spec_hash())
         log.info("exported the model to %s in %.1fs", result.export_uri, time.perf_counter() - started)
 
-    def _save_quantized(self, save_full: Callable[[Path], Any], result: TrainerResult, root: Path) -> None:
-        """export.quantize: the full model saved (into root, or aside when not kept), quantized into
-        root/QUANTIZE (or root itself), both evaluated on the eval set; result.compression says how they compare."""
+    def _save_compressed(self, save_full: Callable[[Path], Any], result: TrainerResult, root: Path) -> None:
+        """export.quantize and export.prune: the full model saved (into root, or aside when not kept),
+        quantized into root/QUANTIZE (or root itself) and pruned into root/pruned, each evaluated on the
+        eval set beside the full one; result.compression and result.pruning say how they compare."""
         settings = self.job.spec.export
-        quantize = cast(str, settings.quantize)
+        keep = settings.keep_full_precision
+        model_class = self._export_model_class()
         with tempfile.TemporaryDirectory(prefix="kubeforge-full-") as aside:
-            full_dir = root if settings.keep_full_precision else Path(aside)
-            quantized_dir = root / quantize if settings.keep_full_precision else root
+            full_dir = root if keep else Path(aside)
             save_full(full_dir)
-            model_class = self._export_model_class()
-            quantize_model_dir(full_dir, quantized_dir, quantize, model_class)
-            if settings.keep_full_precision:
-                self.tokenizer.save_pretrained(quantized_dir)  # a whole model directory of its own
-            full = self._exported_model(full_dir, model_class, result.export_uri if settings.keep_full_precision
-                                        else None)
-        quantized = self._exported_model(quantized_dir, model_class, f"{result.export_uri}/{quantize}"
-                                         if settings.keep_full_precision else result.export_uri)
-        result.compression = compression_report(quantize, full, quantized)
-        log.info("export.quantize: %s", result.compression.summary)
+            full = self._exported_model(full_dir, model_class, result.export_uri if keep else None)
+            if settings.quantize is not None:
+                quantize = settings.quantize
+                quantized_dir = root / quantize if keep else root
+                quantize_model_dir(full_dir, quantized_dir, quantize, model_class)
+                if keep:
+                    self.tokenizer.save_pretrained(quantized_dir)  # a whole model directory of its own
+                quantized = self._exported_model(quantized_dir, model_class,
+                                                 f"{result.export_uri}/{quantize}" if keep else result.export_uri)
+                result.compression = compression_report(quantize, full, quantized)
+                log.info("export.quantize: %s", result.compression.summary)
+            if settings.prune is not None:
+                pruned_dir = root / PRUNED_DIR
+                sparsity = prune_model_dir(full_dir, pruned_dir, settings.prune.sparsity, model_class)
+                self.tokenizer.save_pretrained(pruned_dir)
+                pruned = self._exported_model(pruned_dir, model_class, f"{result.export_uri}/{PRUNED_DIR}")
+                result.pruning = pruning_report(sparsity, full, pruned)
+                log.info("export.prune: %s", result.pruning.summary)
 
     def _export_model_class(self) -> Any:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -138,3 +138,45 @@ def test_a_pretrain_job_quantizes_its_causal_lm_the_same_way(tmp_path: Path) -> 
     config = json.loads((tmp_path / "export" / "int8" / "config.json").read_text())
     assert config["quantization_config"]["ignore"] == ["lm_head"]  # the output head stays whole
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
+
+
+def test_prune_exports_a_model_of_that_sparsity_evaluated_next_to_the_full_one(tmp_path: Path) -> None:
+    """export.prune on GPT-2 (its Conv1D layers pruned too): half of each layer's weights, the smallest,
+    are zero in export/pruned/, which loads and predicts as recorded; the head and embeddings are whole."""
+    result = finetune(tiny_base(tmp_path / "gpt2"), tmp_path / "job", prune={"sparsity": 0.5})
+    export = tmp_path / "job" / "export"
+    report = result.pruning
+    assert report is not None and result.compression is None
+    assert report.full.uri == str(export) and report.pruned.uri == str(export / "pruned")
+    assert report.sparsity == pytest.approx(0.5, abs=1e-3)
+    with safe_open(export / "pruned" / "model.safetensors", "pt") as pruned, \
+            safe_open(export / "model.safetensors", "pt") as full:
+        layer = pruned.get_tensor("transformer.h.0.mlp.c_fc.weight")
+        original = full.get_tensor("transformer.h.0.mlp.c_fc.weight")
+        assert (layer == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+        kept = layer != 0  # the largest in magnitude, unchanged
+        assert torch.equal(layer[kept], original[kept])
+        assert original[kept].abs().min() >= original[~kept].abs().max()
+        assert torch.equal(pruned.get_tensor("score.weight"), full.get_tensor("score.weight"))
+        assert torch.equal(pruned.get_tensor("transformer.wte.weight"), full.get_tensor("transformer.wte.weight"))
+    assert accuracy_when_loaded(export / "pruned") == pytest.approx(report.pruned.eval["accuracy"], abs=1e-6)
+    assert report.full.eval["accuracy"] == pytest.approx(result.final_eval["accuracy"], abs=1e-6)
+    full, pruned_accuracy = report.full.eval["accuracy"], report.pruned.eval["accuracy"]
+    assert report.summary == f"50% sparse, accuracy {full:.4f} -> {pruned_accuracy:.4f}"
+    assert json.loads(termination_message(result.summary()))["pruning"] == report.to_json()
+
+
+def test_quantize_and_prune_each_measure_their_copy_against_the_same_full_model(
+        llama_base: Path, tmp_path: Path) -> None:
+    result = finetune(llama_base, tmp_path, quantize="int8", prune={"sparsity": 0.3})
+    assert result.compression is not None and result.pruning is not None
+    assert result.compression.full == result.pruning.full
+    assert {p.name for p in (tmp_path / "export").iterdir() if p.is_dir()} >= {"int8", "pruned"}
+    assert result.pruning.sparsity == pytest.approx(0.3, abs=1e-3)
+
+
+def test_prune_with_virtual_tokens_is_refused_by_field(llama_base: Path, tmp_path: Path) -> None:
+    manifest = finetune_manifest(str(llama_base), tmp_path, task="sequence-classification", method="prompt-tuning")
+    manifest["spec"]["export"] = {"prune": {"sparsity": 0.5}}
+    with pytest.raises(QuantizeError, match=r"^export\.prune is not valid with method: prompt-tuning"):
+        train(parse_job(manifest), checkpoint_root=str(tmp_path), base_model_uri=str(llama_base))

@@ -49,7 +49,7 @@ def test_names_columns_and_status_subresource() -> None:
         assert crd["spec"]["names"]["categories"] == ["kubeforge"]
         assert version["subresources"] == {"status": {}}
         assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Step", "Loss", "Restarts",
-                                                                            "Age", "Trainable", "Quantized"]
+                                                                            "Age", "Trainable", "Quantized", "Pruned"]
     sweep = yaml.safe_load(crd_file("SweepJob").read_text())
     assert sweep["spec"]["names"]["shortNames"] == ["swj"] and sweep["spec"]["names"]["categories"] == ["kubeforge"]
     assert [c["jsonPath"] for c in sweep["spec"]["versions"][0]["additionalPrinterColumns"]] == [
@@ -95,6 +95,7 @@ REJECTED_BY_SCHEMA = [
     (FINETUNE, "spec.lora.targetModules", []),
     (FINETUNE, "spec.lora.dropout", 1.0),
     (FINETUNE, "spec.lora.quantizeBase", "2bit"),
+    (FINETUNE, "spec.export", {"prune": {"sparsity": 0}}),
     (with_change(FINETUNE, "spec.method", "prefix-tuning"), "spec.prefixTuning.numVirtualTokens", 0),
     (FINETUNE, "spec.task", "translation"),
     (PRETRAIN, "metadata.name", "7b-pretrain"),  # its Service, 7b-pretrain-ptj, would not be a DNS-1035 label

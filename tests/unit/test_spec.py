@@ -96,7 +96,8 @@ BAD_INPUTS = [
     (FINETUNE, "spec.training.groupByLength", "sometimes", "spec.training.groupByLength", "valid boolean"),
     (FINETUNE, "spec.export.quantize", "int3", "spec.export.quantize", "'int8' or 'int4'"),
     (FINETUNE, "spec.export", {"keepFullPrecision": False}, "spec.export", "keepFullPrecision: false needs quantize"),
-    (FINETUNE, "spec.export", {"quantize": "int8", "prune": 0.5}, "spec.export.prune", "unknown field"),
+    (FINETUNE, "spec.export", {"prune": {"sparsity": 1.0}}, "spec.export.prune.sparsity", "less than 1"),
+    (FINETUNE, "spec.export", {"prune": {"amount": 0.5}}, "spec.export.prune.sparsity", "required"),
     (PRETRAIN, "spec.export", {"quantize": "int8", "keepFullPrecision": False}, "spec",
      "keepFullPrecision: false is only valid on a FinetuneJob"),
     # The name becomes the Service `<name>-ptj`: a DNS-1035 label of at most 63 characters.

@@ -21,6 +21,7 @@ from kubeforge.status import (
     ExportedModel,
     IntermediateValue,
     JobStatus,
+    PruningReport,
     SweepStatus,
     TrainerError,
     TrainerSummary,
@@ -41,7 +42,11 @@ EVERY_FIELD = JobStatus(
     compression=CompressionReport(
         quantize="int8", scheme="int8 weights (W8A16)", size_ratio=0.31, summary="int8: 31% of the size",
         full=ExportedModel(uri="s3://b/j/export", size_bytes=1000, eval={"accuracy": 0.71}),
-        quantized=ExportedModel(uri="s3://b/j/export/int8", size_bytes=310, eval={"accuracy": 0.7})))
+        quantized=ExportedModel(uri="s3://b/j/export/int8", size_bytes=310, eval={"accuracy": 0.7})),
+    pruning=PruningReport(
+        sparsity=0.5, summary="50% sparse, accuracy 0.7100 -> 0.6900",
+        full=ExportedModel(uri="s3://b/j/export", size_bytes=1000, eval={"accuracy": 0.71}),
+        pruned=ExportedModel(uri="s3://b/j/export/pruned", size_bytes=1000, eval={"accuracy": 0.69})))
 
 
 def status_schema(kind: str) -> dict[str, Any]:
