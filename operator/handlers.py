@@ -169,6 +169,11 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = "kubeforge.io/operator"
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = WORKERS
+    # A job deleted while its timer's tick runs (a reconcile mid-request) keeps Kopf's finalizer until
+    # Kopf sees that tick end, and unless a change of the job wakes it, it looks again only after
+    # cancellation_polling: a minute by default, for a `kubectl delete` that a tick outlasts by
+    # milliseconds. A tick takes what its API requests take.
+    settings.background.cancellation_polling = 1.0
     # Kopf retries an API request that fails (5xx, 429, no connection) after each of these delays,
     # then gives up, and a watch that gives up stops the whole operator. Its default (54 s in all)
     # makes a one-minute API server outage fatal; these ride out about 10 minutes, twice the

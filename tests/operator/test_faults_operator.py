@@ -187,6 +187,9 @@ class FaultProxy:
         self.watch_lag: tuple[str, float] | None = None
         self.held = asyncio.Event()  # a create is held, unanswered
         self._release = asyncio.Event()
+        #: Seconds after which each status write is answered 504, never applied: an API server timing out.
+        self.status_write_delay = 0.0
+        self.status_write_slowed = asyncio.Event()  # one such write is in flight
 
     def hold_next_create(self, plural: str) -> None:
         """Hold the next POST that creates a `plural` object, unanswered and never forwarded, until
@@ -233,6 +236,11 @@ class FaultProxy:
             await self._release.wait()
             return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503,
                                       "reason": "ServiceUnavailable", "message": "held, never forwarded"}, status=503)
+        if self.status_write_delay and request.method == "PATCH" and request.path.endswith("/status"):
+            self.status_write_slowed.set()
+            await asyncio.sleep(self.status_write_delay)
+            return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 504,
+                                      "reason": "Timeout", "message": "injected: timed out"}, status=504)
         if self.failing:
             self.refused += 1
             code = next(self._codes)
@@ -451,6 +459,30 @@ async def _stepped(cluster: Any, names: list[str], before: dict[str, dict[str, A
     current = await statuses(cluster)
     return all(current[n].get("step", 0) > before[n].get("step", 0) or current[n].get("phase") == "Succeeded"
                for n in names)
+
+
+async def test_a_job_deleted_while_its_reconcile_waits_on_the_api_server_goes_at_once(
+        cluster: Any, fake_kubelet: Kubelet, tmp_path: Path) -> None:
+    """`kubectl delete` of a job whose reconcile is mid-request (its status write timing out after
+    5 s, so no change follows that would wake Kopf): Kopf lets go of the job's finalizer only once that
+    tick has ended, and looks again after settings.background.cancellation_polling, by default a minute."""
+    delay = 5.0
+    async with fault_proxy(cluster.client) as proxy, operator_process(cluster, proxy.url, tmp_path):
+        await cluster.apply(fake_job("slowed", steps=100_000, rate=10))
+        await cluster.wait_for(lambda: phase_is(cluster, PTJ, "slowed", "Running"), 60, "the job Running")
+        proxy.status_write_delay = delay
+        await asyncio.wait_for(proxy.status_write_slowed.wait(), 30)  # a reconcile is waiting on it now
+        started = time.monotonic()
+        await cluster.delete(PTJ, "slowed")
+        await cluster.wait_for(lambda: _gone(cluster, "slowed"), 90, "the job to be deleted")
+        took = time.monotonic() - started
+    report("job deleted while its reconcile waits on the API server", status_write_timeout_s=delay,
+           deletion_s=round(took, 1))
+    assert took < delay + 10
+
+
+async def _gone(cluster: Any, name: str) -> bool:
+    return await cluster.get(PTJ, name) is None
 
 
 async def test_nan_loss_and_a_hung_trainer_among_healthy_jobs(cluster: Any, fake_kubelet: Kubelet,
