@@ -264,3 +264,19 @@ def test_qlora_under_ddp_checkpoints_the_adapters_alone_and_exports_a_whole_mode
     weights = exported.state_dict()
     assert not any("lora" in key or "absmax" in key for key in weights)  # merged, full precision
     assert all(t.dtype == torch.float32 for t in weights.values())
+
+
+def test_qlora_warm_starts_from_a_qlora_checkpoint_under_activation_checkpointing(base: Path, tmp_path: Path) -> None:
+    """checkpoint.warmStartFrom another QLoRA job's checkpoint, which holds the adapters alone: the
+    new job starts from the model the first one ended with (its step-0 eval is that job's final one),
+    its layers recomputed in the backward pass (training.activationCheckpointing)."""
+    first = finetune("qlora-4bit", base, tmp_path / "first", task="causal-lm", steps=6)
+    ended = run(first, base)
+    document = finetune("qlora-4bit", base, tmp_path / "second", task="causal-lm", steps=6).to_manifest()
+    document["spec"]["checkpoint"]["warmStartFrom"] = str(tmp_path / "first")
+    document["spec"]["training"]["activationCheckpointing"] = True
+    second = parse_job(document)
+    assert isinstance(second, FinetuneJob)
+    started = run(second, base)
+    assert started.eval_history[0]["loss"] == ended.final_eval["loss"]
+    assert started.step == 6 and started.final_eval["loss"] < started.eval_history[0]["loss"]
