@@ -31,9 +31,9 @@ class QuantizeError(JobError):
     """export.quantize or export.prune cannot be done on this model: refused before any training."""
 
 
-def quantized_layers(model: Any) -> Iterator[tuple[str, torch.nn.Linear]]:
-    """The Linear layers of the base model (names as in the exported model): its output head, outside
-    the base, stays full precision, as do embeddings and norms."""
+def _base_layers(model: Any, kinds: tuple[type[torch.nn.Module], ...]) -> Iterator[tuple[str, torch.nn.Module]]:
+    """The base model's layers of these kinds (names as in the exported model): the output head,
+    outside the base, and embeddings and norms are none of them."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the adapted model
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
@@ -41,8 +41,13 @@ def quantized_layers(model: Any) -> Iterator[tuple[str, torch.nn.Linear]]:
         return
     for name, module in base.named_modules():
         # peft's adapter matrices are merged away on export; its wrapped layer is the one exported.
-        if isinstance(module, torch.nn.Linear) and not any(part.startswith("lora_") for part in name.split(".")):
+        if isinstance(module, kinds) and not any(part.startswith("lora_") for part in name.split(".")):
             yield f"{prefix}.{name.replace('.base_layer', '')}", module
+
+
+def quantized_layers(model: Any) -> Iterator[tuple[str, torch.nn.Linear]]:
+    """What export.quantize quantizes: the base model's Linear layers; the head stays full precision."""
+    return cast(Iterator[tuple[str, torch.nn.Linear]], _base_layers(model, (torch.nn.Linear,)))
 
 
 def refuse_uncompressible(job: Job, model: Any) -> None:
@@ -123,16 +128,10 @@ def compression_report(quantize: str, full: ExportedModel, quantized: ExportedMo
 
 
 def pruned_layers(model: Any) -> Iterator[tuple[str, torch.nn.Module]]:
-    """What export.prune prunes: the base model's linear layers, transformers' Conv1D (GPT-2's) among
-    them; embeddings, norms and the output head outside the base stay whole."""
+    """What export.prune prunes: the base model's linear layers, transformers' Conv1D (GPT-2's) among them."""
     from transformers.pytorch_utils import Conv1D
 
-    prefix = getattr(model, "base_model_prefix", "")
-    base = getattr(model, prefix, None) if prefix else None
-    if isinstance(base, torch.nn.Module):
-        for name, module in base.named_modules():
-            if isinstance(module, (torch.nn.Linear, Conv1D)):
-                yield f"{prefix}.{name}", module
+    return _base_layers(model, (torch.nn.Linear, Conv1D))
 
 
 def prune_model_dir(full_dir: Path, target: Path, sparsity: float, model_class: Any) -> float:

@@ -21,6 +21,7 @@ from transformers import (
 from kubeforge.spec import HUB_SCHEME, VIRTUAL_TOKEN_METHODS, FinetuneSpec, JobError, ModelSpec, S3Spec
 from kubeforge.storage import StorageError, download_tree, open_storage
 from kubeforge.trainer.checkpoint import MANIFEST, fetch_verified, read_manifest, write_committed
+from kubeforge.trainer.checkpoint.state import trained_weights
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +283,7 @@ def dequantized_twin(trained: Any, twin: Any) -> Any:
     from peft.utils.integrations import dequantize_bnb_weight
     from transformers.pytorch_utils import Conv1D
 
-    trainable = {name for name, p in trained.named_parameters() if p.requires_grad}
-    twin.load_state_dict({k: v for k, v in trained.state_dict().items() if k in trainable}, strict=False)
+    twin.load_state_dict(trained_weights(trained), strict=False)
     for name, layer in trained.named_modules():
         if isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             weight: Any = layer.weight  # bitsandbytes' Params4bit or Int8Params

@@ -52,6 +52,12 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def trained_weights(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's state_dict entries of the parameters that train (a QLoRA model's adapters and head)."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: tensor for name, tensor in model.state_dict().items() if name in trained}
+
+
 class Weights:
     """The model and its optimizer: whole (model.pt, optimizer.pt) or, sharded, as DCP shards by
     parameter name, which load into any number of ranks. Loads refuse weights of another shape.
@@ -68,11 +74,7 @@ class Weights:
         self.shape = model_shape(self._model_state())
 
     def _model_state(self) -> dict[str, Any]:
-        state = self.model.state_dict()
-        if not self.trainable_only:
-            return state
-        trained = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        return {name: tensor for name, tensor in state.items() if name in trained}
+        return trained_weights(self.model) if self.trainable_only else self.model.state_dict()
 
     def files(self) -> dict[str, Any]:
         if self.sharded:
